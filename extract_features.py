@@ -1,0 +1,44 @@
+"""Stage A: compute SAM 3 backbone features once and keep them in the feature cache.
+
+    python extract_features.py --data demo --backbone tiny            # the CPU demo
+    python extract_features.py --data manifest.csv --gpus 0,1         # every listed GPU
+    python extract_features.py --data manifest.csv --levels 1x,2x,4x --adapter runs/x/adapter
+    torchrun --nnodes 2 --nproc-per-node 8 ... extract_features.py --data manifest.csv
+
+Images already in the cache of the same model, adapter and preprocessing are not extracted again;
+a killed run resumes where it stopped.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from pipeline.checks import check_manifest
+from pipeline.config import ExtractConfig, add_arguments, from_arguments
+from pipeline.extraction import run_extraction
+from pipeline.manifest import resolve_data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, ExtractConfig)
+    try:
+        config = from_arguments(ExtractConfig, parser.parse_args(argv))
+    except ValueError as err:
+        parser.error(str(err))
+    print("config:", json.dumps(asdict(config)), flush=True)
+    samples = resolve_data(config.data, config.cache_dir)
+    report = check_manifest(samples, require_masks=False)
+    if not report.ok:
+        print(report.format(), file=sys.stderr)
+        return 1
+    summary = run_extraction(config, samples, report.keys)
+    print(f"cache {summary.cache_id} at {summary.path}")
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

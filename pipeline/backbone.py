@@ -1,0 +1,230 @@
+"""SAM 3's vision backbone (ViT trunk + ViTDet neck), built from the `sam3` package's own classes.
+
+Two presets share one private builder, so the test backbone is the real architecture:
+
+- ``sam3``: the released ViT-L/14 at 1008 px (454 M parameters), weights from ``sam3.pt``.
+- ``tiny``: the same classes at embed 64, depth 4, 252 px, with random weights from a fixed seed.
+  It is untrained and exists for the demo and the tests.
+
+The text encoder is never built: the `sam3` wheel lacks its vocabulary file, and we need only
+``forward_image``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    # sam3 imports modules that warn about CUDA autocast on CPU-only machines at import time.
+    warnings.simplefilter("ignore")
+    from sam3.model.necks import Sam3DualViTDetNeck
+    from sam3.model.position_encoding import PositionEmbeddingSine
+    from sam3.model.vitdet import ViT
+    from sam3.model.vl_combiner import SAM3VLBackbone
+
+HF_REPO = "facebook/sam3"
+HF_FILENAME = "sam3.pt"
+# Official checkpoints name the vision backbone `detector.backbone.vision_backbone.*`; our module
+# is the `backbone` (a SAM3VLBackbone), so its keys are `vision_backbone.*`.
+CHECKPOINT_PREFIX = "detector.backbone."
+# Parts of the official vision backbone we do not build (the SAM 2 compatibility neck).
+UNUSED_CHECKPOINT_PARTS = ("vision_backbone.sam2_convs.",)
+# Buffers recomputed from the configuration (RoPE frequencies); optional in a checkpoint.
+DERIVED_BUFFERS = ("freqs_cis",)
+TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """Size of a SAM 3 vision backbone; every other argument is SAM 3's own."""
+
+    name: str
+    resolution: int
+    """Square input side in pixels; the trunk sees ``resolution // 14`` patches a side."""
+    pretrain_resolution: int
+    """Side of the absolute position embedding, tiled to the input (one attention window)."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    window_size: int
+    global_blocks: tuple[int, ...]
+    """Blocks with global attention; the last one must be the last block."""
+    mlp_ratio: float = 4.625
+    patch_size: int = 14
+
+    @property
+    def feature_size(self) -> int:
+        """Side of `vision_features` (the 1x level)."""
+        return self.resolution // self.patch_size
+
+
+PRESETS: dict[str, BackbonePreset] = {
+    "sam3": BackbonePreset(
+        name="sam3", resolution=1008, pretrain_resolution=336, embed_dim=1024, depth=32,
+        num_heads=16, window_size=24, global_blocks=(7, 15, 23, 31),
+    ),
+    "tiny": BackbonePreset(
+        name="tiny", resolution=252, pretrain_resolution=84, embed_dim=64, depth=4,
+        num_heads=4, window_size=6, global_blocks=(1, 3),
+    ),
+}
+
+# `backbone_fpn` levels after SAM 3's `scalp=1`, named by their scale relative to vision_features.
+LEVELS = {"4x": 0, "2x": 1, "1x": 2}
+
+
+class MissingWeightsError(RuntimeError):
+    """No SAM 3 checkpoint was given and none could be fetched."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint lacks a vision-backbone tensor, or holds one of the wrong shape."""
+
+
+def _build_backbone(preset: BackbonePreset) -> SAM3VLBackbone:
+    trunk = ViT(
+        img_size=preset.resolution,
+        pretrain_img_size=preset.pretrain_resolution,
+        patch_size=preset.patch_size,
+        embed_dim=preset.embed_dim,
+        depth=preset.depth,
+        num_heads=preset.num_heads,
+        mlp_ratio=preset.mlp_ratio,
+        norm_layer="LayerNorm",
+        drop_path_rate=0.1,
+        qkv_bias=True,
+        use_abs_pos=True,
+        tile_abs_pos=True,
+        global_att_blocks=preset.global_blocks,
+        rel_pos_blocks=(),
+        use_rope=True,
+        use_interp_rope=True,
+        window_size=preset.window_size,
+        pretrain_use_cls_token=True,
+        retain_cls_token=False,
+        ln_pre=True,
+        ln_post=False,
+        return_interm_layers=False,
+        bias_patch_embed=False,
+    )
+    # precompute_resolution=None: SAM 3 would precompute the encodings on "cuda"; computed on
+    # first use instead they land on whatever device the backbone runs on.
+    position_encoding = PositionEmbeddingSine(
+        num_pos_feats=256, normalize=True, scale=None, temperature=10000,
+        precompute_resolution=None,
+    )
+    neck = Sam3DualViTDetNeck(
+        trunk=trunk, position_encoding=position_encoding, d_model=256,
+        scale_factors=[4.0, 2.0, 1.0, 0.5], add_sam2_neck=False,
+    )
+    return SAM3VLBackbone(visual=neck, text=None, scalp=1)
+
+
+def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path | None:
+    """Where the weights of preset `name` come from: the given file, the hub, or none (tiny)."""
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"checkpoint {path} does not exist")
+        return path
+    if name != "sam3":
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id=HF_REPO, filename=HF_FILENAME))
+    except Exception as err:  # offline, gated without a token, or no licence accepted
+        raise MissingWeightsError(
+            f"No SAM 3 weights: could not fetch {HF_FILENAME} from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
+            "Either pass --checkpoint /path/to/sam3.pt (download it from "
+            f"https://huggingface.co/{HF_REPO} after accepting the licence), or accept the "
+            "licence there and log in with `hf auth login` (or set HF_TOKEN) so it is fetched "
+            "automatically. For a demo without weights use --backbone tiny."
+        ) from err
+
+
+def load_vision_state(backbone: nn.Module, path: Path) -> None:
+    """Load the vision-backbone tensors of an official-layout checkpoint into `backbone`.
+
+    Every parameter must be present with its exact shape; anything else raises
+    `CheckpointMismatchError` naming the key.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    found = {
+        k[len(CHECKPOINT_PREFIX):]: v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX)
+    }
+    found = {k: v for k, v in found.items() if k.startswith("vision_backbone.")}
+    expected = backbone.state_dict()
+    problems = []
+    for key, tensor in expected.items():
+        if key not in found:
+            if not key.endswith(DERIVED_BUFFERS):
+                problems.append(f"missing {CHECKPOINT_PREFIX}{key} {tuple(tensor.shape)}")
+        elif found[key].shape != tensor.shape:
+            problems.append(
+                f"{CHECKPOINT_PREFIX}{key} has shape {tuple(found[key].shape)}, "
+                f"expected {tuple(tensor.shape)}"
+            )
+    unexpected = [
+        k for k in found if k not in expected and not k.startswith(UNUSED_CHECKPOINT_PARTS)
+    ]
+    problems += [f"unexpected {CHECKPOINT_PREFIX}{k}" for k in unexpected]
+    if problems:
+        raise CheckpointMismatchError(
+            f"{path} does not match the vision backbone: " + "; ".join(problems[:20])
+            + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else "")
+        )
+    backbone.load_state_dict({k: v for k, v in found.items() if k in expected}, strict=False)
+
+
+def build_backbone(
+    name: str = "sam3",
+    checkpoint: str | Path | None = None,
+    adapter: str | Path | None = None,
+) -> SAM3VLBackbone:
+    """Build SAM 3's vision backbone on the CPU, in eval mode.
+
+    `forward_image(x)` takes x (B, 3, R, R) float, normalised to [-1, 1] (see `pipeline.images`),
+    R = `backbone.preset.resolution`, and returns SAM 3's dict: `vision_features`
+    (B, 256, R/14, R/14), `backbone_fpn` [4x, 2x, 1x], `vision_pos_enc`, `sam2_backbone_out`.
+
+    `checkpoint`: an official-layout `sam3.pt` (for `sam3`, fetched from the hub when None).
+    `adapter`: a peft LoRA directory (as `train_head.py` saves it), applied to the trunk.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    path = resolve_checkpoint(name, checkpoint)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        backbone = _build_backbone(preset)
+    if path is not None:
+        load_vision_state(backbone, path)
+    if adapter is not None:
+        from pipeline.lora import load_adapter
+
+        backbone = load_adapter(backbone, adapter).get_base_model()
+    backbone.preset = preset
+    backbone.checkpoint_path = path
+    return backbone.eval()
+
+
+def write_official_checkpoint(backbone: nn.Module, path: str | Path) -> None:
+    """Save `backbone`'s weights in the official `sam3.pt` layout (under "model", with prefix).
+
+    Used to test checkpoint loading and to hand weights between machines.
+    """
+    state = {CHECKPOINT_PREFIX + k: v for k, v in backbone.state_dict().items()}
+    torch.save({"model": state}, path)
+
+
+def preset_dict(name: str) -> dict:
+    return asdict(PRESETS[name])

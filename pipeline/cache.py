@@ -1,0 +1,283 @@
+"""The feature cache: the one module that knows the zarr layout.
+
+``<cache-dir>/<cache-id>.zarr`` is a zarr v3 group that plain zarr and dask read without this
+project::
+
+    keys          (N,)            str      hex sha256 of each sample's image file
+    done          (N,)            bool     set only after that sample's features are on disk
+    features/1x   (N, 256, h, w)  float16  `vision_features`
+    features/2x   (N, 256, 2h, 2w)         optional `backbone_fpn` levels
+    features/4x   (N, 256, 4h, 4w)
+
+Group attributes: `signature` (what the features depend on), `signature_sha256`, `cache_id`,
+`layout_version`, `created`, `codec`. Every sample is its own chunk, and `done` has one chunk per
+sample, so concurrent writers (processes, GPUs, machines) never touch the same storage object,
+and zarr's LocalStore writes each object through a rename: a killed writer leaves no half chunk.
+One writer run holds ``<cache-id>.lock`` (an flock, released by the kernel if the run dies).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from pipeline.signature import cache_id as derive_cache_id
+from pipeline.signature import signature_digest
+
+LAYOUT_VERSION = 1
+FEATURE_DTYPE = "float16"
+KEY_CHUNK = 65536
+CODECS = {
+    "none": lambda: None,
+    "zstd": lambda: [ZstdCodec(level=1)],
+    "blosc-zstd": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)],
+    "lz4": lambda: [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle)],
+}
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, locked, stale or damaged; the message says what to do."""
+
+
+class CacheLockedError(CacheError):
+    pass
+
+
+@dataclass(frozen=True)
+class SampleProblem:
+    row: int
+    key: str
+    problem: str
+
+
+def cache_path(cache_dir: str | Path, signature: dict) -> Path:
+    return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
+
+
+@contextmanager
+def writer_lock(path: Path, *, wait: bool = False):
+    """Hold the single-writer lock of the cache at `path` (an flock on `<path>.lock` sibling)."""
+    lock_path = path.with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise CacheLockedError(
+                f"cache {path.name} is being written by {holder}; wait for that run to finish "
+                "(or pass --wait to queue behind it)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the flock
+
+
+class FeatureCache:
+    """A feature cache on disk. Open with `create_or_open` (writer) or `open` (reader)."""
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group = group
+        self.path = path
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create_or_open(
+        cls, cache_dir: str | Path, signature: dict, level_shapes: dict[str, tuple[int, int, int]],
+        *, codec: str = "zstd",
+    ) -> FeatureCache:
+        """Open the cache of `signature` for writing, creating it (with N = 0) if needed.
+
+        `level_shapes`: per level name, the (C, h, w) of one sample's features.
+        Call under `writer_lock`.
+        """
+        path = cache_path(cache_dir, signature)
+        if (path / "zarr.json").is_file():
+            cache = cls(zarr.open_group(path, mode="r+"), path)
+            cache.check_signature(signature)
+            return cache
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(tmp, mode="w")
+        group.create_array("keys", shape=(0,), chunks=(KEY_CHUNK,), dtype=str)
+        group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False)
+        for level, shape in sorted(level_shapes.items()):
+            group.create_array(
+                f"features/{level}", shape=(0, *shape), chunks=(1, *shape),
+                dtype=FEATURE_DTYPE, fill_value=0.0, compressors=CODECS[codec](),
+            )
+        group.attrs.update({
+            "signature": signature,
+            "signature_sha256": signature_digest(signature),
+            "cache_id": path.stem,
+            "layout_version": LAYOUT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "codec": codec,
+        })
+        tmp.rename(path)  # a cache appears whole or not at all
+        return cls(zarr.open_group(path, mode="r+"), path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, mode: str = "r") -> FeatureCache:
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise CacheError(f"{path} is not a feature cache (no zarr.json)")
+        group = zarr.open_group(path, mode=mode)
+        if group.attrs.get("layout_version") != LAYOUT_VERSION:
+            raise CacheError(f"{path} has layout {group.attrs.get('layout_version')}, "
+                             f"this version reads {LAYOUT_VERSION}")
+        return cls(group, path)
+
+    @classmethod
+    def find(cls, cache_dir: str | Path, signature: dict) -> FeatureCache | None:
+        """The cache of `signature` under `cache_dir`, read-only, or None."""
+        path = cache_path(cache_dir, signature)
+        if not (path / "zarr.json").is_file():
+            return None
+        cache = cls.open(path)
+        cache.check_signature(signature)
+        return cache
+
+    def check_signature(self, signature: dict) -> None:
+        if self.signature != signature:
+            raise CacheError(
+                f"{self.path} holds features with signature {self.signature}, "
+                f"not the requested {signature}; it will not be used"
+            )
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def signature(self) -> dict:
+        return dict(self.group.attrs["signature"])
+
+    @property
+    def cache_id(self) -> str:
+        return self.path.stem
+
+    @property
+    def levels(self) -> list[str]:
+        return sorted(name for name, _ in self.group["features"].arrays())
+
+    def level(self, name: str) -> zarr.Array:
+        """The (N, C, h, w) float16 zarr array of one level."""
+        return self.group[f"features/{name}"]
+
+    def level_shape(self, name: str) -> tuple[int, int, int]:
+        return tuple(self.level(name).shape[1:])
+
+    def keys(self) -> np.ndarray:
+        """(N,) str; empty strings mark rows reserved by an interrupted extension."""
+        return np.asarray(self.group["keys"][:], dtype=object)
+
+    def done(self) -> np.ndarray:
+        """(N,) bool, clipped to the rows that have a key."""
+        return np.asarray(self.group["done"][: len(self.keys())], dtype=bool)
+
+    def rows_for(self, keys: list[str]) -> np.ndarray:
+        """(len(keys),) int64 row of each key, -1 where the cache has none."""
+        index = {k: i for i, k in enumerate(self.keys()) if k}
+        return np.array([index.get(k, -1) for k in keys], dtype=np.int64)
+
+    def read(self, row: int, levels: list[str] | None = None) -> dict[str, np.ndarray]:
+        """One sample's features: level -> (C, h, w) float16."""
+        return {lvl: self.level(lvl)[row] for lvl in (levels or self.levels)}
+
+    def as_dask(self, level: str = "1x"):
+        """A level as a dask array (N, C, h, w), one sample per block."""
+        import dask.array as da
+
+        return da.from_zarr(self.level(level))
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # ---------------------------------------------------------------- writing
+    def add_keys(self, keys: list[str]) -> np.ndarray:
+        """Give every new key a row (growing the arrays); returns the row of each of `keys`."""
+        rows = self.rows_for(keys)
+        new = list(dict.fromkeys(k for k, r in zip(keys, rows, strict=True) if r < 0))
+        if not new:
+            return rows
+        current = list(self.keys())
+        free = [i for i, k in enumerate(current) if not k]  # left by an interrupted extension
+        slots = free[: len(new)] + list(range(len(current), len(current) + len(new) - len(free)))
+        size = max(len(current), max(slots) + 1)
+        # Grow features and done before keys: a row exists once its key is written.
+        for name in [f"features/{lvl}" for lvl in self.levels] + ["done", "keys"]:
+            array = self.group[name]
+            if array.shape[0] < size:
+                array.resize((size, *array.shape[1:]))
+        current += [""] * (size - len(current))
+        for slot, key in zip(slots, new, strict=True):
+            current[slot] = key
+        self.group["keys"][:] = np.array(current, dtype=object)
+        return self.rows_for(keys)
+
+    def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
+        """Write one sample's features (level -> (C, h, w)), then mark it done."""
+        for level, value in features.items():
+            self.level(level)[row] = value
+        self.group["done"][row] = True
+
+    def mark_undone(self, rows: list[int]) -> None:
+        for row in rows:
+            self.group["done"][row] = False
+
+    # ---------------------------------------------------------------- checking
+    def verify(self) -> list[SampleProblem]:
+        """Re-read every done sample; report those unreadable or not finite."""
+        keys, done = self.keys(), self.done()
+        problems = []
+        for row in np.flatnonzero(done):
+            for level in self.levels:
+                try:
+                    value = self.level(level)[row]
+                except Exception as err:  # a damaged chunk fails in its codec
+                    problems.append(SampleProblem(int(row), keys[row],
+                                                  f"{level} unreadable: {type(err).__name__}"))
+                    break
+                if not np.isfinite(value).all():
+                    problems.append(SampleProblem(int(row), keys[row], f"{level} not finite"))
+                    break
+        return problems
+
+    def summary(self) -> dict:
+        keys = self.keys()
+        return {
+            "cache_id": self.cache_id,
+            "path": str(self.path),
+            "samples": int(sum(1 for k in keys if k)),
+            "done": int(self.done().sum()),
+            "levels": {lvl: list(self.level_shape(lvl)) for lvl in self.levels},
+            "bytes_on_disk": self.size_on_disk(),
+            "codec": self.group.attrs.get("codec"),
+            "created": self.group.attrs.get("created"),
+            "signature": self.signature,
+        }
+
+
+def list_caches(cache_dir: str | Path) -> list[FeatureCache]:
+    return [FeatureCache.open(p) for p in sorted(Path(cache_dir).glob("*.zarr"))
+            if (p / "zarr.json").is_file()]
+
+
+if __name__ == "__main__":
+    from pipeline.cache_cli import main
+
+    raise SystemExit(main())

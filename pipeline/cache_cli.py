@@ -1,0 +1,82 @@
+"""`python -m pipeline.cache list|info|verify|rm`: look after the feature caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.cache import CacheError, FeatureCache, list_caches, writer_lock
+from pipeline.signature import describe
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _resolve(cache_dir: str, name: str) -> Path:
+    path = Path(name)
+    if not path.exists():
+        path = Path(cache_dir) / (name if name.endswith(".zarr") else f"{name}.zarr")
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"no cache {name!r} under {cache_dir} (see `python -m pipeline.cache "
+                         "list`)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__)
+    parser.add_argument("--cache-dir", default="cache", help="where the caches live")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every cache with its size, N and signature summary")
+    for name, text in (("info", "one cache in full"), ("rm", "delete a cache"),
+                       ("verify", "re-read every done sample")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("cache", help="cache id (as `list` prints it) or path")
+        if name == "verify":
+            sub.add_argument("--repair", action="store_true",
+                             help="mark bad samples not done, so extraction redoes them")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "list":
+        caches = list_caches(args.cache_dir)
+        if not caches:
+            print(f"no caches under {args.cache_dir}")
+        for cache in caches:
+            done = cache.done()
+            print(f"{cache.cache_id}  {int(done.sum())}/{len(done)} done  "
+                  f"{_size(cache.size_on_disk())}  {describe(cache.signature)}")
+        return 0
+    path = _resolve(args.cache_dir, args.cache)
+    if args.command == "info":
+        print(json.dumps(FeatureCache.open(path).summary(), indent=2))
+        return 0
+    if args.command == "rm":
+        with writer_lock(path):
+            shutil.rmtree(path)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        print(f"removed {path}")
+        return 0
+    cache = FeatureCache.open(path, mode="r+" if args.repair else "r")
+    problems = cache.verify()
+    for p in problems:
+        print(f"row {p.row} key {p.key}: {p.problem}")
+    if problems and args.repair:
+        with writer_lock(path):
+            cache.mark_undone([p.row for p in problems])
+        print(f"{len(problems)} sample(s) marked not done; rerun extract_features.py to redo them")
+    print(f"{int(cache.done().sum())} done samples checked, {len(problems)} bad")
+    return 1 if problems and not args.repair else 0

@@ -1,0 +1,155 @@
+"""Frozen, validated configurations of the two stages, and CLI flags generated from them.
+
+Every field has a docstring under it; `add_arguments` turns each field into a `--flag` of the
+same name (underscores become dashes) with that docstring as its help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.backbone import LEVELS, PRESETS
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    docs, previous = {}, None
+    for node in ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            previous = node.target.id
+        elif (previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+              and isinstance(node.value.value, str)):
+            docs[previous] = " ".join(node.value.value.split())
+            previous = None
+    return docs
+
+
+def _parse_tuple(kind):
+    def parse(text: str):
+        return tuple(kind(x) for x in text.split(",") if x.strip()) if text else ()
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--flag` per field of dataclass `cls`."""
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = docs.get(f.name, "") + f" (default: {default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=docs.get(f.name, ""))
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, type=_parse_tuple(typing.get_args(hint)[0]),
+                                default=default, help=text + "; comma-separated")
+        else:
+            kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def from_arguments(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def _check_backbone(backbone: str, levels: tuple[str, ...], amp: str) -> None:
+    if backbone not in PRESETS:
+        raise ValueError(f"--backbone must be one of {sorted(PRESETS)}, not {backbone!r}")
+    unknown = [lvl for lvl in levels if lvl not in LEVELS]
+    if unknown or "1x" not in levels:
+        raise ValueError(f"--levels must include 1x and use only {sorted(LEVELS)}, got {levels}")
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise ValueError(f"--amp must be bf16, fp16 or off, not {amp!r}")
+
+
+def _resolve_devices(gpus: tuple[int, ...], device: str) -> tuple[str, tuple[int, ...]]:
+    """The device type and GPU list: every visible GPU by default, the CPU without CUDA."""
+    cuda = torch.cuda.is_available()
+    if gpus and not cuda:
+        raise ValueError("--gpus needs CUDA, and this machine has no CUDA device; "
+                         "run on the CPU with --device cpu --workers N")
+    if device == "auto":
+        device = "cuda" if (gpus or cuda) else "cpu"
+    if device == "cuda":
+        if not cuda:
+            raise ValueError("--device cuda needs CUDA, and this machine has none")
+        gpus = gpus or tuple(range(torch.cuda.device_count()))
+        missing = [g for g in gpus if g >= torch.cuda.device_count()]
+        if missing:
+            raise ValueError(f"--gpus {missing} not present ({torch.cuda.device_count()} GPUs)")
+    elif device != "cpu":
+        raise ValueError(f"--device must be auto, cuda or cpu, not {device!r}")
+    return device, (gpus if device == "cuda" else ())
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage A: which features to extract, from which data, on which devices."""
+
+    data: str = "demo"
+    """A manifest CSV (columns image, mask, view, split), or `demo` for the synthetic set."""
+    backbone: str = "sam3"
+    """`sam3` (the released model) or `tiny` (same classes, small and untrained: demo, tests)."""
+    checkpoint: str | None = None
+    """An official-layout sam3.pt; for `sam3` without it the weights come from the HF hub."""
+    adapter: str | None = None
+    """A peft LoRA adapter directory (a run's `adapter/`) applied to the trunk."""
+    cache_dir: str = "cache"
+    """Where caches live; one `<cache-id>.zarr` per signature."""
+    levels: tuple[str, ...] = ("1x",)
+    """Feature levels to store: 1x (vision_features), and the FPN levels 2x and 4x."""
+    amp: str = "auto"
+    """Autocast dtype: bf16, fp16 or off; auto is bf16 on a GPU and off on the CPU."""
+    gpus: tuple[int, ...] = ()
+    """GPU indices, one worker process each; default: every visible GPU."""
+    device: str = "auto"
+    """auto, cuda or cpu."""
+    workers: int = 1
+    """Worker processes on the CPU (with --device cpu)."""
+    batch_size: int = 8
+    """Images per forward pass, per worker."""
+    loader_workers: int = 2
+    """DataLoader processes decoding and resizing images, per worker."""
+    writer_threads: int = 4
+    """Threads writing finished samples while the next batch runs."""
+    codec: str = "zstd"
+    """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4."""
+    wait: bool = False
+    """Wait for another run writing the same cache instead of failing."""
+
+    def __post_init__(self):
+        _check_backbone(self.backbone, self.levels, self.amp)
+        device, gpus = _resolve_devices(self.gpus, self.device)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "gpus", gpus)
+        object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))
+        if self.amp == "auto":
+            object.__setattr__(self, "amp", "bf16" if device == "cuda" else "off")
+        if self.workers < 1 or self.batch_size < 1 or self.loader_workers < 0:
+            raise ValueError("--workers and --batch-size must be >= 1, --loader-workers >= 0")
+        if self.workers > 1 and device == "cuda":
+            raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
+        from pipeline.cache import CODECS
+
+        if self.codec not in CODECS:
+            raise ValueError(f"--codec must be one of {sorted(CODECS)}, not {self.codec!r}")
+
+    def worker_devices(self, context) -> list[str]:
+        """One device string per worker process on this machine."""
+        if context.distributed:
+            return [context.local_device() if self.device == "cuda" else "cpu"]
+        if self.device == "cuda":
+            return [f"cuda:{g}" for g in self.gpus]
+        return ["cpu"] * self.workers
+
+

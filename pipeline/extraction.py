@@ -1,0 +1,210 @@
+"""Stage A: run SAM 3's image backbone over a manifest and fill the feature cache.
+
+One writer run per cache (an flock) prepares the cache: new image keys get rows, and the rows
+not yet `done` are split between worker processes, one per listed GPU (or `--workers` CPU
+processes), or between torchrun ranks. Each worker decodes in DataLoader processes, runs
+`forward_image` under autocast and hands finished samples to writer threads, so writing overlaps
+the next batch's forward. A sample is marked done only after its chunks are on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.backbone import LEVELS, PRESETS, build_backbone, resolve_checkpoint
+from pipeline.cache import FeatureCache, writer_lock
+from pipeline.config import ExtractConfig
+from pipeline.distributed import DistributedContext, die_with_parent
+from pipeline.images import load_preprocessed
+from pipeline.manifest import Sample
+from pipeline.signature import build_signature
+
+
+class NonFiniteFeaturesError(RuntimeError):
+    """The backbone produced NaN or Inf for an image."""
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    cache_id: str
+    path: Path
+    extracted: int
+    reused: int
+    total: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.extracted / self.seconds if self.seconds > 0 else 0.0
+        return (f"extracted {self.extracted}, reused {self.reused}, total {self.total}, "
+                f"time {self.seconds:.1f} s, {rate:.2f} images/s")
+
+
+class _PreprocessedImages(Dataset):
+    """(row, image (3, R, R) float32 in [-1, 1]) for each (row, path)."""
+
+    def __init__(self, rows: list[int], paths: list[str], resolution: int):
+        self.rows, self.paths, self.resolution = rows, paths, resolution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i], load_preprocessed(self.paths[i], self.resolution)
+
+
+def cache_signature(config: ExtractConfig) -> dict:
+    """Signature of the features `config` produces (fetches sam3.pt from the hub if needed)."""
+    checkpoint = resolve_checkpoint(config.backbone, config.checkpoint)
+    return build_signature(backbone=config.backbone, checkpoint=checkpoint,
+                           adapter=config.adapter, amp=config.amp, levels=config.levels)
+
+
+def level_shapes(backbone: str, levels: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    side = PRESETS[backbone].feature_size
+    scale = {"1x": 1, "2x": 2, "4x": 4}
+    return {lvl: (256, side * scale[lvl], side * scale[lvl]) for lvl in levels}
+
+
+def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:
+    """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key."""
+    start = time.perf_counter()
+    signature = cache_signature(config)
+    context = DistributedContext.from_env()
+    path_by_key = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
+    unique = list(path_by_key)
+    cache = None
+    with context.leader_lock(lambda: writer_lock(_cache_path(config, signature), wait=config.wait)):
+        if context.is_leader:
+            cache = FeatureCache.create_or_open(
+                config.cache_dir, signature, level_shapes(config.backbone, config.levels),
+                codec=config.codec)
+            cache.add_keys(unique)
+        context.barrier()
+        cache = cache or FeatureCache.open(_cache_path(config, signature))
+        rows = cache.rows_for(unique)
+        done = cache.done()
+        todo = [(int(r), path_by_key[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
+        reused = len(unique) - len(todo)
+        share = todo[context.rank :: context.world_size]
+        if share:
+            _extract_local(config, cache.path, share, context)
+        context.barrier()
+    return ExtractSummary(cache.cache_id, cache.path, len(todo), reused, len(unique),
+                          time.perf_counter() - start)
+
+
+def _cache_path(config: ExtractConfig, signature: dict) -> Path:
+    from pipeline.cache import cache_path
+
+    return cache_path(config.cache_dir, signature)
+
+
+def _extract_local(config: ExtractConfig, path: Path, share: list, context) -> None:
+    """Extract `share` [(row, image path)] with this machine's worker processes."""
+    devices = config.worker_devices(context)
+    if len(devices) == 1:
+        bar = tqdm(total=len(share), unit="img", desc=f"extract {path.stem}", smoothing=0.1)
+        with bar:
+            extract_rows(config, path, share, devices[0], bar.update)
+        return
+    ctx = mp.get_context("spawn")
+    progress = ctx.Queue()
+    workers = [
+        ctx.Process(target=_worker_main, daemon=False,
+                    args=(config, path, share[i :: len(devices)], device, progress, i))
+        for i, device in enumerate(devices)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        _follow(workers, progress, len(share), path.stem)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+            worker.join()
+
+
+def _follow(workers, progress, total: int, name: str) -> None:
+    """Aggregate the workers' progress into one bar; raise the first worker error."""
+    with tqdm(total=total, unit="img", desc=f"extract {name}", smoothing=0.1) as bar:
+        finished = 0
+        while finished < len(workers):
+            try:
+                kind, value = progress.get(timeout=1.0)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"extraction worker exited with code {dead[0].exitcode}")
+                continue
+            if kind == "done":
+                bar.update(value)
+            elif kind == "finished":
+                finished += 1
+            elif kind == "error":
+                raise RuntimeError(value)
+
+
+def _worker_main(config, path, share, device, progress, index) -> None:
+    die_with_parent()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
+    try:
+        extract_rows(config, path, share, device, lambda n: progress.put(("done", n)))
+    except Exception as err:  # report in the parent, with the message that names the image
+        progress.put(("error", f"worker {index} ({device}): {type(err).__name__}: {err}"))
+        raise SystemExit(1) from err
+    progress.put(("finished", index))
+
+
+def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on_done) -> None:
+    """Run the backbone on `share` [(row, image path)] on `device`, writing into the cache."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backbone = build_backbone(config.backbone, config.checkpoint, config.adapter).to(device)
+    cache = FeatureCache.open(path, mode="r+")
+    rows, paths = [r for r, _ in share], [p for _, p in share]
+    loader = DataLoader(
+        _PreprocessedImages(rows, paths, backbone.preset.resolution),
+        batch_size=config.batch_size, num_workers=config.loader_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+    image_of_row = dict(share)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    pending = []
+    with ThreadPoolExecutor(config.writer_threads) as writers, torch.inference_mode():
+        for batch_rows, images in loader:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = backbone.forward_image(images.to(device, non_blocking=True))
+            features = {lvl: out["backbone_fpn"][LEVELS[lvl]].to(torch.float16)
+                        for lvl in config.levels}
+            finite = torch.stack([f.isfinite().flatten(1).all(1) for f in features.values()]).all(0)
+            host = {lvl: f.cpu().numpy() for lvl, f in features.items()}
+            for i, row in enumerate(batch_rows.tolist()):
+                if not bool(finite[i]):
+                    raise NonFiniteFeaturesError(
+                        f"{image_of_row[row]}: the backbone produced NaN or Inf features "
+                        f"(amp={config.amp}); try --amp off, or check the image")
+                sample = {lvl: np.ascontiguousarray(v[i]) for lvl, v in host.items()}
+                pending.append(writers.submit(cache.write_sample, row, sample))
+            pending = _drain(pending, keep=2 * config.batch_size, on_done=on_done)
+        _drain(pending, keep=0, on_done=on_done)
+
+
+def _drain(pending: list, *, keep: int, on_done) -> list:
+    """Wait for the oldest writes until at most `keep` are in flight; report each one done."""
+    while len(pending) > keep or (pending and pending[0].done()):
+        pending.pop(0).result()
+        on_done(1)
+    return pending

@@ -1,0 +1,119 @@
+"""Reading images and masks of every accepted format, and SAM 3's own preprocessing.
+
+Accepted: PNG, JPEG, TIFF, GIF, BMP; 8- or 16-bit; grayscale, RGB or RGBA (alpha dropped),
+all turned into 3 channels. Preprocessing is `Sam3Processor`'s transform, applied verbatim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
+NORM_MEAN = (0.5, 0.5, 0.5)
+NORM_STD = (0.5, 0.5, 0.5)
+
+
+class ImageError(ValueError):
+    """An image or mask file that cannot be used; the message names the file."""
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Decode `path` to (H, W) or (H, W, C) numpy, keeping its bit depth."""
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageError(f"{path}: unsupported format {suffix!r} (accepted: {IMAGE_SUFFIXES})")
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            array = tifffile.imread(path)
+            if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+                array = np.moveaxis(array, 0, -1)  # planar (C, H, W) TIFF
+        else:
+            with Image.open(path) as image:
+                image.load()
+                if image.mode == "P":
+                    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                elif image.mode in ("I;16", "I;16B", "I;16L"):
+                    return np.asarray(image, dtype=np.uint16)
+                elif image.mode == "I":
+                    array = np.asarray(image)
+                    if array.min() >= 0 and array.max() <= 65535:
+                        return array.astype(np.uint16)
+                elif image.mode not in ("L", "RGB", "RGBA", "1", "LA"):
+                    image = image.convert("RGB")
+                array = np.asarray(image)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageError(f"{path}: cannot be decoded ({err})") from err
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ImageError(f"{path}: unsupported shape {array.shape} (expected H x W [x C])")
+    return array
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode an image to (3, H, W) uint8 or uint16, as stored; alpha dropped, gray repeated."""
+    path = Path(path)
+    array = _read_array(path)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    if array.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"{path}: pixel type {array.dtype} is not supported (8- or 16-bit only)")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    elif array.shape[-1] == 2:  # gray + alpha
+        array = np.repeat(array[..., :1], 3, axis=-1)
+    else:
+        array = array[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def read_mask(path: str | Path) -> tuple[np.ndarray, str]:
+    """Decode a mask to (H, W) bool, and say how it was binarised.
+
+    Masks of 0/1 keep every non-zero pixel; anything else (0/255, 0/65535, anti-aliased or JPEG
+    edges) keeps pixels above half of the mask's maximum.
+    """
+    path = Path(path)
+    array = _read_array(path)
+    if array.ndim == 3:
+        array = array[..., : min(array.shape[-1], 3)].max(axis=-1)
+    values = np.unique(array)
+    if values.size <= 2 and values.max(initial=0) <= 1:
+        return array > 0, "binary 0/1"
+    top = float(values.max())
+    rule = f"values {values.tolist()}" if values.size <= 2 else f"{values.size} distinct values"
+    return array > top / 2, f"{rule}, thresholded at {top / 2:g}"
+
+
+def sam3_transform(resolution: int) -> v2.Compose:
+    """`Sam3Processor`'s transform: (3, H, W) uint8/uint16 -> (3, R, R) float32 in [-1, 1]."""
+    return v2.Compose([
+        v2.ToDtype(torch.uint8, scale=True),
+        v2.Resize(size=(resolution, resolution)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(NORM_MEAN), std=list(NORM_STD)),
+    ])
+
+
+def load_preprocessed(path: str | Path, resolution: int) -> torch.Tensor:
+    """Read and preprocess one image: (3, R, R) float32, normalised to [-1, 1]."""
+    return sam3_transform(resolution)(read_image(path))
+
+
+def preprocessing_signature() -> dict:
+    """What the preprocessing depends on besides the resolution (part of a cache's signature)."""
+    return {
+        "resize": "torchvision.v2.Resize bilinear antialias on uint8",
+        "scale": "[0, 1]",
+        "mean": list(NORM_MEAN),
+        "std": list(NORM_STD),
+    }

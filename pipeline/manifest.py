@@ -1,0 +1,127 @@
+"""The manifest: a CSV with columns `image, mask, view, split`, one row per sample.
+
+`mask`, `view` and `split` may be empty (extraction needs only images). Paths are absolute or
+relative to the manifest's folder. A sample's key is the hex sha256 of its image file's bytes, so
+an image replaced on disk gets a new key and never inherits old features.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+COLUMNS = ("image", "mask", "view", "split")
+# Optional: C-arm primary (LAO+/RAO-) and secondary (CRA+/CAU-) angles in degrees.
+ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
+UNKNOWN_VIEW = "<unknown>"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    row: int
+    """1-based data row in the CSV (the header is row 0)."""
+    image: Path
+    mask: Path | None
+    view: str | None
+    split: str | None
+    angles: tuple[float, float] | None = None
+    """(primary, secondary) C-arm angles in degrees, when the manifest has them."""
+
+
+def read_manifest(path: str | Path) -> list[Sample]:
+    """Parse a manifest CSV; paths resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if "image" not in header:
+            raise ManifestError(f"{path}: no `image` column (header: {header}; expected {COLUMNS})")
+        samples = []
+        for number, raw in enumerate(reader, start=1):
+            record = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+            if not record.get("image"):
+                raise ManifestError(f"{path}: row {number} has an empty `image`")
+            samples.append(Sample(
+                row=number,
+                image=_resolve(path.parent, record["image"]),
+                mask=_resolve(path.parent, record["mask"]) if record.get("mask") else None,
+                view=record.get("view") or None,
+                split=record.get("split") or None,
+                angles=_angles(path, number, record),
+            ))
+    if not samples:
+        raise ManifestError(f"{path}: no rows")
+    return samples
+
+
+def write_manifest(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows (dicts with the COLUMNS) as a manifest; paths made relative where possible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        columns = COLUMNS + tuple(c for c in ANGLE_COLUMNS if any(c in r for r in rows))
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            out = {c: "" if row.get(c) is None else row[c] for c in columns}
+            for column in ("image", "mask"):
+                if out[column]:
+                    out[column] = _relative(path.parent, Path(out[column]))
+            writer.writerow(out)
+    tmp.replace(path)
+    return path
+
+
+def _angles(path: Path, number: int, record: dict) -> tuple[float, float] | None:
+    values = [record.get(c, "") for c in ANGLE_COLUMNS]
+    if not any(values):
+        return None
+    try:
+        return float(values[0] or 0.0), float(values[1] or 0.0)
+    except ValueError as err:
+        raise ManifestError(f"{path}: row {number} has a non-numeric angle ({err})") from err
+
+
+def _resolve(folder: Path, value: str) -> Path:
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else (folder / candidate).resolve()
+
+
+def _relative(folder: Path, target: Path) -> str:
+    try:
+        return str(target.resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(target.resolve())
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_keys(samples: list[Sample], threads: int = 8) -> list[str]:
+    """The key of each sample (sha256 of its image file), in order."""
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda s: file_sha256(s.image), samples))
+
+
+def resolve_data(data: str, cache_dir: str | Path) -> list[Sample]:
+    """`--data`: a manifest path, or `demo` (generated under `<cache-dir>/demo-data` on first use)."""
+    if data == "demo":
+        from pipeline.demo import ensure_demo
+
+        return read_manifest(ensure_demo(Path(cache_dir) / "demo-data"))
+    return read_manifest(data)
