@@ -153,3 +153,100 @@ class ExtractConfig:
         return ["cpu"] * self.workers
 
 
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Stage B: the head, the LoRA adapter and how they train."""
+
+    data: str = "demo"
+    """A manifest CSV with image, mask, view and split (train/val), or `demo`."""
+    backbone: str = "sam3"
+    """The backbone whose cached features to train on: `sam3` or `tiny`."""
+    checkpoint: str | None = None
+    """An official-layout sam3.pt (else the HF hub), as for extraction."""
+    adapter: str | None = None
+    """Start from this LoRA adapter directory; its cache is the one used."""
+    cache_dir: str = "cache"
+    """Where the feature caches live."""
+    levels: tuple[str, ...] = ("1x",)
+    """Feature levels the decoder uses (the cache must hold them): 1x, 2x, 4x."""
+    amp: str = "auto"
+    """Autocast dtype of the backbone (and of the cache): bf16, fp16, off; auto as extraction."""
+    extract_missing: bool = False
+    """Run Stage A first for images the cache lacks, instead of stopping."""
+    epochs: int = 30
+    """Training epochs."""
+    batch_size: int = 16
+    """Samples per optimizer step, over all processes."""
+    lr: float = 1e-4
+    """AdamW learning rate (cosine decay to zero)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    lora_r: int = 16
+    """LoRA rank on the trunk's attention qkv and proj."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    e2e_every: int = 5
+    """Every K-th epoch runs end to end through the LoRA'd backbone on raw images (0: never)."""
+    e2e_steps: int = 0
+    """Steps of an end-to-end epoch (0: a whole pass)."""
+    refresh_cache: bool = False
+    """After an end-to-end epoch, extract the cache of the new adapter and train on it."""
+    image_branch: bool = True
+    """A shallow full-resolution branch on the raw image (thin vessels)."""
+    width: int = 64
+    """Decoder width."""
+    gpus: tuple[int, ...] = ()
+    """GPU indices, one DDP process each; default: every visible GPU."""
+    device: str = "auto"
+    """auto, cuda or cpu."""
+    workers: int = 1
+    """DDP processes on the CPU (gloo), with --device cpu."""
+    loader_workers: int = 2
+    """DataLoader processes per training process."""
+    seed: int = 0
+    """Seed of weights, data order and dropout."""
+    run_dir: str | None = None
+    """Where the run's files go; default runs/<timestamp>."""
+    resume: str | None = None
+    """A run directory to continue from its last.pt."""
+    overlays: int = 6
+    """Validation samples drawn as image / truth / prediction overlays."""
+    probe_size: int = 4
+    """Training images used to measure the drift of cached against live features."""
+
+    def __post_init__(self):
+        _check_backbone(self.backbone, self.levels, self.amp)
+        device, gpus = _resolve_devices(self.gpus, self.device)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "gpus", gpus)
+        object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))
+        if self.amp == "auto":
+            object.__setattr__(self, "amp", "bf16" if device == "cuda" else "off")
+        if min(self.epochs, self.batch_size, self.workers, self.lora_r) < 1:
+            raise ValueError("--epochs, --batch-size, --workers and --lora-r must be >= 1")
+        if self.e2e_every < 0 or self.e2e_steps < 0:
+            raise ValueError("--e2e-every and --e2e-steps must be >= 0")
+        if self.refresh_cache and not self.e2e_every:
+            raise ValueError("--refresh-cache needs end-to-end epochs (--e2e-every K > 0)")
+        if self.workers > 1 and device == "cuda":
+            raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
+        if self.world_size > self.batch_size:
+            raise ValueError(f"--batch-size {self.batch_size} is smaller than the "
+                             f"{self.world_size} processes")
+
+    @property
+    def world_size(self) -> int:
+        """Processes this machine runs (torchrun sets its own)."""
+        return len(self.gpus) if self.device == "cuda" else self.workers
+
+    def extract_config(self, adapter: str | None = None, **overrides) -> ExtractConfig:
+        """The Stage A configuration that makes (or made) the cache this run trains on."""
+        return ExtractConfig(
+            data=self.data, backbone=self.backbone, checkpoint=self.checkpoint,
+            adapter=adapter if adapter is not None else self.adapter, cache_dir=self.cache_dir,
+            levels=self.levels, amp=self.amp, gpus=self.gpus, device=self.device,
+            workers=self.workers, **overrides)

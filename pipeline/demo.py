@@ -103,6 +103,8 @@ def _install(tmp: Path, root: Path) -> None:
         tmp.rename(root)  # atomic; also replaces an empty `root` folder
         return
     except OSError:
+        if (root / "manifest.csv").is_file():
+            return  # lost a race with a concurrent generation
         if not root.is_dir():
             raise
     _refuse_foreign(root)

@@ -44,12 +44,12 @@ def _read_array(path: Path) -> np.ndarray:
                 elif image.mode in ("I;16", "I;16B", "I;16L"):
                     return np.asarray(image, dtype=np.uint16)
                 elif image.mode == "I":
-                    array = np.asarray(image)
+                    array = np.array(image)
                     if array.min() >= 0 and array.max() <= 65535:
                         return array.astype(np.uint16)
                 elif image.mode not in ("L", "RGB", "RGBA", "1", "LA"):
                     image = image.convert("RGB")
-                array = np.asarray(image)
+                array = np.array(image)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise ImageError(f"{path}: cannot be decoded ({err})") from err
     if array.ndim == 3 and array.shape[-1] == 1:

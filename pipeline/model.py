@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -131,10 +130,12 @@ class ImageBranch(nn.Sequential):
 class ViewConditionedDecoder(nn.Module):
     """Vessel logits from SAM 3 feature maps, the view label and (optionally) the image.
 
-    1x map -> `projection` -> `conditioning` (FiLM) -> conv block at 2*width channels -> x2 up
-    (+ 1x1-reduced 2x map when used) -> conv block at width -> x2 up (+ 1x1-reduced 4x map when
-    used) -> conv block at width -> [bilinear to image size, concatenated with `image_branch`,
-    conv block] -> 1x1 conv to one logit -> bilinear to `out_size`.
+    1x map -> `projection` -> `conditioning` (FiLM) -> conv block (2*width channels) -> x2 up
+    (+ 1x1-reduced 2x map when used) -> conv block (width) -> x2 up (+ 1x1-reduced 4x map when
+    used) -> conv block (width/2) -> [1x1 to 16, bilinear to the image's size, plus
+    `image_branch`, conv block (16)] -> 1x1 conv to one logit -> bilinear to `out_size`.
+    Without the image branch the decoder's output (at 4x the 1x side) goes straight to the logit.
+    The full-resolution stages are kept at 16 channels: they run on R x R pixels.
     """
 
     def __init__(self, *, levels: tuple[str, ...] = ("1x",), num_views: int,
@@ -147,6 +148,8 @@ class ViewConditionedDecoder(nn.Module):
             raise ValueError(
                 f"levels must hold '1x' and optionally '2x', '4x' once each; got {levels}"
             )
+        if width < 2 or width % 2:
+            raise ValueError(f"width must be a positive even number, got {width}")
         self.levels = tuple(lv for lv in DECODER_LEVELS if lv in levels)
         self.num_views = num_views
         self.use_angles = use_angles

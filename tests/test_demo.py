@@ -25,6 +25,14 @@ def generated(tmp_path_factory) -> Path:
     return demo.ensure_demo(tmp_path_factory.mktemp("shared") / "demo")
 
 
+@pytest.fixture
+def small(monkeypatch) -> int:
+    """Shrink the dataset to 2 samples per view for the tests of how it is installed: rows."""
+    monkeypatch.setattr(demo, "PER_VIEW", 2)
+    monkeypatch.setattr(demo, "TRAIN_PER_VIEW", 1)
+    return 2 * len(VIEWS)
+
+
 def _files(root: Path) -> dict[str, bytes]:
     """Every file under `root`: relative path -> bytes."""
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -111,7 +119,7 @@ def test_second_call_touches_nothing(generated, monkeypatch):
     assert not list(root.parent.glob(".demo.tmp-*"))
 
 
-def test_killed_generation_leaves_no_dataset(tmp_path, monkeypatch):
+def test_killed_generation_leaves_no_dataset(tmp_path, monkeypatch, small):
     real = demo.render_sample
 
     def dies_midway(view, rng):
@@ -125,10 +133,10 @@ def test_killed_generation_leaves_no_dataset(tmp_path, monkeypatch):
     assert not (tmp_path / "demo").exists()
     monkeypatch.setattr(demo, "render_sample", real)
     manifest = demo.ensure_demo(tmp_path / "demo")
-    assert len(read_manifest(manifest)) == 96
+    assert len(read_manifest(manifest)) == small
 
 
-def test_leftover_temporary_folders(tmp_path):
+def test_leftover_temporary_folders(tmp_path, small):
     fresh, stale = tmp_path / ".demo.tmp-1-aaaaaaaa", tmp_path / ".demo.tmp-2-bbbbbbbb"
     for leftover in (fresh, stale):
         (leftover / "images").mkdir(parents=True)
@@ -138,20 +146,20 @@ def test_leftover_temporary_folders(tmp_path):
     os.utime(stale, (old, old))
     manifest = demo.ensure_demo(tmp_path / "demo")
     samples = read_manifest(manifest)
-    assert len(samples) == 96 and all(s.image.is_file() for s in samples)
+    assert len(samples) == small and all(s.image.is_file() for s in samples)
     assert read_image(samples[0].image).shape == (3, 320, 320)
     assert fresh.is_dir()  # may belong to a generation still running
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name, "demo"]
 
 
-def test_existing_folder_without_manifest(tmp_path):
+def test_existing_folder_without_manifest(tmp_path, small):
     root = tmp_path / "demo"
     (root / "cache").mkdir(parents=True)
     (root / "notes.txt").write_text("keep me")
     manifest = demo.ensure_demo(root)
     assert (root / "notes.txt").read_text() == "keep me" and (root / "cache").is_dir()
-    assert len(read_manifest(manifest)) == 96
+    assert len(read_manifest(manifest)) == small
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
     (root / "manifest.csv").unlink()
     with pytest.raises(FileExistsError, match="images"):  # never overwrites foreign files

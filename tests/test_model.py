@@ -11,7 +11,7 @@ from pipeline.losses import dice_bce_loss
 from pipeline.model import FeatureProjection, ViewConditionedDecoder, ViewConditioning
 
 NUM_VIEWS = 3
-SIDE = 18  # the tiny preset's 1x side; 2x = 36, 4x = 72, image 252
+SIDE = 8  # the tiny preset has 18 (2x = 36, 4x = 72, image 252); smaller keeps the tests fast
 IMAGE = 14 * SIDE
 
 
@@ -27,6 +27,12 @@ def views(batch: int = 2) -> torch.Tensor:
 
 
 LEVEL_SETS = [("1x",), ("1x", "2x"), ("1x", "4x"), ("1x", "2x", "4x")]
+
+
+def test_tiny_preset_sizes():
+    model = ViewConditionedDecoder(levels=("1x", "2x", "4x"), num_views=NUM_VIEWS)
+    out = model(features(1, side=18), views(1), image=torch.randn(1, 3, 252, 252))
+    assert out.shape == (1, 1, 252, 252)
 
 
 @pytest.mark.parametrize("levels", LEVEL_SETS)
@@ -149,20 +155,27 @@ def _line_sample(side: int = 8):
     return features(1, side), image, mask
 
 
+def _dice(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    pred, target = logits > 0, mask.bool()
+    return float(2 * (pred & target).sum() / (pred.sum() + target.sum()))
+
+
 def test_overfits_one_line_sample():
+    """Fits a 2 px line to Dice > 0.9 within 100 Adam steps (about 30 when run alone)."""
     torch.manual_seed(0)
     feats, image, mask = _line_sample()
     model = ViewConditionedDecoder(levels=("1x", "4x"), num_views=NUM_VIEWS)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     view = torch.tensor([1])
     start = time.perf_counter()
-    for _ in range(100):
+    for step in range(1, 101):
         optimiser.zero_grad()
-        dice_bce_loss(model(feats, view, image=image), mask).backward()
+        logits = model(feats, view, image=image)
+        dice_bce_loss(logits, mask).backward()
         optimiser.step()
+        if step % 10 == 0 and _dice(logits, mask) > 0.95:
+            break
     elapsed = time.perf_counter() - start
     with torch.no_grad():
-        pred = model(feats, view, image=image) > 0
-    target = mask.bool()
-    dice = 2 * (pred & target).sum() / (pred.sum() + target.sum())
-    assert dice > 0.9, f"dice {dice:.3f} after 100 steps ({elapsed:.1f} s)"
+        dice = _dice(model(feats, view, image=image), mask)
+    assert dice > 0.9, f"dice {dice:.3f} after {step} steps ({elapsed:.1f} s)"

@@ -1,0 +1,85 @@
+"""Checkpoints that hold everything needed to resume, and the peft adapter export.
+
+A checkpoint holds the decoder, the LoRA weights, optimizer, scheduler, epoch, every RNG state,
+the resolved config, the views, and the cache (with its signature) the run was training on.
+Files are written beside their target and renamed over it: a crash leaves the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.segmenter import load_lora_state, lora_state
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, prepared) -> None:
+    """Write `path` atomically."""
+    payload = {
+        "decoder": model.decoder.state_dict(),
+        "lora": lora_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "state": state,
+        "config": asdict(prepared.config),
+        "views": list(prepared.views.labels),
+        "use_angles": model.decoder.use_angles,
+        "signature": prepared.signature,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model=None, optimizer=None, scheduler=None) -> dict:
+    """Restore what is given from `path`; returns its training state (epoch, best, caches).
+
+    With an optimizer (a resume), the RNG states are restored too.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        model.decoder.load_state_dict(payload["decoder"])
+        load_lora_state(model, payload["lora"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        _set_rng_state(payload["rng"])
+    return payload["state"] if model is not None else payload
+
+
+def save_adapter(model, directory: Path) -> None:
+    """Save the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors),
+    replacing `directory` in one rename."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.backbone.save_pretrained(str(tmp))
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,120 @@
+"""Stage B's samples: cached features (or raw images for end-to-end steps), masks and views.
+
+The zarr store is opened inside each DataLoader worker (zarr resets its event loop after fork),
+on first use, and read one sample (one chunk) at a time.
+
+Augmentation: none on cached features. Flipping or rotating a feature map is not the feature
+map of the flipped image (SAM 3's trunk has absolute position embeddings and RoPE), so training on
+such maps would teach the head features the backbone never produces.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.images import load_preprocessed, read_mask
+from pipeline.importers import encode_angles
+from pipeline.manifest import UNKNOWN_VIEW, Sample
+
+
+@dataclass(frozen=True)
+class ViewVocabulary:
+    """The training views; index `len(labels)` is the "unknown view" row."""
+
+    labels: tuple[str, ...]
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample]) -> ViewVocabulary:
+        return cls(tuple(sorted({s.view or UNKNOWN_VIEW for s in samples})))
+
+    @property
+    def unknown(self) -> int:
+        return len(self.labels)
+
+    def index(self, label: str | None) -> int:
+        label = label or UNKNOWN_VIEW
+        return self.labels.index(label) if label in self.labels else self.unknown
+
+    def warn_unseen(self, samples: list[Sample], where: str) -> None:
+        unseen = sorted({s.view for s in samples if s.view and s.view not in self.labels})
+        if unseen:
+            warnings.warn(f"{where}: views {unseen} were not seen in training; they use the "
+                          "unknown-view embedding", stacklevel=2)
+
+
+def split_samples(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """(train, val) by the manifest's `split`; rows without one train."""
+    train = [s for s in samples if (s.split or "train") == "train"]
+    val = [s for s in samples if s.split == "val"]
+    if not train:
+        raise ValueError("the manifest has no training rows (split column `train` or empty)")
+    return train, val
+
+
+def resize_mask(mask: np.ndarray, resolution: int) -> torch.Tensor:
+    """(H, W) bool -> (1, R, R) float32 in {0, 1} (area average, then >= 0.5)."""
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(resolution, resolution), mode="area")
+    return (resized[0] >= 0.5).float()
+
+
+class SegmentationSamples(Dataset):
+    """One dict per sample, collated by the default collate:
+
+    - "features": {level: (256, h, w) float16} from the cache (only when `cache_path` given);
+    - "image": (3, R, R) float32 in [-1, 1] (when `with_image`);
+    - "mask": (1, R, R) float32 in {0, 1} (when `with_masks`); "view": () long;
+      "angles": (4,) float32 [sin, cos of the primary and secondary angle] or zeros;
+    - "index": () long, the sample's position in `samples`.
+    """
+
+    def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
+                 cache_path: Path | None = None, rows: np.ndarray | None = None,
+                 levels: tuple[str, ...] = (), with_image: bool = True, with_masks: bool = True):
+        self.samples, self.resolution, self.views = samples, resolution, views
+        self.cache_path, self.rows, self.levels = cache_path, rows, levels
+        self.with_image, self.with_masks = with_image, with_masks
+        self._cache: FeatureCache | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}  # each worker opens its own store
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        item = {
+            "index": torch.tensor(i),
+            "view": torch.tensor(self.views.index(sample.view)),
+            "angles": torch.from_numpy(encode_angles(*sample.angles)) if sample.angles
+            else torch.zeros(4),
+        }
+        if self.with_masks:
+            item["mask"] = resize_mask(read_mask(sample.mask)[0], self.resolution)
+        if self.with_image:
+            item["image"] = load_preprocessed(sample.image, self.resolution)
+        if self.cache_path is not None:
+            item["features"] = self._features(i)
+        return item
+
+    def _features(self, i: int) -> dict[str, torch.Tensor]:
+        if self._cache is None:
+            self._cache = FeatureCache.open(self.cache_path)
+        row = int(self.rows[i])
+        try:
+            values = self._cache.read(row, list(self.levels))
+        except Exception as err:
+            raise CacheError(
+                f"{self.cache_path}: features of {self.samples[i].image} (row {row}) are "
+                f"unreadable ({type(err).__name__}); run `python -m pipeline.cache verify "
+                f"{self.cache_path.stem} --repair`, then extract_features.py again") from err
+        return {lvl: torch.from_numpy(np.ascontiguousarray(v)) for lvl, v in values.items()}

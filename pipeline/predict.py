@@ -1,0 +1,125 @@
+"""Vessel masks for new images from a trained run.
+
+    python -m pipeline.predict --run runs/20261126-101500 --data new.csv --out predictions/
+
+Features come from the cache when it holds them for the run's adapter (the cache the run trained
+on while its adapter had not moved, or the cache of the run's saved adapter); every other image
+goes through the backbone. Masks are written as 0/255 PNG at each image's own size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.cache import FeatureCache
+from pipeline.checks import check_manifest
+from pipeline.checkpoint import load_checkpoint
+from pipeline.datasets import SegmentationSamples, ViewVocabulary
+from pipeline.images import read_image
+from pipeline.manifest import read_manifest
+from pipeline.segmenter import build_segmenter
+from pipeline.training import resume_config
+
+
+def load_run(run_dir: Path, device: torch.device):
+    """(model in eval mode with the best weights, its checkpoint state, config, views)."""
+    config = resume_config(run_dir)
+    payload = load_checkpoint(run_dir / "best.pt")
+    views = ViewVocabulary(tuple(payload["views"]))
+    model = build_segmenter(config, num_views=len(views.labels), use_angles=payload["use_angles"])
+    state = load_checkpoint(run_dir / "best.pt", model)
+    return model.to(device).eval(), state, config, views
+
+
+def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
+    if state.get("cache_current"):
+        return FeatureCache.open(state["cache"])
+    from pipeline.extraction import cache_signature
+
+    signature = cache_signature(config.extract_config(adapter=str(run_dir / "adapter")))
+    return FeatureCache.find(config.cache_dir, signature)
+
+
+def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
+            batch_size: int = 8) -> list[dict]:
+    """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`."""
+    device = torch.device(device)
+    model, state, config, views = load_run(run_dir, device)
+    samples = read_manifest(data)
+    report = check_manifest(samples, require_masks=False)
+    report.raise_if_errors()
+    views.warn_unseen(samples, str(data))
+    cache = _feature_cache(run_dir, state, config)
+    rows = cache.rows_for(report.keys) if cache is not None else np.full(len(samples), -1)
+    done = cache.done() if cache is not None else np.zeros(0, bool)
+    cached = np.array([r >= 0 and bool(done[r]) for r in rows], dtype=bool)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for use_cache in (True, False):
+        chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
+        if not chosen:
+            continue
+        dataset = SegmentationSamples(
+            [samples[i] for i in chosen], resolution=model.resolution, views=views,
+            cache_path=cache.path if use_cache else None,
+            rows=rows[chosen] if use_cache else None, levels=config.levels, with_masks=False,
+            with_image=config.image_branch or not use_cache)
+        for start in range(0, len(chosen), batch_size):
+            items = [dataset[j] for j in range(start, min(start + batch_size, len(chosen)))]
+            batch = torch.utils.data.default_collate(items)
+            batch = {k: ({a: b.to(device) for a, b in v.items()} if isinstance(v, dict)
+                         else v.to(device)) for k, v in batch.items()}
+            with torch.no_grad():
+                logits = model(batch, live=not use_cache)
+            for j, item_logits in zip(range(start, start + len(items)), logits, strict=True):
+                written.append(_write_mask(samples[chosen[j]], item_logits, out, use_cache))
+    written.sort(key=lambda r: r["row"])
+    with (out / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features"])
+        writer.writeheader()
+        writer.writerows(written)
+    return written
+
+
+def _write_mask(sample, logits: torch.Tensor, out: Path, cached: bool) -> dict:
+    """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W)."""
+    height, width = read_image(sample.image).shape[-2:]
+    full = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0]
+    path = out / f"{sample.row:05d}_{sample.image.stem}_mask.png"
+    Image.fromarray(((full > 0).cpu().numpy() * 255).astype(np.uint8)).save(path)
+    return {"row": sample.row, "image": str(sample.image), "mask": str(path),
+            "view": sample.view or "", "features": "cached" if cached else "live"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
+    parser.add_argument("--data", required=True, type=Path, help="a manifest CSV (image, view)")
+    parser.add_argument("--out", required=True, type=Path, help="where the masks go")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        rows = predict(args.run, args.data, args.out, device=args.device,
+                       batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    live = sum(r["features"] == "live" for r in rows)
+    print(f"{len(rows)} masks in {args.out} ({len(rows) - live} from cached features, "
+          f"{live} through the backbone)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

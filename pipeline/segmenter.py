@@ -1,0 +1,80 @@
+"""The trainable model: SAM 3's backbone with a peft LoRA adapter, and the view-conditioned decoder.
+
+Cached steps feed stored features straight to the decoder; end-to-end steps run the backbone
+(LoRA active, base weights frozen, activation checkpointing inside SAM 3's ViT in train mode).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.backbone import LEVELS, build_backbone
+from pipeline.lora import attach_lora, load_adapter, set_trainable_params
+from pipeline.model import ViewConditionedDecoder
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+class VesselSegmenter(nn.Module):
+    """`backbone` (a peft LoRA model around SAM 3's vision backbone) + `decoder`."""
+
+    def __init__(self, *, backbone: nn.Module, decoder: ViewConditionedDecoder, amp: str):
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.amp = amp
+        self.resolution = backbone.get_base_model().preset.resolution
+
+    def autocast(self, device: torch.device):
+        dtype = AMP_DTYPES[self.amp]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def live_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image (B, 3, R, R) float in [-1, 1] -> {level: (B, 256, h, w)} through the backbone."""
+        with self.autocast(image.device):
+            out = self.backbone.forward_image(image)
+        return {lvl: out["backbone_fpn"][LEVELS[lvl]] for lvl in self.decoder.levels}
+
+    def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
+        """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`.
+
+        live=False uses batch["features"] (cached); live=True runs the backbone on batch["image"].
+        """
+        features = self.live_features(batch["image"]) if live else batch["features"]
+        angles = batch["angles"] if self.decoder.use_angles else None
+        with self.autocast(batch["view"].device):
+            logits = self.decoder(features, batch["view"], image=batch.get("image"),
+                                  angles=angles, out_size=(self.resolution, self.resolution))
+        return logits.float()
+
+
+def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmenter:
+    """A fresh model for `config` (a TrainConfig): LoRA on the trunk, a new decoder."""
+    backbone = build_backbone(config.backbone, config.checkpoint)
+    if config.adapter:
+        peft_model = load_adapter(backbone, config.adapter, trainable=True)
+    else:
+        peft_model = attach_lora(backbone, r=config.lora_r, alpha=config.lora_alpha,
+                                 dropout=config.lora_dropout)
+    decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
+                                     use_angles=use_angles, image_branch=config.image_branch,
+                                     width=config.width)
+    model = VesselSegmenter(backbone=peft_model, decoder=decoder, amp=config.amp)
+    set_trainable_params(model)
+    return model
+
+
+def lora_state(model: VesselSegmenter) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
+
+
+def load_lora_state(model: VesselSegmenter, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model.backbone, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"LoRA state has unexpected keys: {unexpected[:5]}")

@@ -1,0 +1,286 @@
+"""The training loop of one process: cached epochs, end-to-end epochs, validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from pipeline.cache import FeatureCache
+from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from pipeline.datasets import SegmentationSamples
+from pipeline.losses import dice_bce_loss
+from pipeline.metrics import SegmentationMeter
+from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
+from pipeline.segmenter import build_segmenter
+from pipeline.training import Prepared, ensure_cache, seed_everything
+
+
+class _Data:
+    """The datasets of one process, re-pointed at a new cache after a refresh."""
+
+    def __init__(self, prepared: Prepared, cache: Path, context):
+        self.prepared, self.context = prepared, context
+        config = prepared.config
+        self.resolution = _resolution(config.backbone)
+        self.per_rank_batch = max(1, config.batch_size // context.world_size)
+        self.point_at(cache)
+
+    def point_at(self, cache: Path) -> None:
+        p, cfg = self.prepared, self.prepared.config
+        store = FeatureCache.open(cache)
+        common = dict(resolution=self.resolution, views=p.views, with_image=cfg.image_branch)
+        self.cache = cache
+        self.train_cached = SegmentationSamples(p.train, cache_path=cache, levels=cfg.levels,
+                                                rows=store.rows_for(p.train_keys), **common)
+        self.val_cached = SegmentationSamples(p.val, cache_path=cache, levels=cfg.levels,
+                                              rows=store.rows_for(p.val_keys), **common)
+        self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views)
+        self.val_live = SegmentationSamples(p.val, resolution=self.resolution, views=p.views)
+
+    def train_loader(self, epoch: int, live: bool) -> DataLoader:
+        dataset = self.train_live if live else self.train_cached
+        sampler = DistributedSampler(dataset, num_replicas=self.context.world_size,
+                                     rank=self.context.rank, shuffle=True,
+                                     seed=self.prepared.config.seed)
+        sampler.set_epoch(epoch)
+        return self._loader(dataset, sampler)
+
+    def val_loader(self, live: bool) -> DataLoader:
+        dataset = self.val_live if live else self.val_cached
+        mine = list(range(self.context.rank, len(dataset), self.context.world_size))
+        return self._loader(Subset(dataset, mine), None)
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        cfg = self.prepared.config
+        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
+                          num_workers=cfg.loader_workers, pin_memory=cfg.device == "cuda")
+
+
+def _resolution(backbone: str) -> int:
+    from pipeline.backbone import PRESETS
+
+    return PRESETS[backbone].resolution
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            moved[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
+        else:
+            moved[key] = value.to(device, non_blocking=True)
+    return moved
+
+
+def _gather_meter(meter: SegmentationMeter, context) -> SegmentationMeter:
+    if not context.distributed:
+        return meter
+    states = [None] * context.world_size
+    dist.all_gather_object(states, meter.state())
+    merged = SegmentationMeter()
+    for state in states:
+        merged.merge(SegmentationMeter.from_state(state))
+    return merged
+
+
+def _mean_across(value: float, count: int, context) -> float:
+    if not context.distributed:
+        return value / max(count, 1)
+    tensor = torch.tensor([value, float(count)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor[0] / max(tensor[1], 1))
+
+
+def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_steps=0,
+              show=True, desc="") -> tuple[SegmentationMeter, float, int, float]:
+    """One pass; trains when `optimizer` is given. Returns (meter, loss sum, samples, wait s)."""
+    training = optimizer is not None
+    meter, loss_sum, count, wait = SegmentationMeter(), 0.0, 0, 0.0
+    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
+    iterator, start = iter(loader), time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = _to(next(iterator), device)
+        wait += time.perf_counter() - t
+        with torch.set_grad_enabled(training):
+            logits = model(batch, live=live)
+            loss = dice_bce_loss(logits, batch["mask"])
+        if training:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        n = len(batch["mask"])
+        loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
+        pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
+        meter.update(pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
+                     [views.labels[i] if i < views.unknown else "<unknown>"
+                      for i in batch["view"].tolist()])
+        rate = count / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{np.mean(meter.scores['dice']):.3f}",
+                        samples_s=f"{rate:.1f}")
+        bar.update()
+    bar.close()
+    return meter, loss_sum, count, wait
+
+
+@torch.no_grad()
+def feature_drift(model, data: _Data, device, probe: int) -> float:
+    """Mean cosine similarity of cached and live 1x features on the first `probe` train images."""
+    model.eval()
+    indices = range(min(probe, len(data.train_cached)))
+    cached = torch.stack([data.train_cached[i]["features"]["1x"] for i in indices]).float()
+    images = torch.stack([data.train_live[i]["image"] for i in indices]).to(device)
+    live = model.live_features(images)["1x"].float().cpu()
+    model.train()
+    return float(torch.nn.functional.cosine_similarity(cached.flatten(1), live.flatten(1)).mean())
+
+
+def train_process(prepared: Prepared, context) -> None:
+    """Train on this process's share; rank 0 writes the run directory."""
+    config, run_dir, leader = prepared.config, prepared.run_dir, context.is_leader
+    device = torch.device(context.local_device() if config.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(config.seed)
+    use_angles = bool(prepared.train) and all(s.angles for s in prepared.train)
+    model = build_segmenter(config, num_views=len(prepared.views.labels),
+                            use_angles=use_angles).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, config.epochs) / config.epochs)))
+    state = {"epoch": 0, "best": None, "cache": str(prepared.cache), "cache_current": True,
+             "caches": [{"epoch": 0, "cache_id": prepared.cache.stem,
+                         "adapter": config.adapter,
+                         "adapter_sha256": prepared.signature["adapter_sha256"]}]}
+    if config.resume:
+        state = load_checkpoint(run_dir / "last.pt", model, optimizer, scheduler)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if leader and config.resume:
+        log.truncate_after(state["epoch"])
+    data = _Data(prepared, Path(state["cache"]), context)
+    net = model
+    if context.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
+                                      else None, find_unused_parameters=True)
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        e2e = bool(config.e2e_every) and epoch % config.e2e_every == 0
+        model.train()
+        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        meter, loss_sum, count, wait = run_epoch(
+            net, data.train_loader(epoch, e2e), device, prepared.views, optimizer=optimizer,
+            live=e2e, max_steps=config.e2e_steps if e2e else 0, show=leader,
+            desc=f"epoch {epoch}/{config.epochs}{' e2e' if e2e else ''}")
+        seconds = time.perf_counter() - start
+        train_record = {"epoch": epoch, "split": "train", "lr": lr, "e2e": e2e,
+                        "loss": _mean_across(loss_sum, count, context), "seconds": seconds,
+                        "data_wait": wait / seconds, "samples_per_s": count / seconds,
+                        "cache": data.cache.stem,
+                        **_scores(_gather_meter(meter, context).summary())}
+        if e2e:
+            state["cache_current"] = False  # the adapter moved; the cache did not
+            if leader:
+                train_record["drift_cosine"] = feature_drift(model, data, device, config.probe_size)
+            if config.refresh_cache:
+                _refresh(model, prepared, data, state, epoch, context)
+        model.eval()
+        live_val = e2e and not config.refresh_cache
+        vstart = time.perf_counter()
+        vmeter, vloss, vcount, _ = run_epoch(net, data.val_loader(live_val), device,
+                                             prepared.views, live=live_val, show=False)
+        val = _gather_meter(vmeter, context).summary()
+        val_record = {"epoch": epoch, "split": "val", "lr": lr, "e2e": live_val,
+                      "loss": _mean_across(vloss, vcount, context),
+                      "seconds": time.perf_counter() - vstart, **_scores(val)}
+        scheduler.step()
+        state["epoch"] = epoch
+        if leader:
+            _record(log, train_record, val_record if vcount or context.distributed else None)
+            _save(model, optimizer, scheduler, state, prepared, val, live_val, vcount)
+        context.barrier()
+    if leader:
+        _finish(model, prepared, data, device, log, state["caches"])
+
+
+def _scores(summary: dict) -> dict:
+    keep = ("dice", "iou", "cldice", "per_view")
+    return {k: summary[k] for k in keep if k in summary}
+
+
+def _record(log: MetricsLog, train_record: dict, val_record: dict | None) -> None:
+    log.append(train_record)
+    if val_record and val_record.get("dice") == val_record.get("dice"):  # not NaN: had samples
+        log.append(val_record)
+    v = val_record or {}
+    print(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
+          f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
+          f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
+          f"{' (end to end)' if train_record['e2e'] else ''}", flush=True)
+
+
+def _save(model, optimizer, scheduler, state, prepared, val, live_val, vcount) -> None:
+    run_dir, epoch = prepared.run_dir, state["epoch"]
+    score = val["dice"] if vcount else -epoch  # without val rows the last epoch is the best
+    best = state["best"]
+    if best is None or score > best["score"]:
+        state["best"] = {"score": score, "epoch": epoch, "val": {**val, "epoch": epoch,
+                                                                  "features": "live" if live_val
+                                                                  else "cached"}}
+        save_checkpoint(run_dir / "best.pt", model, optimizer, scheduler, state, prepared)
+        save_adapter(model, run_dir / "adapter")
+    save_checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, prepared)
+
+
+def _refresh(model, prepared: Prepared, data: _Data, state: dict, epoch: int, context) -> None:
+    """Extract the cache of the adapter as it is now (all processes share the work)."""
+    adapter_dir = prepared.run_dir / "adapters" / f"epoch-{epoch:03d}"
+    if context.is_leader:
+        save_adapter(model, adapter_dir)
+    context.barrier()
+    everyone = prepared.train + prepared.val
+    from dataclasses import replace
+
+    config = replace(prepared.config, extract_missing=True)
+    cache, signature = ensure_cache(config, prepared.train_keys + prepared.val_keys, everyone,
+                                    adapter=str(adapter_dir))
+    data.point_at(cache)
+    state["cache"] = str(cache)
+    state["cache_current"] = True
+    state["caches"].append({"epoch": epoch, "cache_id": cache.stem, "adapter": str(adapter_dir),
+                            "adapter_sha256": signature["adapter_sha256"]})
+    if context.is_leader:
+        write_json(prepared.run_dir / "caches.json", state["caches"])
+
+
+def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches) -> None:
+    """report.json, curves.png and overlays/ for the best checkpoint."""
+    run_dir, config = prepared.run_dir, prepared.config
+    best = load_checkpoint(run_dir / "best.pt", model)["best"]
+    write_report(run_dir / "report.json", best["val"])
+    plot_curves(log.read(), run_dir / "curves.png")
+    n = min(config.overlays, len(data.val_cached))
+    if n:
+        live = best["val"]["features"] == "live"
+        dataset = data.val_live if live else data.val_cached
+        batch = _to(torch.utils.data.default_collate([dataset[i] for i in range(n)]), device)
+        model.eval()
+        with torch.no_grad():
+            pred = (model(batch, live=live) > 0).squeeze(1).cpu()
+        image = batch["image"].cpu() if "image" in batch else torch.stack(
+            [data.val_live[i]["image"] for i in range(n)])
+        save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
+                      [prepared.val[i].image.name for i in range(n)],
+                      [prepared.val[i].view or "<unknown>" for i in range(n)])
+    write_json(run_dir / "caches.json", caches)
+    print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
+          f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
+

@@ -1,0 +1,56 @@
+"""Shared fixtures: small real image datasets and tiny-backbone configurations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.manifest import write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(folder: Path, n: int, *, seed: int = 0, size: int = 64, start: int = 0,
+                 views=("LAO", "RAO")) -> Path:
+    """n random grayscale PNG images with line masks, half train, half val; returns manifest."""
+    rng = np.random.default_rng(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    (folder / "mask").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[:, size // 3 + i % 5] = 255
+        image[mask > 0] //= 3
+        Image.fromarray(image).save(folder / "img" / f"{i:03d}.png")
+        Image.fromarray(mask).save(folder / "mask" / f"{i:03d}.png")
+        rows.append({"image": folder / "img" / f"{i:03d}.png",
+                     "mask": folder / "mask" / f"{i:03d}.png", "view": views[i % len(views)],
+                     "split": "val" if i % 4 == 3 else "train"})
+    return write_manifest(folder / "manifest.csv", rows)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data", 6)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch, tmp_path):
+    """No test reaches the Hugging Face hub, and digests are memoised under tmp_path."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return env

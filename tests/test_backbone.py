@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from pipeline.backbone import (
+    CheckpointMismatchError,
+    MissingWeightsError,
+    build_backbone,
+    write_official_checkpoint,
+)
+from pipeline.lora import attach_lora
+
+
+def _randomise(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def test_tiny_forward_image_matches_sam3_output_layout():
+    backbone = build_backbone("tiny")
+    with torch.inference_mode():
+        out = backbone.forward_image(torch.randn(2, 3, 252, 252))
+    assert out["vision_features"].shape == (2, 256, 18, 18)
+    assert [tuple(f.shape) for f in out["backbone_fpn"]] == [
+        (2, 256, 72, 72), (2, 256, 36, 36), (2, 256, 18, 18)]
+    assert torch.equal(out["vision_features"], out["backbone_fpn"][-1])
+    assert out["sam2_backbone_out"] is None
+
+
+def test_tiny_weights_are_seeded():
+    a, b = build_backbone("tiny"), build_backbone("tiny")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+
+
+def test_official_layout_checkpoint_loads_every_key(tmp_path):
+    source = build_backbone("tiny")
+    _randomise(source, seed=1)
+    path = tmp_path / "sam3.pt"
+    write_official_checkpoint(source, path)
+    state = torch.load(path)
+    # Parts of the full model that the vision backbone does not use sit beside it.
+    state["model"]["detector.transformer.encoder.weight"] = torch.zeros(3)
+    state["model"]["tracker.maskmem.weight"] = torch.zeros(3)
+    state["model"]["detector.backbone.vision_backbone.sam2_convs.0.conv_1x1.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    loaded = build_backbone("tiny", checkpoint=path)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_checkpoint_missing_a_tensor_is_refused_by_name(tmp_path):
+    path = tmp_path / "sam3.pt"
+    write_official_checkpoint(build_backbone("tiny"), path)
+    state = torch.load(path)
+    key = "detector.backbone.vision_backbone.trunk.blocks.2.attn.qkv.weight"
+    del state["model"][key]
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match=key.replace(".", r"\.")):
+        build_backbone("tiny", checkpoint=path)
+
+
+def test_checkpoint_with_a_misshapen_tensor_is_refused_by_name(tmp_path):
+    path = tmp_path / "sam3.pt"
+    write_official_checkpoint(build_backbone("tiny"), path)
+    state = torch.load(path)
+    key = "detector.backbone.vision_backbone.convs.0.conv_1x1.weight"
+    state["model"][key] = torch.zeros(2, 2)
+    torch.save(state, path)
+    with pytest.raises(CheckpointMismatchError, match="convs.0.conv_1x1.weight has shape"):
+        build_backbone("tiny", checkpoint=path)
+
+
+def test_sam3_without_weights_says_what_to_do():
+    with pytest.raises(MissingWeightsError) as info:
+        build_backbone("sam3")
+    text = str(info.value)
+    assert "--checkpoint" in text and "huggingface.co/facebook/sam3" in text
+    assert "HF_TOKEN" in text and "--backbone tiny" in text
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    with pytest.raises(MissingWeightsError, match="nope.pt"):
+        build_backbone("tiny", checkpoint=tmp_path / "nope.pt")
+
+
+def test_lora_targets_attention_only_and_adapter_changes_features(tmp_path):
+    peft_model = attach_lora(build_backbone("tiny"))
+    lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters()
+                    if "lora_A" in n}
+    assert lora_modules and all(n.split(".")[-2] == "attn" for n in lora_modules)
+    assert not any("patch_embed" in n for n in lora_modules)
+    assert {n.split(".")[-1] for n in lora_modules} == {"qkv", "proj"}
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    x = torch.randn(1, 3, 252, 252)
+    with torch.inference_mode():
+        frozen = build_backbone("tiny").forward_image(x)["vision_features"]
+        adapted = build_backbone("tiny", adapter=tmp_path / "adapter").forward_image(x)
+        direct = peft_model.eval().forward_image(x)["vision_features"]
+    assert not torch.allclose(frozen, adapted["vision_features"], atol=1e-3)
+    torch.testing.assert_close(adapted["vision_features"], direct)
+
+
+def test_adapter_directory_without_weights_is_named(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        build_backbone("tiny", adapter=tmp_path / "adapter")

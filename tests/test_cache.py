@@ -1,0 +1,107 @@
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cache import (
+    CacheError,
+    CacheLockedError,
+    FeatureCache,
+    cache_path,
+    list_caches,
+    writer_lock,
+)
+from pipeline.cache_cli import main as cache_cli
+
+SIGNATURE = {"backbone": "tiny", "resolution": 252, "levels": ["1x"], "amp": "off",
+             "checkpoint_sha256": None, "adapter_sha256": None}
+SHAPES = {"1x": (4, 3, 3)}
+
+
+def _cache(tmp_path, signature=SIGNATURE) -> FeatureCache:
+    return FeatureCache.create_or_open(tmp_path, signature, SHAPES)
+
+
+def _value(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((4, 3, 3)).astype(np.float16)
+
+
+def test_layout_is_readable_by_plain_zarr_and_dask(tmp_path):
+    cache = _cache(tmp_path)
+    rows = cache.add_keys(["aa", "bb", "cc"])
+    cache.write_sample(int(rows[1]), {"1x": _value(1)})
+    group = zarr.open_group(cache.path, mode="r")
+    assert list(group["keys"][:]) == ["aa", "bb", "cc"]
+    assert group["done"][:].tolist() == [False, True, False]
+    assert group["features/1x"].dtype == np.float16
+    assert group["features/1x"].chunks == (1, 4, 3, 3)
+    assert group.attrs["signature"] == SIGNATURE
+    array = da.from_zarr(str(cache.path), component="features/1x")
+    np.testing.assert_array_equal(array[1].compute(), _value(1))
+    assert cache.path.name == cache_path(tmp_path, SIGNATURE).name
+
+
+def test_add_keys_extends_only_with_new_keys(tmp_path):
+    cache = _cache(tmp_path)
+    first = cache.add_keys(["aa", "bb"])
+    rows = cache.add_keys(["bb", "cc", "aa", "cc"])
+    assert list(first) == [0, 1]
+    assert list(rows) == [1, 2, 0, 2]
+    assert cache.level("1x").shape[0] == 3 and len(cache.keys()) == 3
+
+
+def test_interrupted_extension_leaves_reusable_rows(tmp_path):
+    cache = _cache(tmp_path)
+    cache.add_keys(["aa"])
+    for name in ("features/1x", "done", "keys"):  # grown, but the keys were never written
+        cache.group[name].resize((3, *cache.group[name].shape[1:]))
+    assert cache.done().tolist() == [False, False, False]
+    rows = cache.add_keys(["bb"])
+    assert rows.tolist() == [1] and list(cache.keys()) == ["aa", "bb", ""]
+
+
+def test_other_signature_is_refused(tmp_path):
+    cache = _cache(tmp_path)
+    cache.group.attrs["signature"] = {**SIGNATURE, "amp": "bf16"}  # tampered on disk
+    with pytest.raises(CacheError, match="will not be used"):
+        FeatureCache.find(tmp_path, SIGNATURE)
+
+
+def test_one_writer_at_a_time(tmp_path):
+    path = cache_path(tmp_path, SIGNATURE)
+    with writer_lock(path):
+        with pytest.raises(CacheLockedError, match=r"being written by pid \d+"):
+            with writer_lock(path):
+                pass
+    with writer_lock(path):  # released
+        pass
+
+
+def test_verify_names_corrupt_and_non_finite_samples_and_repair_undoes_them(tmp_path, capsys):
+    cache = _cache(tmp_path)
+    cache.add_keys(["aa", "bb", "cc"])
+    for row in range(3):
+        cache.write_sample(row, {"1x": _value(row)})
+    (cache.path / "features/1x/c/1/0/0/0").write_bytes(b"not zstd at all")
+    cache.level("1x")[2] = np.full((4, 3, 3), np.nan, np.float16)
+    problems = cache.verify()
+    assert [(p.row, p.key) for p in problems] == [(1, "bb"), (2, "cc")]
+    assert "unreadable" in problems[0].problem and "not finite" in problems[1].problem
+    assert cache_cli(["--cache-dir", str(tmp_path), "verify", cache.cache_id]) == 1
+    assert "key bb" in capsys.readouterr().out
+    assert cache_cli(["--cache-dir", str(tmp_path), "verify", cache.cache_id, "--repair"]) == 0
+    assert FeatureCache.open(cache.path).done().tolist() == [True, False, False]
+
+
+def test_cli_list_info_rm(tmp_path, capsys):
+    cache = _cache(tmp_path)
+    cache.add_keys(["aa"])
+    cache.write_sample(0, {"1x": _value(0)})
+    assert cache_cli(["--cache-dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    assert cache.cache_id in out and "1/1 done" in out and "tiny @252px" in out
+    assert cache_cli(["--cache-dir", str(tmp_path), "info", cache.cache_id]) == 0
+    assert '"samples": 1' in capsys.readouterr().out
+    assert cache_cli(["--cache-dir", str(tmp_path), "rm", cache.cache_id]) == 0
+    assert not cache.path.exists() and list_caches(tmp_path) == []
+    assert cache_cli(["--cache-dir", str(tmp_path), "info", "nope"]) == 2
