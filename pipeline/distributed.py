@@ -74,8 +74,9 @@ class DistributedContext:
 @contextmanager
 def spawned_group_env(rank: int, world_size: int, port: int, local_rank: int | None = None):
     """Set the variables torchrun would set, for a process this run spawned itself."""
+    local = rank if local_rank is None else local_rank
     values = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(port), "LOCAL_RANK": str(rank if local_rank is None else local_rank)}
+              "MASTER_PORT": str(port), "LOCAL_RANK": str(local)}
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:

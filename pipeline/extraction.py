@@ -146,7 +146,8 @@ def _follow(workers, progress, total: int, name: str) -> None:
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"extraction worker exited with code {dead[0].exitcode}")
+                    raise RuntimeError(
+                        f"extraction worker exited with code {dead[0].exitcode}") from None
                 continue
             if kind == "done":
                 bar.update(value)
@@ -185,7 +186,9 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
     pending = []
     with ThreadPoolExecutor(config.writer_threads) as writers, torch.inference_mode():
         for batch_rows, images in loader:
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
+                                      enabled=dtype is not None)
+            with autocast:
                 out = backbone.forward_image(images.to(device, non_blocking=True))
             features = {lvl: out["backbone_fpn"][LEVELS[lvl]].to(torch.float16)
                         for lvl in config.levels}

@@ -119,7 +119,7 @@ def sample_keys(samples: list[Sample], threads: int = 8) -> list[str]:
 
 
 def resolve_data(data: str, cache_dir: str | Path) -> list[Sample]:
-    """`--data`: a manifest path, or `demo` (generated under `<cache-dir>/demo-data` on first use)."""
+    """`--data`: a manifest path, or `demo` (made under `<cache-dir>/demo-data` on first use)."""
     if data == "demo":
         from pipeline.demo import ensure_demo
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cache import FeatureCache
-from pipeline.checks import check_manifest
 from pipeline.checkpoint import load_checkpoint
+from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary
 from pipeline.images import read_image
 from pipeline.manifest import read_manifest

@@ -68,7 +68,8 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
 def lora_state(model: VesselSegmenter) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model.backbone).items()}
+    state = get_peft_model_state_dict(model.backbone)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def load_lora_state(model: VesselSegmenter, state: dict[str, torch.Tensor]) -> None:

@@ -76,7 +76,8 @@ def _rows_done(cache: FeatureCache, keys: list[str]):
 
 
 def _extract_command(extract) -> str:
-    parts = ["python extract_features.py", f"--data {extract.data}", f"--backbone {extract.backbone}"]
+    parts = ["python extract_features.py", f"--data {extract.data}",
+             f"--backbone {extract.backbone}"]
     for flag, value in (("checkpoint", extract.checkpoint), ("adapter", extract.adapter)):
         if value:
             parts.append(f"--{flag} {value}")

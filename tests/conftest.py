@@ -30,7 +30,7 @@ def make_dataset(folder: Path, n: int, *, seed: int = 0, size: int = 64, start: 
         Image.fromarray(mask).save(folder / "mask" / f"{i:03d}.png")
         rows.append({"image": folder / "img" / f"{i:03d}.png",
                      "mask": folder / "mask" / f"{i:03d}.png", "view": views[i % len(views)],
-                     "split": "val" if i % 4 == 3 else "train"})
+                     "split": "val" if i % 4 == 3 or i % 6 == 2 else "train"})
     return write_manifest(folder / "manifest.csv", rows)
 
 

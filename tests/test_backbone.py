@@ -43,7 +43,8 @@ def test_official_layout_checkpoint_loads_every_key(tmp_path):
     # Parts of the full model that the vision backbone does not use sit beside it.
     state["model"]["detector.transformer.encoder.weight"] = torch.zeros(3)
     state["model"]["tracker.maskmem.weight"] = torch.zeros(3)
-    state["model"]["detector.backbone.vision_backbone.sam2_convs.0.conv_1x1.weight"] = torch.zeros(1)
+    sam2_neck = "detector.backbone.vision_backbone.sam2_convs.0.conv_1x1.weight"
+    state["model"][sam2_neck] = torch.zeros(1)
     torch.save(state, path)
     loaded = build_backbone("tiny", checkpoint=path)
     for name, tensor in source.state_dict().items():

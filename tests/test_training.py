@@ -1,0 +1,181 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, make_dataset, subprocess_env
+
+from pipeline.backbone import build_backbone
+from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.extraction import run_extraction
+from pipeline.manifest import read_manifest, sample_keys
+from pipeline.training import MissingFeaturesError, train
+
+FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "seconds"}
+
+
+def _extract(manifest, cache_dir, **kw):
+    config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(cache_dir),
+                           loader_workers=0, **kw)
+    samples = read_manifest(manifest)
+    return run_extraction(config, samples, sample_keys(samples))
+
+
+def _config(manifest, tmp_path, **kw) -> TrainConfig:
+    values = dict(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "cache"),
+                  run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
+                  loader_workers=0, overlays=2, lr=1e-3)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_missing_cache_gives_the_extraction_command(dataset, tmp_path):
+    with pytest.raises(MissingFeaturesError) as info:
+        train(_config(dataset, tmp_path))
+    text = str(info.value)
+    assert "python extract_features.py --data" in text and "--backbone tiny" in text
+    assert "--extract-missing" in text
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_run_directory_holds_every_promised_file(dataset, tmp_path):
+    run = train(_config(dataset, tmp_path, extract_missing=True, epochs=2))
+    for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "report.json",
+                 "curves.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "caches.json"):
+        assert (run / name).is_file(), name
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    records = _metrics(run)
+    assert [(r["epoch"], r["split"]) for r in records] == [
+        (1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    assert all(FIELDS <= set(r) for r in records)
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["val"]["per_view"]) == {"LAO", "RAO"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["cache"]["signature"]["backbone"] == "tiny"
+
+
+def test_e2e_steps_update_lora_and_head_only(dataset, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from pipeline.datasets import SegmentationSamples, ViewVocabulary, split_samples
+    from pipeline.segmenter import build_segmenter
+    from pipeline.trainer import run_epoch
+
+    config = _config(dataset, tmp_path, lr=1e-2)
+    model = build_segmenter(config, num_views=2, use_angles=False)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "backbone" in n
+            and "lora_" not in n}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    train_samples, _ = split_samples(read_manifest(dataset))
+    views = ViewVocabulary.from_samples(train_samples)
+    loader = DataLoader(SegmentationSamples(train_samples, resolution=252, views=views),
+                        batch_size=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    run_epoch(model, loader, torch.device("cpu"), views, optimizer=optimizer, live=True,
+              show=False)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n or n.startswith("decoder.") for n in with_grad)
+    assert any("lora_A" in n for n in with_grad) and any("decoder.projection" in n
+                                                         for n in with_grad)
+    for name, value in model.named_parameters():
+        if name in base:
+            assert torch.equal(value, base[name]), name
+    assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
+
+
+def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
+    first = _extract(dataset, tmp_path / "cache")
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2))
+    records = _metrics(run)
+    assert all(r["e2e"] for r in records if r["split"] == "train")
+    assert all(0 < r["drift_cosine"] < 1 for r in records if r["split"] == "train")
+    payload = torch.load(run / "last.pt", weights_only=False)
+    assert any(v.abs().sum() > 0 for k, v in payload["lora"].items() if "lora_B" in k)
+    second = _extract(dataset, tmp_path / "cache", adapter=str(run / "adapter"))
+    assert second.extracted == 6 and second.cache_id != first.cache_id
+    base, adapted = build_backbone("tiny"), build_backbone("tiny", adapter=run / "adapter")
+    x = torch.randn(1, 3, 252, 252)
+    with torch.inference_mode():
+        assert not torch.allclose(base.forward_image(x)["vision_features"],
+                                  adapted.forward_image(x)["vision_features"], atol=1e-4)
+
+
+def test_two_experiments_share_one_cache_without_rewriting(dataset, tmp_path):
+    first = _extract(dataset, tmp_path / "cache")
+    chunks = {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file()}
+    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "a"), width=32))
+    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "b"), image_branch=False))
+    assert {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file()} == chunks
+    ids = {json.loads((tmp_path / r / "config.json").read_text())["cache"]["id"] for r in "ab"}
+    assert ids == {first.cache_id}
+
+
+def test_refresh_cache_switches_to_the_new_adapters_cache(dataset, tmp_path):
+    first = _extract(dataset, tmp_path / "cache")
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, refresh_cache=True, lr=1e-2))
+    caches = json.loads((run / "caches.json").read_text())
+    assert [c["epoch"] for c in caches] == [0, 1, 2]
+    assert caches[0]["cache_id"] == first.cache_id and caches[0]["adapter_sha256"] is None
+    assert len({c["cache_id"] for c in caches}) == 3
+    records = [r for r in _metrics(run) if r["split"] == "train"]
+    assert records[1]["cache"] == caches[1]["cache_id"]
+
+
+def _train_cmd(manifest, tmp_path, run_dir, *extra):
+    return [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest),
+            "--backbone", "tiny", "--cache-dir", str(tmp_path / "cache"), "--run-dir",
+            str(run_dir), "--epochs", "4", "--batch-size", "4", "--e2e-every", "3",
+            "--e2e-steps", "1", "--loader-workers", "0", "--lr", "1e-3", "--device", "cpu",
+            *extra]
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
+    _extract(dataset, tmp_path / "cache")
+    env = subprocess_env()
+    subprocess.run(_train_cmd(dataset, tmp_path, tmp_path / "clean"), env=env, check=True,
+                   capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_train_cmd(dataset, tmp_path, killed), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not _has_epoch(killed, 2):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "report.json").exists(), "the kill should land before the end"
+    subprocess.run([sys.executable, str(REPO / "train_head.py"), "--resume", str(killed)],
+                   env=env, check=True, capture_output=True)
+    keep = ("epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e")
+    clean = [{k: r[k] for k in keep} for r in _metrics(tmp_path / "clean")]
+    resumed = [{k: r[k] for k in keep} for r in _metrics(killed)]
+    assert resumed == clean
+
+
+def _has_epoch(run_dir, epoch):
+    try:
+        return any(r["epoch"] >= epoch and r["split"] == "val" for r in _metrics(run_dir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def test_ddp_over_gloo_with_two_workers(tmp_path):
+    manifest = make_dataset(tmp_path / "d", 8)
+    run = train(_config(manifest, tmp_path, extract_missing=True, workers=2, device="cpu",
+                        e2e_every=2, e2e_steps=1))
+    records = _metrics(run)
+    assert [(r["epoch"], r["split"]) for r in records] == [
+        (1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    val_rows = sum(s.split == "val" for s in read_manifest(manifest))
+    assert sum(v["n"] for v in records[1]["per_view"].values()) == val_rows == 3
+    assert (run / "report.json").is_file()
