@@ -9,6 +9,7 @@ the next batch's forward. A sample is marked done only after its chunks are on d
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import time
@@ -200,9 +201,21 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
                         f"{image_of_row[row]}: the backbone produced NaN or Inf features "
                         f"(amp={config.amp}); try --amp off, or check the image")
                 sample = {lvl: np.ascontiguousarray(v[i]) for lvl, v in host.items()}
-                pending.append(writers.submit(cache.write_sample, row, sample))
+                pending.append(writers.submit(_write, cache, row, sample, image_of_row[row]))
             pending = _drain(pending, keep=2 * config.batch_size, on_done=on_done)
         _drain(pending, keep=0, on_done=on_done)
+
+
+def _write(cache: FeatureCache, row: int, sample: dict, image: str) -> None:
+    try:
+        cache.write_sample(row, sample)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"No space left on device while writing the features of "
+                          f"{image} into {cache.path}. Samples written before stay valid: free "
+                          "space (`python -m pipeline.cache list` shows what caches take) and "
+                          "run the same command again") from err
+        raise
 
 
 def _drain(pending: list, *, keep: int, on_done) -> list:

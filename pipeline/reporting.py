@@ -103,6 +103,7 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
         axes[2].plot(*_series(records, "train", "drift_cosine"), "-o", color="C3", ms=3,
                      label="cached vs live cosine")
         axes[2].set_title("cache drift after end-to-end epochs")
+        axes[2].ticklabel_format(axis="y", useOffset=False)
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -261,25 +261,38 @@ def _refresh(model, prepared: Prepared, data: _Data, state: dict, epoch: int, co
         write_json(prepared.run_dir / "caches.json", state["caches"])
 
 
+def _spread_over_views(samples, count: int) -> list[int]:
+    """Up to `count` sample indices, taking each view in turn."""
+    by_view: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_view.setdefault(sample.view or "", []).append(i)
+    chosen, queues = [], [list(v) for v in by_view.values()]
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
 def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches) -> None:
     """report.json, curves.png and overlays/ for the best checkpoint."""
     run_dir, config = prepared.run_dir, prepared.config
     best = load_checkpoint(run_dir / "best.pt", model)["best"]
     write_report(run_dir / "report.json", best["val"])
     plot_curves(log.read(), run_dir / "curves.png")
-    n = min(config.overlays, len(data.val_cached))
-    if n:
+    chosen = _spread_over_views(prepared.val, config.overlays)
+    if chosen:
         live = best["val"]["features"] == "live"
         dataset = data.val_live if live else data.val_cached
-        batch = _to(torch.utils.data.default_collate([dataset[i] for i in range(n)]), device)
+        batch = _to(torch.utils.data.default_collate([dataset[i] for i in chosen]), device)
         model.eval()
         with torch.no_grad():
             pred = (model(batch, live=live) > 0).squeeze(1).cpu()
         image = batch["image"].cpu() if "image" in batch else torch.stack(
-            [data.val_live[i]["image"] for i in range(n)])
+            [data.val_live[i]["image"] for i in chosen])
         save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
-                      [prepared.val[i].image.name for i in range(n)],
-                      [prepared.val[i].view or "<unknown>" for i in range(n)])
+                      [prepared.val[i].image.name for i in chosen],
+                      [prepared.val[i].view or "<unknown>" for i in chosen])
     write_json(run_dir / "caches.json", caches)
     print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
