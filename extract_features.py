@@ -11,6 +11,7 @@ a killed run resumes where it stopped.
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -35,8 +36,9 @@ def main(argv=None) -> int:
         print(report.format(), file=sys.stderr)
         return 1
     summary = run_extraction(config, samples, report.keys)
-    print(f"cache {summary.cache_id} at {summary.path}")
-    print(summary.line())
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print(f"cache {summary.cache_id} at {summary.path}")
+        print(summary.line())
     return 0
 
 

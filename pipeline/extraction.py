@@ -81,7 +81,7 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key."""
     start = time.perf_counter()
     signature = cache_signature(config)
-    context = DistributedContext.from_env()
+    context = DistributedContext.from_env(backend="gloo")  # coordination only
     path_by_key = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
     unique = list(path_by_key)
     cache = None

@@ -1,4 +1,9 @@
-"""What a run directory shows a person: metrics.jsonl, curves.png, overlays/, report.json."""
+"""What a run directory shows a person: metrics.jsonl, curves.png, overlays/, report.json.
+
+Every JSON file written here is valid strict JSON: NaN and ±Inf become null, Paths strings and
+numpy scalars/arrays plain Python. Whole files (report.json, config.json, a truncated
+metrics.jsonl) are written to a temporary file beside the target and renamed over it.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+E2E_COLOUR = "orange"
+TP_RGB, FP_RGB, FN_RGB = (0.1, 0.9, 0.1), (1.0, 0.1, 0.1), (1.0, 0.0, 1.0)
 
 
 def _clean(value):
-    """NaN/Inf -> None, Paths -> str, numpy scalars -> Python, recursively."""
+    """NaN/Inf -> None, Paths -> str, numpy scalars/arrays -> Python, recursively."""
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -29,129 +41,226 @@ def _clean(value):
     return value
 
 
-def write_json(path: Path, obj) -> None:
-    """Write `obj` as indented JSON through a temporary file and a rename."""
+def _atomic_write(path: Path, text: str) -> None:
+    """Write `text` to `path` through a fsynced temporary file and os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj) -> None:
+    """Write `obj` as indent-2 JSON atomically (NaN -> null, Path -> str); used for config.json."""
+    _atomic_write(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+
+
 def write_report(path: Path, val: dict) -> None:
-    """report.json: {"val": {"dice", "iou", "cldice", "n", "per_view": {...}, ...}}."""
+    """report.json: {"val": {"dice", "iou", "cldice", "n", "per_view": {VIEW: {...}}, "epoch"}}."""
     write_json(path, {"val": val})
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per epoch and split, appended and fsynced."""
+    """metrics.jsonl: one JSON object per epoch and split, appended and fsynced line by line.
+
+    A record holds at least epoch (int, 1-based), split ("train"/"val"), loss, dice, iou, cldice,
+    lr (floats), e2e (bool) and seconds; other keys are kept. A last line torn by a crash is
+    ignored by `read` and dropped by `truncate_after`.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+        """Write `record` as one JSON line (NaN -> null), flushed and fsynced."""
+        line = json.dumps(_clean(record), allow_nan=False) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a+b") as handle:
+            if handle.tell() > 0:  # a torn last line must not swallow this record
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = "\n" + line
+            handle.write(line.encode())
             handle.flush()
             os.fsync(handle.fileno())
 
     def read(self) -> list[dict]:
-        """Every complete record; a line torn by a crash is skipped."""
+        """Every complete record in file order; torn or non-object lines are skipped."""
         if not self.path.is_file():
             return []
         records = []
         for line in self.path.read_text().splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
         return records
 
     def truncate_after(self, epoch: int) -> None:
-        """Keep only records of epochs <= `epoch` (a resume drops a half-finished epoch)."""
+        """Atomically keep only records with record["epoch"] <= `epoch` (resume from `epoch`)."""
+        if not self.path.is_file():
+            return
         kept = [r for r in self.read() if r.get("epoch", 0) <= epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        _atomic_write(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 
 def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
-    points = [(r["epoch"], r[key]) for r in records
-              if r.get("split") == split and r.get(key) is not None]
+    """(epochs, values) of `key` in `split` records, skipping missing and null values."""
+    points = sorted((r["epoch"], float(r[key])) for r in records
+                    if r.get("split") == split and isinstance(r.get(key), (int, float))
+                    and "epoch" in r and math.isfinite(r[key]))
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(records: list[dict], out_png: Path) -> None:
-    """Loss, validation metrics and (when logged) feature drift per epoch; e2e epochs shaded."""
-    extra = any(r.get("drift_cosine") is not None for r in records)
-    fig, axes = plt.subplots(1, 3 if extra else 2, figsize=(15 if extra else 10, 4))
-    e2e_epochs = sorted({r["epoch"] for r in records if r.get("split") == "train" and r.get("e2e")})
-    for ax in axes:
-        for epoch in e2e_epochs:
-            ax.axvspan(epoch - 0.5, epoch + 0.5, color="orange", alpha=0.15, lw=0)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel("epoch")
-    for split, style in (("train", "-o"), ("val", "-s")):
-        axes[0].plot(*_series(records, split, "loss"), style, label=f"{split} loss", ms=3)
-    axes[0].set_title("loss (Dice + BCE); shaded: end-to-end epochs")
+def _plot_loss(ax, records: list[dict]) -> None:
+    for split, style, colour in (("train", "-o", "C0"), ("val", "-s", "C1")):
+        x, y = _series(records, split, "loss")
+        if x:
+            ax.plot(x, y, style, color=colour, ms=4, label=f"{split} loss")
+    ax.set_title("Loss")
+    ax.set_ylabel("loss (Dice + BCE)")
+
+
+def _plot_quality(ax, records: list[dict]) -> None:
     for key, colour in (("dice", "C0"), ("iou", "C1"), ("cldice", "C2")):
-        axes[1].plot(*_series(records, "val", key), "-o", color=colour, label=f"val {key}", ms=3)
-    axes[1].plot(*_series(records, "train", "dice"), "--", color="C0", label="train dice")
-    axes[1].set_ylim(0, 1)
-    axes[1].set_title("segmentation quality")
-    if extra:
-        axes[2].plot(*_series(records, "train", "drift_cosine"), "-o", color="C3", ms=3,
-                     label="cached vs live cosine")
-        axes[2].set_title("cache drift after end-to-end epochs")
-        axes[2].ticklabel_format(axis="y", useOffset=False)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        x, y = _series(records, "val", key)
+        if x:
+            ax.plot(x, y, "-o", color=colour, ms=4, label=f"val {key}")
+    x, y = _series(records, "train", "dice")
+    if x:
+        ax.plot(x, y, "--", color="C0", alpha=0.7, marker=".", label="train dice")
+    x, y = _series(records, "val", "dice")
+    if x:
+        best = int(np.argmax(y))
+        ax.plot(x[best], y[best], "*", color="gold", mec="k", ms=14, zorder=5,
+                label=f"best val dice {y[best]:.3f} (epoch {x[best]})")
+    ax.set_ylim(0, 1)
+    ax.set_title("Segmentation quality")
+    ax.set_ylabel("score")
+
+
+def _plot_drift(ax, records: list[dict]) -> None:
+    x, y = _series(records, "train", "drift_cosine")
+    ax.plot(x, y, "-o", color="C3", ms=5, label="cosine(cached, live)")
+    ax.set_title("Cache drift after end-to-end epochs")
+    ax.set_ylabel("cosine similarity")
+
+
+def _plot_wait(ax, records: list[dict]) -> None:
+    x, y = _series(records, "train", "data_wait")
+    ax.plot(x, [100 * v for v in y], "-o", color="C4", ms=4, label="train data wait")
+    ax.set_ylim(0, 100)
+    ax.set_title("Time waiting for data")
+    ax.set_ylabel("% of epoch time")
+
+
+def plot_curves(records: list[dict], out_png: Path) -> None:
+    """curves.png from metrics records: loss, val Dice/IoU/clDice (train Dice dashed) and, when
+    logged, cache drift cosine and data-wait share; epochs run end to end (e2e) shaded.
+
+    `records` as `MetricsLog.read()` returns them; works for one epoch and without val records.
+    """
+    panels = [_plot_loss, _plot_quality]
+    if _series(records, "train", "drift_cosine")[0]:
+        panels.append(_plot_drift)
+    if _series(records, "train", "data_wait")[0]:
+        panels.append(_plot_wait)
+    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    e2e = sorted({r["epoch"] for r in records if r.get("e2e") and "epoch" in r})
+    epochs = sorted({r["epoch"] for r in records if "epoch" in r}) or [1]
+    for ax, draw in zip(axes.flat, panels, strict=True):
+        for epoch in e2e:
+            ax.axvspan(epoch - 0.5, epoch + 0.5, color=E2E_COLOUR, alpha=0.18, lw=0)
+        draw(ax, records)
+        ax.set_xlim(epochs[0] - 0.6, epochs[-1] + 0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if e2e:
+            handles.append(Patch(color=E2E_COLOUR, alpha=0.3))
+            labels.append("end-to-end epoch")
+        if handles:
+            ax.legend(handles, labels, fontsize=8, loc="best")
+    fig.suptitle(f"Training curves ({len(epochs)} epoch{'s' if len(epochs) != 1 else ''})")
     fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
 
 def error_overlay(image_rgb: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """(R, R, 3) float [0, 1] image with true positives green, false positives red and false
-    negatives magenta; `mask`, `pred` (R, R) bool."""
-    out = image_rgb.copy() * 0.6
-    out[mask & pred] = (0.1, 0.9, 0.1)
-    out[~mask & pred] = (0.95, 0.1, 0.1)
-    out[mask & ~pred] = (0.9, 0.1, 0.9)
+    """Errors painted on a dimmed image.
+
+    `image_rgb` (R, R, 3) float in [0, 1]; `mask`, `pred` (R, R) bool. Returns (R, R, 3) float
+    in [0, 1]: true positives TP_RGB (green), false positives FP_RGB (red), false negatives
+    FN_RGB (magenta), every other pixel the image times 0.6.
+    """
+    mask, pred = np.asarray(mask, bool), np.asarray(pred, bool)
+    out = np.asarray(image_rgb, dtype=np.float64) * 0.6
+    out[mask & pred] = TP_RGB
+    out[~mask & pred] = FP_RGB
+    out[mask & ~pred] = FN_RGB
     return out
 
 
+def _numpy(array, dtype) -> np.ndarray:
+    """numpy or torch (any device, any float dtype) -> numpy of `dtype`."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu()
+        array = array.float() if array.is_floating_point() else array
+        array = array.numpy()
+    return np.asarray(array).astype(dtype, copy=False)
+
+
 def _dice(mask: np.ndarray, pred: np.ndarray) -> float:
-    total = mask.sum() + pred.sum()
-    return 1.0 if total == 0 else float(2 * (mask & pred).sum() / total)
+    total = int(mask.sum()) + int(pred.sum())
+    return 1.0 if total == 0 else 2.0 * int((mask & pred).sum()) / total
+
+
+def _safe(name: str) -> str:
+    stem = Path(name).stem or "sample"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 
 
 def save_overlays(out_dir: Path, images, masks, preds, names: list[str], views: list[str],
                   scores: list[dict] | None = None) -> list[Path]:
-    """One PNG per sample: image, ground truth, prediction, errors on the image.
+    """One PNG per sample, `out_dir/<index:02d>_<safe name>.png`, with 4 panels: image, ground
+    truth, prediction, errors on the image (TP green, FP red, FN magenta).
 
-    `images` (N, 3, R, R) float in [-1, 1]; `masks`, `preds` (N, R, R) bool.
+    `images` (N, 3, R, R) float in [-1, 1] (shown as (x + 1) / 2 clipped); `masks`, `preds`
+    (N, R, R) bool, numpy or torch. The title's Dice is `scores[i]["dice"]` when given, else
+    computed here. Returns the N paths written.
     """
+    images, masks, preds = _numpy(images, np.float32), _numpy(masks, bool), _numpy(preds, bool)
+    if not len(images) == len(masks) == len(preds) == len(names) == len(views):
+        raise ValueError(f"images/masks/preds/names/views lengths differ: {len(images)}, "
+                         f"{len(masks)}, {len(preds)}, {len(names)}, {len(views)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, masks, preds = (np.asarray(a) for a in (images, masks, preds))
     paths = []
     for i, name in enumerate(names):
         rgb = np.clip((images[i].transpose(1, 2, 0) + 1) / 2, 0, 1)
-        mask, pred = masks[i].astype(bool), preds[i].astype(bool)
-        dice = scores[i]["dice"] if scores else _dice(mask, pred)
-        fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-        panels = (("image", rgb), ("ground truth", mask), ("prediction", pred),
+        mask, pred = masks[i], preds[i]
+        given = scores[i].get("dice") if scores else None
+        dice = float(given) if given is not None else _dice(mask, pred)
+        fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
+        panels = (("image", rgb), (f"ground truth ({int(mask.sum())} px)", mask),
+                  (f"prediction ({int(pred.sum())} px)", pred),
                   ("errors: TP green, FP red, FN magenta", error_overlay(rgb, mask, pred)))
         for ax, (title, picture) in zip(axes, panels, strict=True):
-            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
-            ax.set_title(title, fontsize=8)
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=10)
             ax.axis("off")
-        fig.suptitle(f"{name}  view {views[i]}  Dice {dice:.3f}", fontsize=10)
+        fig.suptitle(f"{name}   view {views[i]}   Dice {dice:.3f}", fontsize=12)
         fig.tight_layout()
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).stem)
-        path = out_dir / f"{i:02d}_{safe}.png"
+        path = out_dir / f"{i:02d}_{_safe(name)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

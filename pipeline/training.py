@@ -88,54 +88,65 @@ def _extract_command(extract) -> str:
     return " ".join(parts)
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Check the manifest, find the cache and create the run directory (no GPU work)."""
+def prepare(config: TrainConfig, context: DistributedContext | None = None) -> Prepared:
+    """Check the manifest, find the cache and create the run directory (no GPU work).
+
+    Under torchrun every rank calls this (extraction, if needed, is shared); rank 0 writes.
+    """
+    context = context or DistributedContext()
     samples = resolve_data(config.data, config.cache_dir)
     report = check_manifest(samples, require_masks=True)
-    if report.warnings:
+    if report.warnings and context.is_leader:
         print(report.format(), flush=True)
     report.raise_if_errors()
     key_of = dict(zip(samples, report.keys, strict=True))
     train, val = split_samples(samples)
     views = ViewVocabulary.from_samples(train)
-    views.warn_unseen(val, "validation")
+    if context.is_leader:
+        views.warn_unseen(val, "validation")
     cache, signature = ensure_cache(config, report.keys, samples)
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir()
+    run_dir = [str(Path(config.run_dir) if config.run_dir else default_run_dir())]
+    if context.distributed:
+        dist.broadcast_object_list(run_dir, src=0)  # ranks may disagree on the timestamp
+    run_dir = Path(run_dir[0])
     config = replace(config, run_dir=str(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
-        write_json(run_dir / "config.json", {
-            "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
-                                                "signature": signature},
-            "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
-        })
+    if context.is_leader:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            write_json(run_dir / "config.json", {
+                "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
+                                                    "signature": signature},
+                "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
+            })
+    context.barrier()
     return Prepared(config, run_dir, train, val, [key_of[s] for s in train],
                     [key_of[s] for s in val], views, cache, signature)
 
 
 def train(config: TrainConfig) -> Path:
     """Run Stage B; returns the run directory."""
+    from pipeline.trainer import train_process
+
     if config.resume:
         config = resume_config(config.resume)
+    if "WORLD_SIZE" in os.environ:  # torchrun: one process per device, across machines
+        context = DistributedContext.from_env(backend=_backend(config))
+        if context.is_leader:
+            print("config:", asdict(config), flush=True)
+        prepared = prepare(config, context)
+        train_process(prepared, context)
+        return prepared.run_dir
     print("config:", asdict(config), flush=True)
-    if "WORLD_SIZE" in os.environ:  # torchrun: every rank prepares, rank 0 writes
-        context = DistributedContext.from_env()
-        prepared = prepare(config) if context.is_leader else None
-        holder = [prepared]
-        if context.distributed:
-            dist.broadcast_object_list(holder, src=0)
-        from pipeline.trainer import train_process
-
-        train_process(holder[0], context)
-        return holder[0].run_dir
     prepared = prepare(config)
     if config.world_size == 1:
-        from pipeline.trainer import train_process
-
         train_process(prepared, DistributedContext())
     else:
         _spawn(prepared)
     return prepared.run_dir
+
+
+def _backend(config: TrainConfig) -> str:
+    return "nccl" if config.device == "cuda" else "gloo"
 
 
 def resume_config(run_dir: str | Path) -> TrainConfig:
@@ -172,8 +183,7 @@ def _spawned_main(prepared: Prepared, rank: int, world: int, port: int) -> None:
     die_with_parent()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with spawned_group_env(rank, world, port):
-        backend = "nccl" if prepared.config.device == "cuda" else "gloo"
-        context = DistributedContext.from_env(backend=backend)
+        context = DistributedContext.from_env(backend=_backend(prepared.config))
         from pipeline.trainer import train_process
 
         try:

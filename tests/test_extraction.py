@@ -155,3 +155,18 @@ def test_sigkill_then_rerun_completes_with_clean_features(tmp_path):
     resumed, reference = FeatureCache.open(path), FeatureCache.open(clean.path)
     assert resumed.done().all() and list(resumed.keys()) == list(reference.keys())
     np.testing.assert_array_equal(resumed.level("1x")[:], reference.level("1x")[:])
+
+
+def test_torchrun_ranks_fill_one_cache(tmp_path):
+    manifest = make_dataset(tmp_path / "d", 6)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", *_extract_cmd(manifest, tmp_path / "cache")[1:]],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("extracted 6, reused 0, total 6") == 1
+    clean, _ = _run(manifest, tmp_path / "clean")
+    path = next((tmp_path / "cache").glob("*.zarr"))
+    assert path.name == clean.path.name
+    np.testing.assert_array_equal(FeatureCache.open(path).level("1x")[:],
+                                  FeatureCache.open(clean.path).level("1x")[:])

@@ -179,3 +179,36 @@ def test_ddp_over_gloo_with_two_workers(tmp_path):
     val_rows = sum(s.split == "val" for s in read_manifest(manifest))
     assert sum(v["n"] for v in records[1]["per_view"].values()) == val_rows == 3
     assert (run / "report.json").is_file()
+
+
+def test_demo_validation_dice_beats_trivial_baselines(tmp_path):
+    import numpy as np
+
+    from pipeline.datasets import resize_mask
+    from pipeline.images import read_mask
+
+    cache_dir = tmp_path / "cache"
+    run = train(TrainConfig(data="demo", backbone="tiny", cache_dir=str(cache_dir),
+                            run_dir=str(tmp_path / "run"), epochs=3, lr=1e-3, e2e_every=0,
+                            extract_missing=True, loader_workers=1, overlays=0))
+    dice = json.loads((run / "report.json").read_text())["val"]["dice"]
+    val = [s for s in read_manifest(cache_dir / "demo-data" / "manifest.csv") if s.split == "val"]
+    fractions = [float(resize_mask(read_mask(s.mask)[0], 252).mean()) for s in val]
+    all_vessel = float(np.mean([2 * p / (1 + p) for p in fractions]))  # Dice of predicting 1s
+    all_background = 0.0  # every demo mask has vessels
+    assert all(p > 0 for p in fractions)
+    assert dice > max(all_vessel, all_background) + 0.3, (dice, all_vessel)
+
+
+def test_torchrun_ranks_train_one_run(dataset, tmp_path):
+    _extract(dataset, tmp_path / "cache")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = _train_cmd(dataset, tmp_path, tmp_path / "run")[1:]
+    command[command.index("--epochs") + 1] = "2"
+    result = subprocess.run([torchrun, "--nproc-per-node", "2", *command],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = _metrics(tmp_path / "run")
+    assert [(r["epoch"], r["split"]) for r in records] == [
+        (1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
