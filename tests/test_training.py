@@ -171,7 +171,8 @@ def _has_epoch(run_dir, epoch):
 
 def test_ddp_over_gloo_with_two_workers(tmp_path):
     manifest = make_dataset(tmp_path / "d", 8)
-    run = train(_config(manifest, tmp_path, extract_missing=True, workers=2, device="cpu",
+    _extract(manifest, tmp_path / "cache")
+    run = train(_config(manifest, tmp_path, workers=2, device="cpu",
                         e2e_every=2, e2e_steps=1))
     records = _metrics(run)
     assert [(r["epoch"], r["split"]) for r in records] == [
