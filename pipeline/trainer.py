@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from pipeline.cache import FeatureCache
+from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples
 from pipeline.losses import dice_bce_loss
@@ -36,6 +36,12 @@ class _Data:
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
         store = FeatureCache.open(cache)
+        done = store.done()
+        for keys in (p.train_keys, p.val_keys):
+            rows = store.rows_for(keys)
+            if (rows < 0).any() or not done[rows].all():
+                raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
+                                 "extract them first (extract_features.py)")
         common = dict(resolution=self.resolution, views=p.views, with_image=cfg.image_branch)
         self.cache = cache
         self.train_cached = SegmentationSamples(p.train, cache_path=cache, levels=cfg.levels,

@@ -139,10 +139,15 @@ def train(config: TrainConfig) -> Path:
     print("config:", asdict(config), flush=True)
     prepared = prepare(config)
     if config.world_size == 1:
-        train_process(prepared, DistributedContext())
+        train_process(prepared, DistributedContext(local_rank=_gpu(config, 0)))
     else:
         _spawn(prepared)
     return prepared.run_dir
+
+
+def _gpu(config: TrainConfig, rank: int) -> int:
+    """The CUDA index of local process `rank` (`--gpus 2,3`: rank 0 uses GPU 2)."""
+    return config.gpus[rank] if config.device == "cuda" else rank
 
 
 def _backend(config: TrainConfig) -> str:
@@ -182,7 +187,7 @@ def _spawn(prepared: Prepared) -> None:
 def _spawned_main(prepared: Prepared, rank: int, world: int, port: int) -> None:
     die_with_parent()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    with spawned_group_env(rank, world, port):
+    with spawned_group_env(rank, world, port, local_rank=_gpu(prepared.config, rank)):
         context = DistributedContext.from_env(backend=_backend(prepared.config))
         from pipeline.trainer import train_process
 
