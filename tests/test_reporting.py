@@ -215,3 +215,11 @@ def test_write_json_atomic_and_clean(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
     write_json(path, {"x": math.nan, "y": [np.int64(3)], "z": np.arange(2)})
     assert json.loads(path.read_text()) == {"x": None, "y": [3], "z": [0, 1]}
+
+
+def test_plot_curves_drift_without_data_wait(tmp_path):
+    records = [_record(1, "train", e2e=True, drift_cosine=1.0), _record(1, "val"),
+               _record(2, "train", drift_cosine=0.999994), _record(2, "val", dice=None)]
+    plot_curves(records, tmp_path / "drift.png")
+    width, height = _open_png(tmp_path / "drift.png").size
+    assert width > 2.5 * height  # loss, quality and drift panels side by side
