@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.augment import copies
 from pipeline.backbone import LEVELS, PRESETS
 
 
@@ -124,6 +125,8 @@ class ExtractConfig:
     """Threads writing finished samples while the next batch runs."""
     codec: str = "zstd"
     """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4."""
+    augment_copies: int = 0
+    """Also extract K flipped/rotated copies of each training image (see train_head.py)."""
     wait: bool = False
     """Wait for another run writing the same cache instead of failing."""
 
@@ -139,6 +142,7 @@ class ExtractConfig:
             raise ValueError("--workers and --batch-size must be >= 1, --loader-workers >= 0")
         if self.workers > 1 and device == "cuda":
             raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
+        copies(self.augment_copies)
         from pipeline.cache import CODECS
 
         if self.codec not in CODECS:
@@ -195,6 +199,9 @@ class TrainConfig:
     """Steps of an end-to-end epoch (0: a whole pass)."""
     refresh_cache: bool = False
     """After an end-to-end epoch, extract the cache of the new adapter and train on it."""
+    augment_copies: int = 0
+    """Train on K extracted flipped/rotated copies of each training image too, one drawn per
+    sample and epoch (Stage A extracts them; feature maps themselves are never flipped)."""
     image_branch: bool = True
     """A shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64
@@ -230,6 +237,7 @@ class TrainConfig:
             raise ValueError("--epochs, --batch-size, --workers and --lora-r must be >= 1")
         if self.e2e_every < 0 or self.e2e_steps < 0:
             raise ValueError("--e2e-every and --e2e-steps must be >= 0")
+        copies(self.augment_copies)
         if self.refresh_cache and not self.e2e_every:
             raise ValueError("--refresh-cache needs end-to-end epochs (--e2e-every K > 0)")
         if self.workers > 1 and device == "cuda":
@@ -249,4 +257,4 @@ class TrainConfig:
             data=self.data, backbone=self.backbone, checkpoint=self.checkpoint,
             adapter=adapter if adapter is not None else self.adapter, cache_dir=self.cache_dir,
             levels=self.levels, amp=self.amp, gpus=self.gpus, device=self.device,
-            workers=self.workers, **overrides)
+            workers=self.workers, augment_copies=self.augment_copies, **overrides)

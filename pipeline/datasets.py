@@ -3,9 +3,9 @@
 The zarr store is opened inside each DataLoader worker (zarr resets its event loop after fork),
 on first use, and read one sample (one chunk) at a time.
 
-Augmentation: none on cached features. Flipping or rotating a feature map is not the feature
-map of the flipped image (SAM 3's trunk has absolute position embeddings and RoPE), so training on
-such maps would teach the head features the backbone never produces.
+Augmentation: `augment` names extracted copies (see `pipeline.augment`); each epoch draws, per
+sample, the original or one copy, and the mask and raw image get the same flip or rotation.
+Cached feature maps are never flipped themselves.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from pipeline.augment import apply
 from pipeline.cache import CacheError, FeatureCache
-from pipeline.images import load_preprocessed, read_mask
+from pipeline.images import read_image, read_mask, sam3_transform
 from pipeline.importers import encode_angles
 from pipeline.manifest import UNKNOWN_VIEW, Sample
 
@@ -74,14 +75,21 @@ class SegmentationSamples(Dataset):
     - "mask": (1, R, R) float32 in {0, 1} (when `with_masks`); "view": () long;
       "angles": (4,) float32 [sin, cos of the primary and secondary angle] or zeros;
     - "index": () long, the sample's position in `samples`.
+
+    `rows` (N,) or (N, 1 + len(augment)): the cache row of each sample (and of its copies).
+    `augment`: copy names; set `epoch` before each epoch, the draw depends on (seed, epoch, i).
     """
 
     def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
                  cache_path: Path | None = None, rows: np.ndarray | None = None,
-                 levels: tuple[str, ...] = (), with_image: bool = True, with_masks: bool = True):
+                 levels: tuple[str, ...] = (), with_image: bool = True, with_masks: bool = True,
+                 augment: tuple[str, ...] = (), seed: int = 0):
         self.samples, self.resolution, self.views = samples, resolution, views
-        self.cache_path, self.rows, self.levels = cache_path, rows, levels
+        self.cache_path, self.levels = cache_path, levels
+        self.rows = None if rows is None else np.asarray(rows).reshape(len(samples), -1)
         self.with_image, self.with_masks = with_image, with_masks
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.transform = sam3_transform(resolution)
         self._cache: FeatureCache | None = None
 
     def __getstate__(self):
@@ -91,7 +99,15 @@ class SegmentationSamples(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
+        if not self.augment:
+            return self.item(i, 0)
+        draw = np.random.default_rng((self.seed, self.epoch, i)).integers(len(self.augment) + 1)
+        return self.item(i, int(draw))
+
+    def item(self, i: int, copy: int) -> dict:
+        """Sample `i` as copy `copy` (0: the original, c: augmentation `augment[c - 1]`)."""
         sample = self.samples[i]
+        name = self.augment[copy - 1] if copy else None
         item = {
             "index": torch.tensor(i),
             "view": torch.tensor(self.views.index(sample.view)),
@@ -99,17 +115,18 @@ class SegmentationSamples(Dataset):
             else torch.zeros(4),
         }
         if self.with_masks:
-            item["mask"] = resize_mask(read_mask(sample.mask)[0], self.resolution)
+            mask = apply(name, read_mask(sample.mask)[0])
+            item["mask"] = resize_mask(mask, self.resolution)
         if self.with_image:
-            item["image"] = load_preprocessed(sample.image, self.resolution)
+            item["image"] = self.transform(apply(name, read_image(sample.image)))
         if self.cache_path is not None:
-            item["features"] = self._features(i)
+            item["features"] = self._features(i, copy)
         return item
 
-    def _features(self, i: int) -> dict[str, torch.Tensor]:
+    def _features(self, i: int, copy: int) -> dict[str, torch.Tensor]:
         if self._cache is None:
             self._cache = FeatureCache.open(self.cache_path)
-        row = int(self.rows[i])
+        row = int(self.rows[i, copy])
         try:
             values = self._cache.read(row, list(self.levels))
         except Exception as err:

@@ -23,11 +23,12 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline.augment import apply, extraction_jobs
 from pipeline.backbone import LEVELS, PRESETS, build_backbone, resolve_checkpoint
 from pipeline.cache import FeatureCache, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.distributed import DistributedContext, die_with_parent
-from pipeline.images import load_preprocessed
+from pipeline.images import read_image, sam3_transform
 from pipeline.manifest import Sample
 from pipeline.signature import build_signature
 
@@ -52,16 +53,17 @@ class ExtractSummary:
 
 
 class _PreprocessedImages(Dataset):
-    """(row, image (3, R, R) float32 in [-1, 1]) for each (row, path)."""
+    """(row, image (3, R, R) float32 in [-1, 1]) for each (row, path, augmentation or None)."""
 
-    def __init__(self, rows: list[int], paths: list[str], resolution: int):
-        self.rows, self.paths, self.resolution = rows, paths, resolution
+    def __init__(self, share: list[tuple[int, str, str | None]], resolution: int):
+        self.share, self.transform = share, sam3_transform(resolution)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.share)
 
     def __getitem__(self, i: int):
-        return self.rows[i], load_preprocessed(self.paths[i], self.resolution)
+        row, path, augmentation = self.share[i]
+        return row, self.transform(apply(augmentation, read_image(path)))
 
 
 def cache_signature(config: ExtractConfig) -> dict:
@@ -78,12 +80,15 @@ def level_shapes(backbone: str, levels: tuple[str, ...]) -> dict[str, tuple[int,
 
 
 def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:
-    """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key."""
+    """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key.
+
+    With `config.augment_copies` K, K flipped/rotated copies of each training image too.
+    """
     start = time.perf_counter()
     signature = cache_signature(config)
     context = DistributedContext.from_env(backend="gloo")  # coordination only
-    path_by_key = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
-    unique = list(path_by_key)
+    jobs = extraction_jobs(samples, keys, config.augment_copies)
+    unique = list(jobs)
     cache = None
     with context.leader_lock(lambda: writer_lock(_cache_path(config, signature), wait=config.wait)):
         if context.is_leader:
@@ -95,7 +100,7 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
         cache = cache or FeatureCache.open(_cache_path(config, signature))
         rows = cache.rows_for(unique)
         done = cache.done()
-        todo = [(int(r), path_by_key[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
+        todo = [(int(r), *jobs[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
         reused = len(unique) - len(todo)
         share = todo[context.rank :: context.world_size]
         if share:
@@ -112,7 +117,7 @@ def _cache_path(config: ExtractConfig, signature: dict) -> Path:
 
 
 def _extract_local(config: ExtractConfig, path: Path, share: list, context) -> None:
-    """Extract `share` [(row, image path)] with this machine's worker processes."""
+    """Extract `share` [(row, image path, augmentation)] with this machine's processes."""
     devices = config.worker_devices(context)
     if len(devices) == 1:
         bar = tqdm(total=len(share), unit="img", desc=f"extract {path.stem}", smoothing=0.1)
@@ -170,19 +175,18 @@ def _worker_main(config, path, share, device, progress, index) -> None:
 
 
 def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on_done) -> None:
-    """Run the backbone on `share` [(row, image path)] on `device`, writing into the cache."""
+    """Run the backbone on `share` [(row, path, augmentation)] on `device`, into the cache."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backbone = build_backbone(config.backbone, config.checkpoint, config.adapter).to(device)
     cache = FeatureCache.open(path, mode="r+")
-    rows, paths = [r for r, _ in share], [p for _, p in share]
     loader = DataLoader(
-        _PreprocessedImages(rows, paths, backbone.preset.resolution),
+        _PreprocessedImages(share, backbone.preset.resolution),
         batch_size=config.batch_size, num_workers=config.loader_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
-    image_of_row = dict(share)
+    image_of_row = {row: path + (f" ({aug})" if aug else "") for row, path, aug in share}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     pending = []
     with ThreadPoolExecutor(config.writer_threads) as writers, torch.inference_mode():

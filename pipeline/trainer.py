@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from pipeline.augment import augmented_key, copies
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples
@@ -35,24 +36,28 @@ class _Data:
 
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
-        store = FeatureCache.open(cache)
+        store, augment = FeatureCache.open(cache), copies(cfg.augment_copies)
+        train_keys = [[k] + [augmented_key(k, a) for a in augment] for k in p.train_keys]
+        train_rows, val_rows = store.rows_for(sum(train_keys, [])), store.rows_for(p.val_keys)
         done = store.done()
-        for keys in (p.train_keys, p.val_keys):
-            rows = store.rows_for(keys)
+        for rows in (train_rows, val_rows):
             if (rows < 0).any() or not done[rows].all():
                 raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
                                  "extract them first (extract_features.py)")
         common = dict(resolution=self.resolution, views=p.views, with_image=cfg.image_branch)
         self.cache = cache
-        self.train_cached = SegmentationSamples(p.train, cache_path=cache, levels=cfg.levels,
-                                                rows=store.rows_for(p.train_keys), **common)
+        self.train_cached = SegmentationSamples(
+            p.train, cache_path=cache, levels=cfg.levels, rows=train_rows, augment=augment,
+            seed=cfg.seed, **common)
         self.val_cached = SegmentationSamples(p.val, cache_path=cache, levels=cfg.levels,
-                                              rows=store.rows_for(p.val_keys), **common)
-        self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views)
+                                              rows=val_rows, **common)
+        self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views,
+                                              augment=augment, seed=cfg.seed)
         self.val_live = SegmentationSamples(p.val, resolution=self.resolution, views=p.views)
 
     def train_loader(self, epoch: int, live: bool) -> DataLoader:
         dataset = self.train_live if live else self.train_cached
+        dataset.epoch = epoch
         sampler = DistributedSampler(dataset, num_replicas=self.context.world_size,
                                      rank=self.context.rank, shuffle=True,
                                      seed=self.prepared.config.seed)
@@ -143,11 +148,12 @@ def feature_drift(model, data: _Data, device, probe: int) -> float:
     """Mean cosine similarity of cached and live 1x features on the first `probe` train images."""
     model.eval()
     indices = range(min(probe, len(data.train_cached)))
-    cached = torch.stack([data.train_cached[i]["features"]["1x"] for i in indices]).float()
-    images = torch.stack([data.train_live[i]["image"] for i in indices]).to(device)
+    cached = torch.stack([data.train_cached.item(i, 0)["features"]["1x"] for i in indices])
+    images = torch.stack([data.train_live.item(i, 0)["image"] for i in indices]).to(device)
     live = model.live_features(images)["1x"].float().cpu()
     model.train()
-    return float(torch.nn.functional.cosine_similarity(cached.flatten(1), live.flatten(1)).mean())
+    similarity = torch.nn.functional.cosine_similarity(cached.float().flatten(1), live.flatten(1))
+    return float(similarity.mean())
 
 
 def train_process(prepared: Prepared, context) -> None:

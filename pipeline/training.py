@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.augment import extraction_jobs
 from pipeline.cache import FeatureCache, cache_path
 from pipeline.checks import check_manifest
 from pipeline.config import TrainConfig
@@ -57,13 +58,14 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
     signature = cache_signature(extract)
     path = cache_path(config.cache_dir, signature)
     cache = FeatureCache.find(config.cache_dir, signature)
-    missing = len(keys) if cache is None else int(
-        sum(1 for r, d in _rows_done(cache, keys) if r < 0 or not d))
+    wanted = list(extraction_jobs(samples, keys, config.augment_copies))
+    missing = len(wanted) if cache is None else int(
+        sum(1 for r, d in _rows_done(cache, wanted) if r < 0 or not d))
     if missing and config.extract_missing:
         run_extraction(extract, samples, keys)
     elif missing:
         command = _extract_command(extract)
-        state = "does not exist" if cache is None else f"lacks {missing} of {len(keys)} images"
+        state = "does not exist" if cache is None else f"lacks {missing} of {len(wanted)} images"
         raise MissingFeaturesError(
             f"the feature cache {path} {state}. Extract them first:\n  {command}\n"
             "or rerun with --extract-missing.")
@@ -83,6 +85,8 @@ def _extract_command(extract) -> str:
             parts.append(f"--{flag} {value}")
     parts += [f"--levels {','.join(extract.levels)}", f"--amp {extract.amp}",
               f"--cache-dir {extract.cache_dir}"]
+    if extract.augment_copies:
+        parts.append(f"--augment-copies {extract.augment_copies}")
     if extract.device == "cpu":
         parts.append("--device cpu")
     return " ".join(parts)
