@@ -17,8 +17,9 @@ from dataclasses import asdict
 
 from pipeline.checks import check_manifest
 from pipeline.config import ExtractConfig, add_arguments, from_arguments
+from pipeline.errors import USER_ERRORS
 from pipeline.extraction import run_extraction
-from pipeline.manifest import resolve_data
+from pipeline.manifest import ManifestError, resolve_data
 
 
 def main(argv=None) -> int:
@@ -30,12 +31,20 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     print("config:", json.dumps(asdict(config)), flush=True)
-    samples = resolve_data(config.data, config.cache_dir)
+    try:
+        samples = resolve_data(config.data, config.cache_dir)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     report = check_manifest(samples, require_masks=False)
     if not report.ok:
         print(report.format(), file=sys.stderr)
         return 1
-    summary = run_extraction(config, samples, report.keys)
+    try:
+        summary = run_extraction(config, samples, report.keys)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print(f"cache {summary.cache_id} at {summary.path}")
         print(summary.line())

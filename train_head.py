@@ -13,9 +13,9 @@ overlays/ into --run-dir (default runs/<timestamp>).
 import argparse
 import sys
 
-from pipeline.checks import ManifestCheckError
 from pipeline.config import TrainConfig, add_arguments, from_arguments
-from pipeline.training import MissingFeaturesError, train
+from pipeline.errors import USER_ERRORS
+from pipeline.training import train
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         parser.error(str(err))
     try:
         train(config)
-    except (ManifestCheckError, MissingFeaturesError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -37,6 +37,10 @@ class NonFiniteFeaturesError(RuntimeError):
     """The backbone produced NaN or Inf for an image."""
 
 
+class WorkerError(RuntimeError):
+    """An extraction worker process failed; the message is the worker's own."""
+
+
 @dataclass(frozen=True)
 class ExtractSummary:
     cache_id: str
@@ -152,7 +156,7 @@ def _follow(workers, progress, total: int, name: str) -> None:
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(
+                    raise WorkerError(
                         f"extraction worker exited with code {dead[0].exitcode}") from None
                 continue
             if kind == "done":
@@ -160,7 +164,7 @@ def _follow(workers, progress, total: int, name: str) -> None:
             elif kind == "finished":
                 finished += 1
             elif kind == "error":
-                raise RuntimeError(value)
+                raise WorkerError(value)
 
 
 def _worker_main(config, path, share, device, progress, index) -> None:

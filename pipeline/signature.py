@@ -12,11 +12,6 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
-from pipeline.backbone import PRESETS
-from pipeline.images import preprocessing_signature
-from pipeline.lora import adapter_digest
 from pipeline.manifest import file_sha256
 
 PROJECT = "sam3-vessel-cache"
@@ -53,6 +48,12 @@ def build_signature(
     levels: tuple[str, ...],
 ) -> dict:
     """The signature dict of features made by this backbone, adapter and preprocessing."""
+    import torch  # here, so that reading caches (`python -m pipeline.cache`) stays light
+
+    from pipeline.backbone import PRESETS
+    from pipeline.images import preprocessing_signature
+    from pipeline.lora import adapter_digest
+
     preset = PRESETS[backbone]
     return {
         "backbone": backbone,
