@@ -21,15 +21,17 @@ from pipeline.backbone import LEVELS, PRESETS
 
 
 def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source."""
-    docs, previous = {}, None
-    for node in ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            previous = node.target.id
-        elif (previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-              and isinstance(node.value.value, str)):
-            docs[previous] = " ".join(node.value.value.split())
-            previous = None
+    """The docstring under each field of a dataclass (and of its bases), read from the source."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        previous = None
+        for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                previous = node.target.id
+            elif (previous and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                  and isinstance(node.value.value, str)):
+                docs[previous] = " ".join(node.value.value.split())
+                previous = None
     return docs
 
 
@@ -94,11 +96,11 @@ def _resolve_devices(gpus: tuple[int, ...], device: str) -> tuple[str, tuple[int
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    """Stage A: which features to extract, from which data, on which devices."""
+class FeatureSource:
+    """What both stages share: the data, the features' model and preprocessing, the devices."""
 
     data: str = "demo"
-    """A manifest CSV (columns image, mask, view, split), or `demo` for the synthetic set."""
+    """A manifest CSV (image, mask, view, split), or `demo` for the synthetic set."""
     backbone: str = "sam3"
     """`sam3` (the released model) or `tiny` (same classes, small and untrained: demo, tests)."""
     checkpoint: str | None = None
@@ -108,27 +110,18 @@ class ExtractConfig:
     cache_dir: str = "cache"
     """Where caches live; one `<cache-id>.zarr` per signature."""
     levels: tuple[str, ...] = ("1x",)
-    """Feature levels to store: 1x (vision_features), and the FPN levels 2x and 4x."""
+    """Feature levels: 1x (vision_features), and the FPN levels 2x and 4x."""
     amp: str = "auto"
-    """Autocast dtype: bf16, fp16 or off; auto is bf16 on a GPU and off on the CPU."""
+    """Autocast dtype of the backbone: bf16, fp16 or off; auto is bf16 on a GPU, off on the CPU."""
+    augment_copies: int = 0
+    """K extracted flipped/rotated copies of each training image; Stage B draws one per sample
+    and epoch (feature maps themselves are never flipped)."""
     gpus: tuple[int, ...] = ()
-    """GPU indices, one worker process each; default: every visible GPU."""
+    """GPU indices, one process each; default: every visible GPU."""
     device: str = "auto"
     """auto, cuda or cpu."""
     workers: int = 1
-    """Worker processes on the CPU (with --device cpu)."""
-    batch_size: int = 8
-    """Images per forward pass, per worker."""
-    loader_workers: int = 2
-    """DataLoader processes decoding and resizing images, per worker."""
-    writer_threads: int = 4
-    """Threads writing finished samples while the next batch runs."""
-    codec: str = "zstd"
-    """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4."""
-    augment_copies: int = 0
-    """Also extract K flipped/rotated copies of each training image (see train_head.py)."""
-    wait: bool = False
-    """Wait for another run writing the same cache instead of failing."""
+    """Processes on the CPU (with --device cpu), through the same multi-process path."""
 
     def __post_init__(self):
         _check_backbone(self.backbone, self.levels, self.amp)
@@ -138,11 +131,32 @@ class ExtractConfig:
         object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))
         if self.amp == "auto":
             object.__setattr__(self, "amp", "bf16" if device == "cuda" else "off")
-        if self.workers < 1 or self.batch_size < 1 or self.loader_workers < 0:
-            raise ValueError("--workers and --batch-size must be >= 1, --loader-workers >= 0")
+        if self.workers < 1:
+            raise ValueError("--workers must be >= 1")
         if self.workers > 1 and device == "cuda":
             raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
         copies(self.augment_copies)
+
+
+@dataclass(frozen=True)
+class ExtractConfig(FeatureSource):
+    """Stage A: which features to extract, from which data, on which devices."""
+
+    batch_size: int = 8
+    """Images per forward pass, per worker."""
+    loader_workers: int = 2
+    """DataLoader processes decoding and resizing images, per worker."""
+    writer_threads: int = 4
+    """Threads writing finished samples while the next batch runs."""
+    codec: str = "zstd"
+    """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4."""
+    wait: bool = False
+    """Wait for another run writing the same cache instead of failing."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batch_size < 1 or self.loader_workers < 0:
+            raise ValueError("--batch-size must be >= 1, --loader-workers >= 0")
         from pipeline.cache import CODECS
 
         if self.codec not in CODECS:
@@ -157,26 +171,10 @@ class ExtractConfig:
         return ["cpu"] * self.workers
 
 
-
-
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(FeatureSource):
     """Stage B: the head, the LoRA adapter and how they train."""
 
-    data: str = "demo"
-    """A manifest CSV with image, mask, view and split (train/val), or `demo`."""
-    backbone: str = "sam3"
-    """The backbone whose cached features to train on: `sam3` or `tiny`."""
-    checkpoint: str | None = None
-    """An official-layout sam3.pt (else the HF hub), as for extraction."""
-    adapter: str | None = None
-    """Start from this LoRA adapter directory; its cache is the one used."""
-    cache_dir: str = "cache"
-    """Where the feature caches live."""
-    levels: tuple[str, ...] = ("1x",)
-    """Feature levels the decoder uses (the cache must hold them): 1x, 2x, 4x."""
-    amp: str = "auto"
-    """Autocast dtype of the backbone (and of the cache): bf16, fp16, off; auto as extraction."""
     extract_missing: bool = False
     """Run Stage A first for images the cache lacks, instead of stopping."""
     epochs: int = 30
@@ -199,19 +197,10 @@ class TrainConfig:
     """Steps of an end-to-end epoch (0: a whole pass)."""
     refresh_cache: bool = False
     """After an end-to-end epoch, extract the cache of the new adapter and train on it."""
-    augment_copies: int = 0
-    """Train on K extracted flipped/rotated copies of each training image too, one drawn per
-    sample and epoch (Stage A extracts them; feature maps themselves are never flipped)."""
     image_branch: bool = True
     """A shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64
     """Decoder width."""
-    gpus: tuple[int, ...] = ()
-    """GPU indices, one DDP process each; default: every visible GPU."""
-    device: str = "auto"
-    """auto, cuda or cpu."""
-    workers: int = 1
-    """DDP processes on the CPU (gloo), with --device cpu."""
     loader_workers: int = 2
     """DataLoader processes per training process."""
     seed: int = 0
@@ -226,22 +215,13 @@ class TrainConfig:
     """Training images used to measure the drift of cached against live features."""
 
     def __post_init__(self):
-        _check_backbone(self.backbone, self.levels, self.amp)
-        device, gpus = _resolve_devices(self.gpus, self.device)
-        object.__setattr__(self, "device", device)
-        object.__setattr__(self, "gpus", gpus)
-        object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))
-        if self.amp == "auto":
-            object.__setattr__(self, "amp", "bf16" if device == "cuda" else "off")
-        if min(self.epochs, self.batch_size, self.workers, self.lora_r) < 1:
-            raise ValueError("--epochs, --batch-size, --workers and --lora-r must be >= 1")
+        super().__post_init__()
+        if min(self.epochs, self.batch_size, self.lora_r) < 1:
+            raise ValueError("--epochs, --batch-size and --lora-r must be >= 1")
         if self.e2e_every < 0 or self.e2e_steps < 0:
             raise ValueError("--e2e-every and --e2e-steps must be >= 0")
-        copies(self.augment_copies)
         if self.refresh_cache and not self.e2e_every:
             raise ValueError("--refresh-cache needs end-to-end epochs (--e2e-every K > 0)")
-        if self.workers > 1 and device == "cuda":
-            raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
         if self.world_size > self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than the "
                              f"{self.world_size} processes")
@@ -253,8 +233,6 @@ class TrainConfig:
 
     def extract_config(self, adapter: str | None = None, **overrides) -> ExtractConfig:
         """The Stage A configuration that makes (or made) the cache this run trains on."""
-        return ExtractConfig(
-            data=self.data, backbone=self.backbone, checkpoint=self.checkpoint,
-            adapter=adapter if adapter is not None else self.adapter, cache_dir=self.cache_dir,
-            levels=self.levels, amp=self.amp, gpus=self.gpus, device=self.device,
-            workers=self.workers, augment_copies=self.augment_copies, **overrides)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(FeatureSource)}
+        shared["adapter"] = adapter if adapter is not None else self.adapter
+        return ExtractConfig(**shared, **overrides)
