@@ -1,0 +1,59 @@
+import argparse
+import dataclasses
+
+import pytest
+
+from pipeline.config import ExtractConfig, TrainConfig, add_arguments, from_arguments
+
+
+@pytest.mark.parametrize("cls", [ExtractConfig, TrainConfig])
+def test_every_field_is_a_documented_flag(cls):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, cls)
+    actions = {a.dest: a for a in parser._actions}
+    for field in dataclasses.fields(cls):
+        assert field.name in actions, field.name
+        assert len(actions[field.name].help) > 20, field.name
+        assert "--" + field.name.replace("_", "-") in actions[field.name].option_strings
+
+
+def test_flags_parse_into_the_config():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    args = parser.parse_args(["--backbone", "tiny", "--levels", "4x,1x", "--epochs", "3",
+                              "--no-image-branch", "--device", "cpu", "--lr", "0.002"])
+    config = from_arguments(TrainConfig, args)
+    assert config.levels == ("1x", "4x") and config.epochs == 3 and config.lr == 0.002
+    assert config.image_branch is False and config.amp == "off"  # auto resolves to off on CPU
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"backbone": "vit_h"}, "--backbone must be one of"),
+    ({"levels": ("2x",)}, "--levels must include 1x"),
+    ({"levels": ("1x", "8x")}, "--levels must include 1x"),
+    ({"amp": "fp8"}, "--amp must be"),
+    ({"augment_copies": 9}, "between 0 and 5"),
+    ({"device": "tpu"}, "--device must be"),
+])
+def test_contradictory_or_unknown_settings_are_refused(kwargs, message):
+    for cls in (ExtractConfig, TrainConfig):
+        with pytest.raises(ValueError, match=message):
+            cls(**{"device": "cpu", **kwargs})
+
+
+def test_stage_specific_checks():
+    with pytest.raises(ValueError, match="--codec must be one of"):
+        ExtractConfig(device="cpu", codec="gzip")
+    with pytest.raises(ValueError, match="--refresh-cache needs end-to-end epochs"):
+        TrainConfig(device="cpu", refresh_cache=True, e2e_every=0)
+    with pytest.raises(ValueError, match="smaller than the 4 processes"):
+        TrainConfig(device="cpu", workers=4, batch_size=2)
+
+
+def test_training_config_names_the_cache_it_needs():
+    config = TrainConfig(device="cpu", backbone="tiny", levels=("1x", "2x"), augment_copies=1,
+                         adapter="runs/x/adapter")
+    extract = config.extract_config()
+    assert (extract.backbone, extract.levels, extract.amp, extract.adapter,
+            extract.augment_copies) == ("tiny", ("1x", "2x"), "off", "runs/x/adapter", 1)
+    assert config.extract_config(adapter="other").adapter == "other"
