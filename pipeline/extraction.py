@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline.augment import apply, extraction_jobs
 from pipeline.backbone import LEVELS, PRESETS, build_backbone, resolve_checkpoint
-from pipeline.cache import FeatureCache, writer_lock
+from pipeline.cache import FeatureCache, cache_path, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.distributed import DistributedContext, die_with_parent
 from pipeline.images import read_image, sam3_transform
@@ -94,14 +94,14 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     jobs = extraction_jobs(samples, keys, config.augment_copies)
     unique = list(jobs)
     cache = None
-    with context.leader_lock(lambda: writer_lock(_cache_path(config, signature), wait=config.wait)):
+    with context.leader_lock(lambda: writer_lock(cache_path(config.cache_dir, signature), wait=config.wait)):
         if context.is_leader:
             cache = FeatureCache.create_or_open(
                 config.cache_dir, signature, level_shapes(config.backbone, config.levels),
                 codec=config.codec)
             cache.add_keys(unique)
         context.barrier()
-        cache = cache or FeatureCache.open(_cache_path(config, signature))
+        cache = cache or FeatureCache.open(cache_path(config.cache_dir, signature))
         rows = cache.rows_for(unique)
         done = cache.done()
         todo = [(int(r), *jobs[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
@@ -112,12 +112,6 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
         context.barrier()
     return ExtractSummary(cache.cache_id, cache.path, len(todo), reused, len(unique),
                           time.perf_counter() - start)
-
-
-def _cache_path(config: ExtractConfig, signature: dict) -> Path:
-    from pipeline.cache import cache_path
-
-    return cache_path(config.cache_dir, signature)
 
 
 def _extract_local(config: ExtractConfig, path: Path, share: list, context) -> None:
