@@ -93,15 +93,15 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     context = DistributedContext.from_env(backend="gloo")  # coordination only
     jobs = extraction_jobs(samples, keys, config.augment_copies)
     unique = list(jobs)
-    cache = None
-    with context.leader_lock(lambda: writer_lock(cache_path(config.cache_dir, signature), wait=config.wait)):
+    cache, path = None, cache_path(config.cache_dir, signature)
+    with context.leader_lock(lambda: writer_lock(path, wait=config.wait)):
         if context.is_leader:
             cache = FeatureCache.create_or_open(
                 config.cache_dir, signature, level_shapes(config.backbone, config.levels),
                 codec=config.codec)
             cache.add_keys(unique)
         context.barrier()
-        cache = cache or FeatureCache.open(cache_path(config.cache_dir, signature))
+        cache = cache or FeatureCache.open(path)
         rows = cache.rows_for(unique)
         done = cache.done()
         todo = [(int(r), *jobs[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
