@@ -17,13 +17,16 @@ import torch
 import torch.distributed as dist
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent_pid: int | None = None) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux), so a killed run leaves
-    no orphan writing into the cache after the lock is gone."""
+    no orphan writing into the cache after the lock is gone. With `parent_pid`, also exit at once
+    if the parent already died while this process was starting."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def free_port() -> int:

@@ -126,7 +126,8 @@ def _extract_local(config: ExtractConfig, path: Path, share: list, context) -> N
     progress = ctx.Queue()
     workers = [
         ctx.Process(target=_worker_main, daemon=False,
-                    args=(config, path, share[i :: len(devices)], device, progress, i))
+                    args=(config, path, share[i :: len(devices)], device, progress, i,
+                          os.getpid()))
         for i, device in enumerate(devices)
     ]
     for worker in workers:
@@ -161,8 +162,8 @@ def _follow(workers, progress, total: int, name: str) -> None:
                 raise WorkerError(value)
 
 
-def _worker_main(config, path, share, device, progress, index) -> None:
-    die_with_parent()
+def _worker_main(config, path, share, device, progress, index, parent_pid) -> None:
+    die_with_parent(parent_pid)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
     try:
         extract_rows(config, path, share, device, lambda n: progress.put(("done", n)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
     """One pass; trains when `optimizer` is given. Returns (meter, loss sum, samples, wait s)."""
     training = optimizer is not None
     meter, loss_sum, count, wait = SegmentationMeter(), 0.0, 0, 0.0
+    # Scoring (clDice skeletonises every mask) runs beside the next step, not in its way.
+    scoring, scored = ThreadPoolExecutor(1), []
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
     iterator, start = iter(loader), time.perf_counter()
@@ -132,14 +135,19 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
         n = len(batch["mask"])
         loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
         pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
-        meter.update(pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
-                     [views.labels[i] if i < views.unknown else "<unknown>"
-                      for i in batch["view"].tolist()])
+        scored.append(scoring.submit(
+            meter.update, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
+            [views.labels[i] if i < views.unknown else "<unknown>"
+             for i in batch["view"].tolist()]))
         rate = count / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{np.mean(meter.scores['dice']):.3f}",
+        dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
                         samples_s=f"{rate:.1f}")
         bar.update()
     bar.close()
+    for future in scored:
+        future.result()
+    scoring.shutdown()
     return meter, loss_sum, count, wait
 
 

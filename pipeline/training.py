@@ -172,7 +172,7 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
 def _spawn(prepared: Prepared) -> None:
     ctx, port = mp.get_context("spawn"), free_port()
     world = prepared.config.world_size
-    processes = [ctx.Process(target=_spawned_main, args=(prepared, rank, world, port))
+    processes = [ctx.Process(target=_spawned_main, args=(prepared, rank, world, port, os.getpid()))
                  for rank in range(world)]
     for process in processes:
         process.start()
@@ -188,8 +188,8 @@ def _spawn(prepared: Prepared) -> None:
         raise RuntimeError(f"a training process exited with code {failed}")
 
 
-def _spawned_main(prepared: Prepared, rank: int, world: int, port: int) -> None:
-    die_with_parent()
+def _spawned_main(prepared: Prepared, rank: int, world: int, port: int, parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with spawned_group_env(rank, world, port, local_rank=_gpu(prepared.config, rank)):
         context = DistributedContext.from_env(backend=_backend(prepared.config))

@@ -1,0 +1,299 @@
+"""Stage B's data path from the feature cache, and the codec study on real backbone outputs.
+
+    python bench/bench_cache_reads.py                                   # CPU, tiny backbone
+    python bench/bench_cache_reads.py --backbone sam3 --random-weights --device cuda \
+        --batch-size 16 --images 96 --level-sets "1x;1x,2x"
+
+(sam3 stores 2.65 MB per image at 1x, 10.6 MB at 2x and 42 MB at 4x, twice over: the cache and
+the raw .npy copies under --work-dir.)
+
+(1) samples/s and MB/s (decoded float16 bytes) through a DataLoader with 0, 1, 2 workers, for a
+features-only dataset (`FeatureCache.read` per row), for `SegmentationSamples` with features only,
+and for `SegmentationSamples` as Stage B uses it (masks and images too), against raw reads of the
+same bytes from a numpy memmap (same order, same collate; target ratio >= 0.8); (2) what one
+sample's read costs, piece by piece; (3) the codecs of `pipeline.cache.CODECS` on the cached
+outputs: compression ratio, write and read MB/s through zarr, encode/decode MB/s alone.
+All reads hit a warm page cache (the files were just written).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import _common as C
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from pipeline.backbone import PRESETS
+from pipeline.cache import CODECS, FeatureCache
+from pipeline.config import ExtractConfig
+from pipeline.datasets import SegmentationSamples, ViewVocabulary
+from pipeline.extraction import run_extraction
+from pipeline.manifest import read_manifest, sample_keys
+
+
+def parse_args(argv=None):
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=192, help="samples in the cache")
+    parser.add_argument("--image-side", type=int, default=320, help="side of the source PNGs")
+    parser.add_argument("--codec", default="zstd", choices=sorted(CODECS),
+                        help="codec of the cache the loaders read")
+    parser.add_argument("--level-sets", default="1x;1x,2x,4x", help="';'-separated")
+    parser.add_argument("--loader-workers", default="0,1,2")
+    parser.add_argument("--codec-samples", type=int, default=64)
+    parser.add_argument("--disk-mbps", type=float, default=500.0,
+                        help="disk read MB/s assumed when the cache does not fit in RAM")
+    args = C.finish_args(parser.parse_args(argv))
+    args.level_sets = [tuple(s.split(",")) for s in args.level_sets.split(";")]
+    args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
+    return args
+
+
+def build_cache(args) -> tuple[Path, list, np.ndarray]:
+    """Extract the levels of `--level-sets` for N synthetic images (reused when present):
+    the cache path, the samples and their rows."""
+    side, n = args.image_side, args.images
+    manifest = C.make_images(args.work_dir / f"images-{side}px-{n}", n, side)
+    samples = read_manifest(manifest)
+    keys = sample_keys(samples)
+    config = ExtractConfig(data=str(manifest), backbone=args.backbone, checkpoint=args.weights,
+                           cache_dir=str(args.work_dir / f"reads-{args.codec}"),
+                           levels=tuple(sorted({lvl for ls in args.level_sets for lvl in ls})),
+                           amp=args.amp, device=args.device,
+                           gpus=(0,) if args.device == "cuda" else (),
+                           batch_size=args.batch_size, codec=args.codec)
+    summary = run_extraction(config, samples, keys)
+    cache = FeatureCache.open(summary.path)
+    return summary.path, samples, cache.rows_for(keys)
+
+
+class FeatureRows(Dataset):
+    """Features only: {level: (C, h, w) float16 tensor} from `FeatureCache.read`."""
+
+    def __init__(self, path: Path, rows, levels):
+        self.path, self.rows, self.levels, self._cache = path, rows, list(levels), None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": None}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._cache is None:
+            self._cache = FeatureCache.open(self.path)
+        values = self._cache.read(int(self.rows[i]), self.levels)
+        return {lvl: torch.from_numpy(v) for lvl, v in values.items()}
+
+
+def memmaps(args, path: Path, levels) -> dict[str, np.ndarray]:
+    """Each level of the cache as an uncompressed .npy, opened as a read-only memmap."""
+    cache, out = FeatureCache.open(path), {}
+    for lvl in levels:
+        npy = path.parent / f"{path.name}-{lvl}.npy"
+        if not npy.is_file():
+            array = cache.level(lvl)
+            store = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16,
+                                              shape=array.shape)
+            for i in range(array.shape[0]):
+                store[i] = array[i]
+            store.flush()
+            del store
+        out[lvl] = np.load(npy, mmap_mode="r")
+    return out
+
+
+def order(n: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def raw_pass(maps: dict, rows, batch: int) -> tuple[float, float]:
+    """Seconds to read every row of the memmaps (shuffled) into tensors and collate batches;
+    and the share of the CPU other jobs used meanwhile."""
+    idx = order(len(rows))
+    with C.Others() as others:
+        start = time.perf_counter()
+        for b in range(0, len(idx), batch):
+            default_collate([{lvl: torch.from_numpy(np.array(m[int(rows[i])]))
+                              for lvl, m in maps.items()} for i in idx[b : b + batch]])
+        seconds = time.perf_counter() - start
+    return seconds, others.share
+
+
+def loader_pass(dataset, workers: int, batch: int, pin: bool) -> tuple[float, float, float]:
+    """(seconds of a whole pass incl. worker start, seconds to the first batch, others' CPU
+    share), shuffled."""
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=pin,
+                        sampler=order(len(dataset)))
+    with C.Others() as others:
+        start, first = time.perf_counter(), None
+        for _ in loader:
+            first = first or time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return seconds, first, others.share
+
+
+# ---------------------------------------------------------------- loaders against raw reads
+def datasets_for(path: Path, samples: list, rows, levels, resolution: int) -> dict:
+    views = ViewVocabulary.from_samples(samples)
+    common = dict(resolution=resolution, views=views, cache_path=path, rows=rows,
+                  levels=levels)
+    return {
+        "FeatureCache.read per row": FeatureRows(path, rows, levels),
+        "SegmentationSamples, features only": SegmentationSamples(
+            samples, with_image=False, with_masks=False, **common),
+        "SegmentationSamples + masks + images (Stage B)": SegmentationSamples(
+            samples, with_image=True, with_masks=True, **common),
+    }
+
+
+def loaders_table(args, path: Path, samples: list, rows) -> str:
+    n, batch, pin = len(rows), args.batch_size, args.device == "cuda"
+    resolution = PRESETS[args.backbone].resolution
+    out = []
+    for levels in args.level_sets:
+        maps = memmaps(args, path, levels)
+        mb = sum(int(np.prod(m.shape[1:])) * 2 for m in maps.values()) / 1e6
+        raw_pass(maps, rows, batch)  # warm-up
+        seconds, others = min(raw_pass(maps, rows, batch) for _ in range(7))
+        raw = n / seconds
+        out.append([",".join(levels), "raw memmap reads + collate (1 process)", "", raw,
+                    raw * mb, 1.0, "", C.share(others)])
+        for name, dataset in datasets_for(path, samples, rows, levels, resolution).items():
+            for workers in args.loader_workers:
+                passes = [loader_pass(dataset, workers, batch, pin) for _ in range(3)]
+                seconds, first, others = min(passes)
+                out.append([",".join(levels), name, workers, n / seconds, n / seconds * mb,
+                            n / seconds / raw, first * 1e3, C.share(others)])
+    return C.table(f"Stage B data path, {n} samples, batch {batch}, shuffled, warm page cache "
+                   "(loaders: best of 3 passes, each with a new DataLoader as the trainer "
+                   "makes; raw: best of 7)",
+                   ["levels", "reader", "workers", "samples/s", "MB/s", "ratio to raw "
+                    "(target >= 0.8)", "first batch ms", "others' CPU share"], out)
+
+
+# ---------------------------------------------------------------- one sample, piece by piece
+def read_cost_table(args, path: Path, rows, levels) -> str:
+    """ms per sample of each piece of `FeatureCache.read`, cycling over 16 rows."""
+    cache = FeatureCache.open(path)
+    arrays = {lvl: cache.level(lvl) for lvl in levels}
+    codec = C.numcodec(cache.group.attrs["codec"])
+    picks = [int(r) for r in rows[:16]]
+    files = [[path / "features" / lvl / "c" / str(r) / "0" / "0" / "0" for lvl in levels]
+             for r in picks]
+    blobs = [[f.read_bytes() for f in fs] for fs in files]
+    maps = memmaps(args, path, levels)
+    pieces = {
+        "read the chunk files (Path.read_bytes)": lambda: [f.read_bytes() for fs in files
+                                                            for f in fs],
+        "decode alone (numcodecs)": lambda: [codec.decode(b) for bs in blobs for b in bs]
+        if codec else None,
+        "zarr Array[row], arrays opened once": lambda: [a[r] for r in picks
+                                                        for a in arrays.values()],
+        "group['features/<level>'] lookups (FeatureCache.level)": lambda: [
+            cache.level(lvl) for _ in picks for lvl in levels],
+        "FeatureCache.read(row, levels)": lambda: [cache.read(r, list(levels)) for r in picks],
+        "raw memmap copy": lambda: [np.array(m[r]) for r in picks for m in maps.values()],
+    }
+    out = [[name, C.best_time(fn, repeat=5) / len(picks) * 1e3] for name, fn in pieces.items()]
+    return C.table(f"Cost of one sample's read, levels {','.join(levels)} (one process, "
+                   f"codec {cache.group.attrs['codec']})", ["piece", "ms / sample"], out)
+
+
+# ---------------------------------------------------------------- codec study
+def codec_run(args, codec: str, values: dict[str, list]) -> dict:
+    """Write then read `values` ({level: [sample (C, h, w)]}) in fresh zarr arrays of `codec`."""
+    import zarr
+
+    folder = Path(tempfile.mkdtemp(prefix=f"codec-{codec}-", dir=args.work_dir))
+    group = zarr.open_group(folder, mode="w")
+    arrays = {lvl: group.create_array(lvl, shape=(len(vs), *vs[0].shape),
+                                      chunks=(1, *vs[0].shape), dtype="float16",
+                                      compressors=CODECS[codec]()) for lvl, vs in values.items()}
+    k = len(next(iter(values.values())))
+
+    def write_all():
+        for i in range(k):
+            for lvl, array in arrays.items():
+                array[i] = values[lvl][i]
+
+    write = C.best_time(write_all, repeat=3, warmup=0)  # later passes overwrite the chunks
+    read = C.best_time(lambda: [a[i] for i in range(k) for a in arrays.values()], repeat=5)
+    disk = {lvl: sum(f.stat().st_size for f in (folder / lvl).rglob("*")
+                     if f.is_file() and f.name != "zarr.json") for lvl in values}
+    shutil.rmtree(folder)
+    return {"write": write, "read": read, "disk": disk}
+
+
+def codec_alone(codec: str, values: dict[str, list]) -> tuple[float, float]:
+    """Seconds to encode and to decode every sample with the codec alone (0 for none)."""
+    nc = C.numcodec(codec)
+    if nc is None:
+        return 0.0, 0.0
+    flat = [v for vs in values.values() for v in vs]
+    encoded = [nc.encode(v) for v in flat]
+    return (C.best_time(lambda: [nc.encode(v) for v in flat], repeat=5),
+            C.best_time(lambda: [nc.decode(e) for e in encoded], repeat=5))
+
+
+def codec_table(args, path: Path) -> tuple[str, str]:
+    cache = FeatureCache.open(path)
+    k = min(args.codec_samples, cache.level("1x").shape[0])
+    values = {lvl: [cache.level(lvl)[i] for i in range(k)] for lvl in cache.levels}
+    raw = {lvl: sum(v.nbytes for v in vs) for lvl, vs in values.items()}
+    total, out, effective, ratios = sum(raw.values()), [], {}, {}
+    for codec in CODECS:
+        run, (enc, dec) = codec_run(args, codec, values), codec_alone(codec, values)
+        ratio = total / sum(run["disk"].values())
+        read_mbps = total / run["read"] / 1e6
+        effective[codec], ratios[codec] = min(read_mbps, args.disk_mbps * ratio), ratio
+        out.append([codec, *[f"{raw[lvl] / run['disk'][lvl]:.3f}" for lvl in values],
+                    f"{ratio:.3f}", total / run["write"] / 1e6, read_mbps,
+                    total / enc / 1e6 if enc else "", total / dec / 1e6 if dec else "",
+                    effective[codec]])
+    # Within 5 % of the fastest cold read the smallest cache wins (it is read every epoch).
+    close = [c for c in CODECS if effective[c] >= 0.95 * max(effective.values())]
+    best = max(close, key=ratios.get)
+    header = ["codec", *[f"ratio {lvl}" for lvl in values], "ratio all", "write MB/s (zarr)",
+              "read MB/s (zarr)", "encode MB/s alone", "decode MB/s alone",
+              f"read MB/s from a {args.disk_mbps:g} MB/s disk"]
+    text = C.table(f"Codecs on {k} cached samples ({total / k / 1e6:.2f} MB each, all "
+                   "levels); MB/s of decoded float16 bytes, one thread", header, out)
+    return text, best
+
+
+# ---------------------------------------------------------------- main
+def notes(args, best: str) -> list[str]:
+    out = [f"codec by the data: `{best}`: the highest compression ratio among the codecs "
+           "within 5 % of the fastest read once the cache is bigger than the page cache and "
+           f"comes from a {args.disk_mbps:g} MB/s disk (min of zarr read MB/s and disk MB/s x "
+           "ratio); from a warm page cache the fastest is the one with the highest zarr read "
+           "MB/s."]
+    if args.backbone == "tiny" or args.random_weights:
+        out.append("the features are outputs of a random-weight backbone (tiny: seeded random "
+                   "init): compression ratios of trained SAM 3 features may differ; rerun on a "
+                   "cache of real features before changing the default.")
+    out.append("MB/s counts decoded float16 feature bytes; ratios to raw compare each loader "
+               "with one process copying the same rows out of uncompressed .npy memmaps.")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start_load = C.load_average()
+    torch.manual_seed(0)
+    path, samples, rows = build_cache(args)
+    sections = [loaders_table(args, path, samples, rows)]
+    sections += [read_cost_table(args, path, rows, levels) for levels in args.level_sets]
+    codecs, best = codec_table(args, path)
+    sections.append(codecs)
+    C.report("bench_cache_reads", args, start_load, sections, notes(args, best))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

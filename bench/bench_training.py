@@ -1,0 +1,263 @@
+"""Stage B: seconds per epoch from the cache against an end-to-end epoch, and the data wait.
+
+    python bench/bench_training.py                                      # CPU, tiny backbone
+    python bench/bench_training.py --backbone sam3 --random-weights --device cuda \
+        --batch-size 16 --images 128 --image-side 1024
+
+Runs `pipeline.training.train` (the real loop, one process) with `--e2e-every E --epochs E`:
+epochs 1..E-1 train from the cache and epoch E runs end to end through the LoRA'd backbone,
+with the same head on the same device, once per `--loader-workers` value. Reads `seconds` and
+`data_wait` from metrics.jsonl, and times `SegmentationMeter.update` (Dice, IoU, clDice on every
+training step) inside the run. Also: Stage B's per-sample CPU costs, and on CUDA the peak GPU
+memory of a training step by batch size, cached and end to end with and without activation
+checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import _common as C
+import numpy as np
+import torch
+
+from pipeline.backbone import PRESETS
+from pipeline.config import TrainConfig
+from pipeline.datasets import resize_mask
+from pipeline.images import load_preprocessed, read_mask
+from pipeline.manifest import read_manifest
+from pipeline.metrics import SegmentationMeter
+
+
+def parse_args(argv=None):
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64, help="3/4 train, 1/4 val")
+    parser.add_argument("--image-side", type=int, default=320, help="side of the source PNGs")
+    parser.add_argument("--levels", default="1x")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs per run; the last one is end to end")
+    parser.add_argument("--loader-workers", default="0,2")
+    parser.add_argument("--mem-batch-sizes", default="1,2,4,8,16", help="CUDA only")
+    parser.add_argument("--skip", default="", help="comma list of: costs,gpu")
+    args = C.finish_args(parser.parse_args(argv))
+    args.levels = tuple(args.levels.split(","))
+    args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
+    args.skip = set(filter(None, args.skip.split(",")))
+    if args.epochs < 2:
+        parser.error("--epochs must be >= 2 (cached epochs, then one end-to-end epoch)")
+    return args
+
+
+def train_config(args, manifest: Path, workers: int, run_dir: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(manifest), backbone=args.backbone, checkpoint=args.weights,
+                  cache_dir=str(args.work_dir / "train-cache"), levels=args.levels,
+                  amp=args.amp, extract_missing=True, epochs=args.epochs,
+                  batch_size=args.batch_size, e2e_every=args.epochs, device=args.device,
+                  gpus=(0,) if args.device == "cuda" else (), loader_workers=workers,
+                  run_dir=str(run_dir), overlays=2)
+    return TrainConfig(**{**values, **overrides})
+
+
+@contextmanager
+def metric_timer(spent: list):
+    """Append, per training run_epoch call, the seconds spent in SegmentationMeter.update."""
+    import pipeline.trainer as trainer
+
+    original_epoch, original_update = trainer.run_epoch, SegmentationMeter.update
+    clock = {"s": 0.0}
+
+    def update(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return original_update(self, *a, **k)
+        finally:
+            clock["s"] += time.perf_counter() - start
+
+    def run_epoch(*a, **k):
+        clock["s"] = 0.0
+        result = original_epoch(*a, **k)
+        if k.get("optimizer") is not None:
+            spent.append(clock["s"])
+        return result
+
+    trainer.run_epoch, SegmentationMeter.update = run_epoch, update
+    try:
+        yield
+    finally:
+        trainer.run_epoch, SegmentationMeter.update = original_epoch, original_update
+
+
+def train_run(args, manifest: Path, workers: int) -> list[dict]:
+    """One real training run; its train records from metrics.jsonl, with `metrics_s` added."""
+    from pipeline.training import train
+
+    run_dir = args.work_dir / f"run-w{workers}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    spent: list[float] = []
+    with metric_timer(spent), C.Others() as others:
+        train(train_config(args, manifest, workers, run_dir))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    for record, seconds in zip(train_records, spent, strict=True):
+        record["metrics_s"], record["others"] = seconds, others.share
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return train_records
+
+
+# ---------------------------------------------------------------- epochs
+def mean(values) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def epochs_tables(args, runs: dict[int, list[dict]]) -> list[str]:
+    detail, summary = [], []
+    for workers, records in runs.items():
+        for r in records:
+            detail.append([workers, r["epoch"], "end to end" if r["e2e"] else "cached",
+                           r["seconds"], r["samples_per_s"], f"{100 * r['data_wait']:.1f} %",
+                           f"{100 * r['metrics_s'] / r['seconds']:.1f} %"])
+        cached = [r for r in records if not r["e2e"]]
+        steady = cached[1:] or cached  # the first epoch pays first-call costs
+        e2e = [r for r in records if r["e2e"]]
+        cached_s, e2e_s = mean([r["seconds"] for r in steady]), mean([r["seconds"] for r in e2e])
+        summary.append([workers, cached_s, e2e_s, e2e_s / cached_s,
+                        f"{100 * mean([r['data_wait'] for r in steady]):.1f} %",
+                        f"{100 * mean([r['data_wait'] for r in e2e]):.1f} %",
+                        C.share(records[0]["others"])])
+    note = ("seconds, data_wait and samples/s from metrics.jsonl; metrics share = time in "
+            "SegmentationMeter.update (Dice, IoU, clDice of every training step, on the main "
+            "thread) / epoch seconds")
+    return [
+        C.table("Cached against end-to-end epochs (cached: mean of the epochs after the first)",
+                ["loader_workers", "cached s/epoch", "end-to-end s/epoch",
+                 "ratio e2e / cached", "data_wait cached (target < 5 %)", "data_wait e2e",
+                 "others' CPU share (whole run)"],
+                summary),
+        C.table(f"Every training epoch ({note})",
+                ["loader_workers", "epoch", "kind", "seconds", "samples/s", "data_wait",
+                 "metrics share"], detail),
+    ]
+
+
+# ---------------------------------------------------------------- per-sample CPU costs
+def costs_table(args, manifest: Path) -> str:
+    """One-thread ms per sample of Stage B's non-feature work, at R and at 1008 px."""
+    big = C.make_images(args.work_dir / "images-1024px-8", 8, 1024)
+    resolution = PRESETS[args.backbone].resolution
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    rows = []
+    for label, source, side in ((f"{args.image_side} px PNGs", manifest, resolution),
+                                ("1024 px PNGs", big, 1008)):
+        samples = read_manifest(source)[:8]
+        masks = [read_mask(s.mask)[0] for s in samples]
+        small = [resize_mask(m, side)[0].numpy() > 0.5 for m in masks]
+        pred = [np.roll(m, 2, axis=1) for m in small]
+        pieces = {
+            "read_mask (decode, np.unique, threshold)": lambda ss=samples: [
+                read_mask(s.mask) for s in ss],
+            f"resize_mask to {side}": lambda ms=masks, r=side: [resize_mask(m, r) for m in ms],
+            f"load_preprocessed at {side}": lambda ss=samples, r=side: [
+                load_preprocessed(s.image, r) for s in ss],
+            f"SegmentationMeter.update at {side} (main thread)": lambda p=pred, t=small: (
+                SegmentationMeter().update(np.stack(p), np.stack(t), ["v"] * len(p))),
+        }
+        for name, fn in pieces.items():
+            rows.append([label, name, C.best_time(fn, repeat=3) / len(samples) * 1e3])
+    torch.set_num_threads(threads)
+    return C.table("Stage B per-sample CPU cost besides the features (one thread)",
+                   ["source", "piece", "ms / sample"], rows)
+
+
+# ---------------------------------------------------------------- GPU memory
+def fake_batch(args, b: int, device: str = "cuda") -> dict:
+    preset = PRESETS[args.backbone]
+    r, s = preset.resolution, preset.feature_size
+    scale = {"1x": 1, "2x": 2, "4x": 4}
+    return {"image": torch.randn(b, 3, r, r, device=device),
+            "mask": (torch.rand(b, 1, r, r, device=device) > 0.9).float(),
+            "view": torch.zeros(b, dtype=torch.long, device=device),
+            "angles": torch.zeros(b, 4, device=device),
+            "features": {lvl: torch.randn(b, 256, s * scale[lvl], s * scale[lvl],
+                                          device=device, dtype=torch.float16)
+                         for lvl in args.levels}}
+
+
+def train_step(model, batch: dict, live: bool) -> None:
+    from pipeline.losses import dice_bce_loss
+
+    try:
+        dice_bce_loss(model(batch, live=live), batch["mask"]).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def gpu_table(args, manifest: Path) -> str:
+    if args.device != "cuda":
+        return ("**Peak GPU memory of a training step by batch size**: skipped (CPU run; "
+                "needs --device cuda).\n")
+    from pipeline.segmenter import build_segmenter
+
+    config = train_config(args, manifest, 0, args.work_dir / "unused")
+    model = build_segmenter(config, num_views=4, use_angles=False).to("cuda").train()
+    trunk = model.backbone.get_base_model().vision_backbone.trunk
+    weights = torch.cuda.memory_allocated() / 2**30
+    modes = {"cached": (False, True), "e2e, checkpointing": (True, True),
+             "e2e, no checkpointing": (True, False)}
+    rows, failed = [], set()
+    for b in [int(x) for x in args.mem_batch_sizes.split(",")]:
+        batch, row = fake_batch(args, b), [b]
+        for mode, (live, checkpointing) in modes.items():
+            trunk.use_act_checkpoint = checkpointing
+            if mode in failed:
+                row += [float("inf"), ""]
+                continue
+            peak = C.gpu_peak(lambda lv=live, bt=batch: train_step(model, bt, lv))
+            ms = "" if peak == float("inf") else 1e3 * C.best_time(
+                lambda lv=live, bt=batch: train_step(model, bt, lv), repeat=3, device="cuda")
+            failed |= {mode} if peak == float("inf") else set()
+            row += [peak, ms]
+        rows.append(row)
+        del batch
+    trunk.use_act_checkpoint = True
+    header = ["batch"] + [f"{m} {x}" for m in modes for x in ("GiB", "ms/step")]
+    return C.table(f"Peak GPU memory and time of a training step (forward + backward, amp "
+                   f"{args.amp}; model {weights:.2f} GiB; inf = out of memory)", header, rows)
+
+
+# ---------------------------------------------------------------- main
+def notes(args) -> list[str]:
+    out = ["the end-to-end epoch runs the backbone in train mode: LoRA on, SAM 3's ViT "
+           "checkpoints each block (use_act_checkpoint) and its drop-path (rate up to 0.1) "
+           "is active."]
+    if args.backbone == "tiny":
+        out.append("tiny backbone: the end-to-end epoch is far cheaper relative to the cached "
+                   "one than with sam3 at 1008 px, so the ratio here is a lower bound.")
+    if args.device == "cpu":
+        out.append("CPU: loader processes compete with the training step for the same cores, "
+                   "so loader_workers 2 can lower data_wait and still lengthen the epoch.")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start_load = C.load_average()
+    torch.manual_seed(0)
+    side, n = args.image_side, args.images
+    manifest = C.make_images(args.work_dir / f"images-{side}px-{n}", n, side)
+    runs = {workers: train_run(args, manifest, workers) for workers in args.loader_workers}
+    sections = epochs_tables(args, runs)
+    if "costs" not in args.skip:
+        sections.append(costs_table(args, manifest))
+    if "gpu" not in args.skip:
+        sections.append(gpu_table(args, manifest))
+    C.report("bench_training", args, start_load, sections, notes(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
