@@ -55,6 +55,7 @@ def test_interrupted_extension_leaves_reusable_rows(tmp_path):
     cache.add_keys(["aa"])
     for name in ("features/1x", "done", "keys"):  # grown, but the keys were never written
         cache.group[name].resize((3, *cache.group[name].shape[1:]))
+    cache = FeatureCache.open(cache.path, mode="r+")  # the next run
     assert cache.done().tolist() == [False, False, False]
     rows = cache.add_keys(["bb"])
     assert rows.tolist() == [1] and list(cache.keys()) == ["aa", "bb", ""]
