@@ -86,7 +86,9 @@ class SegmentationSamples(Dataset):
                  augment: tuple[str, ...] = (), seed: int = 0):
         self.samples, self.resolution, self.views = samples, resolution, views
         self.cache_path, self.levels = cache_path, levels
-        self.rows = None if rows is None else np.asarray(rows).reshape(len(samples), -1)
+        self.rows = None
+        if rows is not None:
+            self.rows = np.asarray(rows, dtype=np.int64).reshape(len(samples), -1 if samples else 1)
         self.with_image, self.with_masks = with_image, with_masks
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.transform = sam3_transform(resolution)

@@ -224,8 +224,8 @@ def train_process(prepared: Prepared, context) -> None:
         scheduler.step()
         state["epoch"] = epoch
         if leader:
-            _record(log, train_record, val_record if vcount or context.distributed else None)
-            _save(model, optimizer, scheduler, state, prepared, val, live_val, vcount)
+            _record(log, train_record, val_record if val["n"] else None)
+            _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
     if leader:
         _finish(model, prepared, data, device, log, state["caches"])
@@ -238,7 +238,7 @@ def _scores(summary: dict) -> dict:
 
 def _record(log: MetricsLog, train_record: dict, val_record: dict | None) -> None:
     log.append(train_record)
-    if val_record and val_record.get("dice") == val_record.get("dice"):  # not NaN: had samples
+    if val_record:
         log.append(val_record)
     v = val_record or {}
     print(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
@@ -247,9 +247,9 @@ def _record(log: MetricsLog, train_record: dict, val_record: dict | None) -> Non
           f"{' (end to end)' if train_record['e2e'] else ''}", flush=True)
 
 
-def _save(model, optimizer, scheduler, state, prepared, val, live_val, vcount) -> None:
+def _save(model, optimizer, scheduler, state, prepared, val, live_val) -> None:
     run_dir, epoch = prepared.run_dir, state["epoch"]
-    score = val["dice"] if vcount else -epoch  # without val rows the last epoch is the best
+    score = val["dice"] if val["n"] else float(epoch)  # without val rows the last is the best
     best = state["best"]
     if best is None or score > best["score"]:
         state["best"] = {"score": score, "epoch": epoch, "val": {**val, "epoch": epoch,

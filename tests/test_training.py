@@ -213,3 +213,15 @@ def test_torchrun_ranks_train_one_run(dataset, tmp_path):
     assert [(r["epoch"], r["split"]) for r in records] == [
         (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
+
+
+def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
+    from pipeline.manifest import write_manifest
+
+    source = make_dataset(tmp_path / "d", 4)
+    manifest = write_manifest(tmp_path / "train_only.csv", [
+        {"image": s.image, "mask": s.mask, "view": s.view, "split": "train"}
+        for s in read_manifest(source)])
+    run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
+    assert [r["split"] for r in _metrics(run)] == ["train", "train"]
+    assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["epoch"] == 2
