@@ -40,8 +40,9 @@ def load_run(run_dir: Path, device: torch.device):
 
 
 def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
-    if state.get("cache_current"):
-        return FeatureCache.open(state["cache"])
+    if state.get("cache_current"):  # missing (moved or removed): through the backbone
+        path = Path(state["cache"])
+        return FeatureCache.open(path) if (path / "zarr.json").is_file() else None
     from pipeline.extraction import cache_signature
 
     signature = cache_signature(config.extract_config(adapter=str(run_dir / "adapter")))

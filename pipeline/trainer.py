@@ -103,10 +103,10 @@ def _gather_meter(meter: SegmentationMeter, context) -> SegmentationMeter:
     return merged
 
 
-def _mean_across(value: float, count: int, context) -> float:
+def _mean_across(value: float, count: int, context, device: torch.device) -> float:
     if not context.distributed:
         return value / max(count, 1)
-    tensor = torch.tensor([value, float(count)], dtype=torch.float64)
+    tensor = torch.tensor([value, float(count)], dtype=torch.float64, device=device)  # NCCL: GPU
     dist.all_reduce(tensor)
     return float(tensor[0] / max(tensor[1], 1))
 
@@ -202,7 +202,7 @@ def train_process(prepared: Prepared, context) -> None:
             desc=f"epoch {epoch}/{config.epochs}{' e2e' if e2e else ''}")
         seconds = time.perf_counter() - start
         train_record = {"epoch": epoch, "split": "train", "lr": lr, "e2e": e2e,
-                        "loss": _mean_across(loss_sum, count, context), "seconds": seconds,
+                        "loss": _mean_across(loss_sum, count, context, device), "seconds": seconds,
                         "data_wait": wait / seconds, "samples_per_s": count / seconds,
                         "cache": data.cache.stem,
                         **_scores(_gather_meter(meter, context).summary())}
@@ -213,13 +213,15 @@ def train_process(prepared: Prepared, context) -> None:
             if config.refresh_cache:
                 _refresh(model, prepared, data, state, epoch, context)
         model.eval()
-        live_val = e2e and not config.refresh_cache
+        live_val = not state["cache_current"]  # after end-to-end steps the cache lags the adapter
         vstart = time.perf_counter()
-        vmeter, vloss, vcount, _ = run_epoch(net, data.val_loader(live_val), device,
+        # The unwrapped model: ranks may hold different numbers of validation batches, and a
+        # DDP forward is a collective (it broadcasts buffers).
+        vmeter, vloss, vcount, _ = run_epoch(model, data.val_loader(live_val), device,
                                              prepared.views, live=live_val, show=False)
         val = _gather_meter(vmeter, context).summary()
         val_record = {"epoch": epoch, "split": "val", "lr": lr, "e2e": live_val,
-                      "loss": _mean_across(vloss, vcount, context),
+                      "loss": _mean_across(vloss, vcount, context, device),
                       "seconds": time.perf_counter() - vstart, **_scores(val)}
         scheduler.step()
         state["epoch"] = epoch
@@ -297,12 +299,15 @@ def _spread_over_views(samples, count: int) -> list[int]:
 def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches) -> None:
     """report.json, curves.png and overlays/ for the best checkpoint."""
     run_dir, config = prepared.run_dir, prepared.config
-    best = load_checkpoint(run_dir / "best.pt", model)["best"]
+    best_state = load_checkpoint(run_dir / "best.pt", model)
+    best = best_state["best"]
     write_report(run_dir / "report.json", best["val"])
     plot_curves(log.read(), run_dir / "curves.png")
     chosen = _spread_over_views(prepared.val, config.overlays)
     if chosen:
         live = best["val"]["features"] == "live"
+        if not live:  # the cache the best epoch was validated on, not a later one
+            data.point_at(Path(best_state["cache"]))
         dataset = data.val_live if live else data.val_cached
         batch = _to(torch.utils.data.default_collate([dataset[i] for i in chosen]), device)
         model.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
     """The cache holding every key's features for `config` (and `adapter`), extracting if asked."""
     extract = config.extract_config(adapter=adapter)
     signature = cache_signature(extract)
-    path = cache_path(config.cache_dir, signature)
+    path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
     cache = FeatureCache.find(config.cache_dir, signature)
     wanted = list(extraction_jobs(samples, keys, config.augment_copies))
     missing = len(wanted) if cache is None else int(
@@ -176,14 +177,16 @@ def _spawn(prepared: Prepared) -> None:
                  for rank in range(world)]
     for process in processes:
         process.start()
-    failed = None
-    for process in processes:
+    running, failed = list(processes), None
+    while running and failed is None:  # the first failure stops the others at once
+        wait([p.sentinel for p in running])
+        for process in [p for p in running if not p.is_alive()]:
+            running.remove(process)
+            if process.exitcode != 0:
+                failed = process.exitcode
+    for process in running:
+        process.terminate()
         process.join()
-        if process.exitcode != 0 and failed is None:
-            failed = process.exitcode
-            for other in processes:
-                if other.is_alive():
-                    other.terminate()
     if failed is not None:
         raise RuntimeError(f"a training process exited with code {failed}")
 
