@@ -62,6 +62,11 @@ class BackbonePreset:
         """Side of `vision_features` (the 1x level)."""
         return self.resolution // self.patch_size
 
+    def level_shape(self, level: str) -> tuple[int, int, int]:
+        """(C, h, w) of one sample's features at `level` ("1x", "2x" or "4x")."""
+        side = self.feature_size * int(level.rstrip("x"))
+        return (256, side, side)
+
 
 PRESETS: dict[str, BackbonePreset] = {
     "sam3": BackbonePreset(

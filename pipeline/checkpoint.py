@@ -54,20 +54,26 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, prepar
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model=None, optimizer=None, scheduler=None) -> dict:
-    """Restore what is given from `path`; returns its training state (epoch, best, caches).
+def read_checkpoint(path: Path) -> dict:
+    """The whole checkpoint dict, on the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
-    With an optimizer (a resume), the RNG states are restored too.
-    """
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if model is not None:
-        model.decoder.load_state_dict(payload["decoder"])
-        load_lora_state(model, payload["lora"])
+
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
+    """Restore the model (and, for a resume, optimizer, scheduler and RNG states) from `path`;
+    returns its training state (epoch, best, cache, caches)."""
+    return restore(read_checkpoint(path), model, optimizer, scheduler)
+
+
+def restore(payload: dict, model, optimizer=None, scheduler=None) -> dict:
+    """`load_checkpoint` for a checkpoint dict already read."""
+    model.decoder.load_state_dict(payload["decoder"])
+    load_lora_state(model, payload["lora"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"])
-    return payload["state"] if model is not None else payload
+    return payload["state"]
 
 
 def save_adapter(model, directory: Path) -> None:

@@ -44,6 +44,10 @@ class ViewVocabulary:
         label = label or UNKNOWN_VIEW
         return self.labels.index(label) if label in self.labels else self.unknown
 
+    def label(self, index: int) -> str:
+        """The label of a view index (the unknown row reads as UNKNOWN_VIEW)."""
+        return self.labels[index] if index < self.unknown else UNKNOWN_VIEW
+
     def warn_unseen(self, samples: list[Sample], where: str) -> None:
         unseen = sorted({s.view for s in samples if s.view and s.view not in self.labels})
         if unseen:
@@ -58,6 +62,13 @@ def split_samples(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
     if not train:
         raise ValueError("the manifest has no training rows (split column `train` or empty)")
     return train, val
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch (tensors, and dicts of tensors for "features") moved to `device`."""
+    return {key: ({k: v.to(device, non_blocking=True) for k, v in value.items()}
+                  if isinstance(value, dict) else value.to(device, non_blocking=True))
+            for key, value in batch.items()}
 
 
 def resize_mask(mask: np.ndarray, resolution: int) -> torch.Tensor:

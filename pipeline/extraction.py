@@ -77,12 +77,6 @@ def cache_signature(config: ExtractConfig) -> dict:
                            adapter=config.adapter, amp=config.amp, levels=config.levels)
 
 
-def level_shapes(backbone: str, levels: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
-    side = PRESETS[backbone].feature_size
-    scale = {"1x": 1, "2x": 2, "4x": 4}
-    return {lvl: (256, side * scale[lvl], side * scale[lvl]) for lvl in levels}
-
-
 def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:
     """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key.
 
@@ -96,9 +90,10 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     cache, path = None, cache_path(config.cache_dir, signature)
     with context.leader_lock(lambda: writer_lock(path, wait=config.wait)):
         if context.is_leader:
-            cache = FeatureCache.create_or_open(
-                config.cache_dir, signature, level_shapes(config.backbone, config.levels),
-                codec=config.codec)
+            preset = PRESETS[config.backbone]
+            shapes = {lvl: preset.level_shape(lvl) for lvl in config.levels}
+            cache = FeatureCache.create_or_open(config.cache_dir, signature, shapes,
+                                                codec=config.codec)
             cache.add_keys(unique)
         context.barrier()
         cache = cache or FeatureCache.open(path)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.cache import FeatureCache
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import read_checkpoint, restore
 from pipeline.checks import check_manifest
-from pipeline.datasets import SegmentationSamples, ViewVocabulary
+from pipeline.datasets import SegmentationSamples, ViewVocabulary, to_device
 from pipeline.images import read_image
 from pipeline.manifest import read_manifest
 from pipeline.segmenter import build_segmenter
@@ -32,10 +32,10 @@ from pipeline.training import resume_config
 def load_run(run_dir: Path, device: torch.device):
     """(model in eval mode with the best weights, its checkpoint state, config, views)."""
     config = resume_config(run_dir)
-    payload = load_checkpoint(run_dir / "best.pt")
+    payload = read_checkpoint(run_dir / "best.pt")
     views = ViewVocabulary(tuple(payload["views"]))
     model = build_segmenter(config, num_views=len(views.labels), use_angles=payload["use_angles"])
-    state = load_checkpoint(run_dir / "best.pt", model)
+    state = restore(payload, model)
     return model.to(device).eval(), state, config, views
 
 
@@ -76,8 +76,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
         for start in range(0, len(chosen), batch_size):
             items = [dataset[j] for j in range(start, min(start + batch_size, len(chosen)))]
             batch = torch.utils.data.default_collate(items)
-            batch = {k: ({a: b.to(device) for a, b in v.items()} if isinstance(v, dict)
-                         else v.to(device)) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with torch.no_grad():
                 logits = model(batch, live=not use_cache)
             for j, item_logits in zip(range(start, start + len(items)), logits, strict=True):

@@ -17,8 +17,9 @@ from tqdm import tqdm
 from pipeline.augment import augmented_key, copies
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from pipeline.datasets import SegmentationSamples
+from pipeline.datasets import SegmentationSamples, to_device
 from pipeline.losses import dice_bce_loss
+from pipeline.manifest import UNKNOWN_VIEW
 from pipeline.metrics import SegmentationMeter
 from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
 from pipeline.segmenter import build_segmenter
@@ -82,16 +83,6 @@ def _resolution(backbone: str) -> int:
     return PRESETS[backbone].resolution
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, dict):
-            moved[key] = {k: v.to(device, non_blocking=True) for k, v in value.items()}
-        else:
-            moved[key] = value.to(device, non_blocking=True)
-    return moved
-
-
 def _gather_meter(meter: SegmentationMeter, context) -> SegmentationMeter:
     if not context.distributed:
         return meter
@@ -123,7 +114,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
     iterator, start = iter(loader), time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
-        batch = _to(next(iterator), device)
+        batch = to_device(next(iterator), device)
         wait += time.perf_counter() - t
         with torch.set_grad_enabled(training):
             logits = model(batch, live=live)
@@ -137,8 +128,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
         pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
         scored.append(scoring.submit(
             meter.update, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
-            [views.labels[i] if i < views.unknown else "<unknown>"
-             for i in batch["view"].tolist()]))
+            [views.label(i) for i in batch["view"].tolist()]))
         rate = count / (time.perf_counter() - start)
         dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
         bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
@@ -287,7 +277,7 @@ def _spread_over_views(samples, count: int) -> list[int]:
     """Up to `count` sample indices, taking each view in turn."""
     by_view: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
-        by_view.setdefault(sample.view or "", []).append(i)
+        by_view.setdefault(sample.view or UNKNOWN_VIEW, []).append(i)
     chosen, queues = [], [list(v) for v in by_view.values()]
     while len(chosen) < count and any(queues):
         for queue in queues:
@@ -309,7 +299,7 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
         dataset = data.val_live if live else data.val_cached
-        batch = _to(torch.utils.data.default_collate([dataset[i] for i in chosen]), device)
+        batch = to_device(torch.utils.data.default_collate([dataset[i] for i in chosen]), device)
         model.eval()
         with torch.no_grad():
             pred = (model(batch, live=live) > 0).squeeze(1).cpu()
@@ -317,7 +307,7 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
             [data.val_live[i]["image"] for i in chosen])
         save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
                       [prepared.val[i].image.name for i in chosen],
-                      [prepared.val[i].view or "<unknown>" for i in chosen])
+                      [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
     write_json(run_dir / "caches.json", caches)
     print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
