@@ -54,3 +54,11 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
+
+
+def finished_done_chunks(cache_dir: Path) -> int:
+    """How many samples a running extraction has marked done in `cache_dir`'s caches.
+
+    zarr writes a chunk to `<chunk>.<uuid>.partial` and renames it into place, so only the
+    renamed files count."""
+    return sum(not p.name.endswith(".partial") for p in Path(cache_dir).glob("*.zarr/done/c/*"))

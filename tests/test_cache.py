@@ -61,6 +61,18 @@ def test_interrupted_extension_leaves_reusable_rows(tmp_path):
     assert rows.tolist() == [1] and list(cache.keys()) == ["aa", "bb", ""]
 
 
+def test_the_next_writer_removes_partial_chunks_a_killed_writer_left(tmp_path):
+    cache = _cache(tmp_path)
+    cache.write_sample(int(cache.add_keys(["aa"])[0]), {"1x": _value(1)})
+    chunk = next(p for p in (cache.path / "features/1x/c").rglob("*") if p.is_file())
+    leftover = chunk.with_name(f"{chunk.name}.0123abcd.partial")  # as zarr names its temp files
+    leftover.write_bytes(b"half a chunk")
+    assert FeatureCache.open(cache.path).done().tolist() == [True]  # readers ignore it
+    cache = _cache(tmp_path)
+    assert not leftover.exists() and chunk.exists()
+    np.testing.assert_array_equal(cache.read(0)["1x"], _value(1))
+
+
 def test_other_signature_is_refused(tmp_path):
     cache = _cache(tmp_path)
     cache.group.attrs["signature"] = {**SIGNATURE, "amp": "bf16"}  # tampered on disk

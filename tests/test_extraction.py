@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import REPO, make_dataset, subprocess_env
+from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 
 from pipeline.backbone import build_backbone
 from pipeline.cache import CacheLockedError, FeatureCache, writer_lock
@@ -142,8 +142,7 @@ def test_sigkill_then_rerun_completes_with_clean_features(tmp_path):
     deadline = time.time() + 120
     done = 0
     while time.time() < deadline and done < 3:
-        caches = list((tmp_path / "cache").glob("*.zarr/done/c/*"))
-        done = len(caches)
+        done = finished_done_chunks(tmp_path / "cache")
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import zarr.storage
-from conftest import REPO, make_dataset, subprocess_env
+from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 from PIL import Image
 
 from pipeline.backbone import build_backbone
@@ -124,7 +124,7 @@ def test_a_second_extraction_is_refused_and_wait_queues_behind_the_first(tmp_pat
 
     try:
         first = start("first")
-        _until(lambda: first.poll() is not None or any(cache_dir.glob("*.zarr/done/c/*")),
+        _until(lambda: first.poll() is not None or finished_done_chunks(cache_dir) > 0,
                "the first run has written samples")
         # Hold the first run mid-extraction, lock taken, for as long as the others need to
         # start: a bigger dataset would do the same, at the cost of seconds and flakiness.
