@@ -4,8 +4,10 @@ import pytest
 import zarr
 
 from pipeline.cache import (
+    CODECS,
     CacheError,
     CacheLockedError,
+    ChunkFiles,
     FeatureCache,
     cache_path,
     list_caches,
@@ -71,6 +73,38 @@ def test_the_next_writer_removes_partial_chunks_a_killed_writer_left(tmp_path):
     cache = _cache(tmp_path)
     assert not leftover.exists() and chunk.exists()
     np.testing.assert_array_equal(cache.read(0)["1x"], _value(1))
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_direct_chunk_reads_equal_zarr_reads(tmp_path, codec):
+    cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec=codec)
+    cache.add_keys(["aa", "bb", "cc"])
+    cache.write_sample(0, {"1x": _value(1)})
+    cache.write_sample(1, {"1x": np.zeros((4, 3, 3), np.float16)})  # zarr writes no file
+    files = ChunkFiles.for_array(cache.level("1x"))
+    assert files is not None, "the cache's own layout is read directly"
+    direct = files.read(0)
+    assert direct.dtype == np.float16 and direct.flags.writeable
+    np.testing.assert_array_equal(direct, cache.level("1x")[0])
+    assert files.read(1) is None and files.read(2) is None
+    reader = FeatureCache.open(cache.path)
+    for row in range(3):
+        np.testing.assert_array_equal(reader.read(row)["1x"], cache.level("1x")[row])
+
+
+def test_direct_chunk_reads_refuse_other_layouts_and_damage(tmp_path):
+    group = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    shards = group.create_array("a", shape=(2, 4, 3, 3), chunks=(1, 4, 3, 3), shards=(2, 4, 3, 3),
+                                dtype="float16")
+    assert ChunkFiles.for_array(shards) is None
+    many = group.create_array("b", shape=(2, 4, 3, 3), chunks=(2, 4, 3, 3), dtype="float16")
+    assert ChunkFiles.for_array(many) is None
+    cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec="none")
+    cache.write_sample(int(cache.add_keys(["aa"])[0]), {"1x": _value(1)})
+    chunk = cache.path / "features/1x/c/0/0/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="chunk of row 0 holds a different number of bytes"):
+        FeatureCache.open(cache.path).read(0)
 
 
 def test_other_signature_is_refused(tmp_path):
