@@ -31,7 +31,7 @@ from pipeline.backbone import LEVELS, PRESETS
 from pipeline.cache import CODECS, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.extraction import run_extraction
-from pipeline.images import load_preprocessed, read_image, sam3_transform
+from pipeline.images import load_preprocessed, normalize, read_image, sam3_resize
 from pipeline.manifest import read_manifest, sample_keys, write_manifest
 
 RSS_WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
@@ -259,15 +259,16 @@ def writes_table(args, sample: dict, bare: float) -> str:
 
 
 def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
-    """Per-image seconds of decode, H2D, forward, fp16+finite, D2H; and one host sample."""
+    """Per-image seconds of decode, H2D, normalise, forward, fp16+finite, D2H; and one host
+    sample."""
     resolution, b, device = backbone.preset.resolution, args.batch_size, args.device
-    transform = sam3_transform(resolution)  # as the extraction dataset holds it
+    transform = sam3_resize(resolution)  # as the extraction dataset holds it (uint8)
     decode = float(np.median([C.best_time(lambda p=p: transform(read_image(p)),
                                           repeat=3, warmup=0) for p in paths]))
     cpu_batch = torch.stack([transform(read_image(p)) for p in paths])
     if device == "cuda":
         cpu_batch = cpu_batch.pin_memory()
-    x = cpu_batch.to(device)
+    x = normalize(cpu_batch.to(device))
 
     def forward():
         with torch.inference_mode(), C.autocast(device, args.amp):
@@ -285,8 +286,10 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
     host = {lvl: h.cpu().numpy() for lvl, h in half.items()}
     times = {
         "decode + resize (CPU, per image)": decode,
-        "host to device": C.best_time(lambda: cpu_batch.to(device, non_blocking=True),
-                                        device=device) / b,
+        "host to device (uint8)": C.best_time(lambda: cpu_batch.to(device, non_blocking=True),
+                                                device=device) / b,
+        "normalize on the device": C.best_time(lambda: normalize(cpu_batch.to(device)),
+                                               device=device) / b,
         "forward_image": C.best_time(forward, repeat=3, device=device) / b,
         "fp16 cast + finite check": C.best_time(post, device=device) / b,
         "device to host (.cpu().numpy())": C.best_time(
@@ -320,7 +323,8 @@ def split_tables(args, backbone, paths: list, bare: float) -> list[str]:
 
 # ---------------------------------------------------------------- data-path budget at 1008 px
 def budget_table(args, bare_1008: float | None) -> str:
-    """Single-core CPU time per image: decode a 1024 px PNG, then sam3_transform(1008)."""
+    """Single-core CPU time per image: decode a 1024 px PNG, then sam3_resize(1008) (the
+    loader's share of the preprocessing; normalisation runs on the device)."""
     from PIL import Image
 
     manifest = C.make_images(args.work_dir / f"images-1024px-{args.budget_images}",
@@ -335,7 +339,7 @@ def budget_table(args, bare_1008: float | None) -> str:
             g = np.asarray(Image.open(path), dtype=np.float32)
             Image.fromarray(np.stack([g, g * 0.86, g * 0.7], -1).astype(np.uint8)).save(target)
         rgb.append(target)
-    transform, threads = sam3_transform(1008), torch.get_num_threads()
+    transform, threads = sam3_resize(1008), torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     rows = []
     for kind, paths in (("gray 1024 px PNG", gray), ("RGB 1024 px PNG", rgb)):
@@ -347,7 +351,7 @@ def budget_table(args, bare_1008: float | None) -> str:
         rows.append([kind, decode * 1e3, resize * 1e3, total * 1e3, 1 / total, need])
     torch.set_num_threads(threads)
     return C.table("Data-path CPU time per image at 1008 px (one thread, process CPU time)",
-                   ["input", "decode ms", "sam3_transform(1008) ms", "total ms",
+                   ["input", "decode ms", "sam3_resize(1008) ms", "total ms",
                     "images/s per core", "cores to feed the bare forward rate"], rows)
 
 

@@ -28,7 +28,7 @@ import torch
 from pipeline.backbone import PRESETS
 from pipeline.config import TrainConfig
 from pipeline.datasets import resize_mask
-from pipeline.images import load_preprocessed, read_mask
+from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SegmentationMeter
 
@@ -161,8 +161,8 @@ def costs_table(args, manifest: Path) -> str:
             "read_mask (decode, np.unique, threshold)": lambda ss=samples: [
                 read_mask(s.mask) for s in ss],
             f"resize_mask to {side}": lambda ms=masks, r=side: [resize_mask(m, r) for m in ms],
-            f"load_preprocessed at {side}": lambda ss=samples, r=side: [
-                load_preprocessed(s.image, r) for s in ss],
+            f"read_image + sam3_resize to {side} (uint8)": lambda ss=samples, r=side: [
+                sam3_resize(r)(read_image(s.image)) for s in ss],
             f"SegmentationMeter.update at {side} (main thread)": lambda p=pred, t=small: (
                 SegmentationMeter().update(np.stack(p), np.stack(t), ["v"] * len(p))),
         }
@@ -178,7 +178,7 @@ def fake_batch(args, b: int, device: str = "cuda") -> dict:
     preset = PRESETS[args.backbone]
     r, s = preset.resolution, preset.feature_size
     scale = {"1x": 1, "2x": 2, "4x": 4}
-    return {"image": torch.randn(b, 3, r, r, device=device),
+    return {"image": torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=device),
             "mask": (torch.rand(b, 1, r, r, device=device) > 0.9).float(),
             "view": torch.zeros(b, dtype=torch.long, device=device),
             "angles": torch.zeros(b, 4, device=device),

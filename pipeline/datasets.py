@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from pipeline.augment import apply
 from pipeline.cache import CacheError, FeatureCache
-from pipeline.images import read_image, read_mask, sam3_transform
+from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.importers import encode_angles
 from pipeline.manifest import UNKNOWN_VIEW, Sample
 
@@ -82,7 +82,8 @@ class SegmentationSamples(Dataset):
     """One dict per sample, collated by the default collate:
 
     - "features": {level: (256, h, w) float16} from the cache (only when `cache_path` given);
-    - "image": (3, R, R) float32 in [-1, 1] (when `with_image`);
+    - "image": (3, R, R) uint8, resized as SAM 3 does (when `with_image`); the model applies
+      `pipeline.images.normalize` on its device;
     - "mask": (1, R, R) float32 in {0, 1} (when `with_masks`); "view": () long;
       "angles": (4,) float32 [sin, cos of the primary and secondary angle] or zeros;
     - "index": () long, the sample's position in `samples`.
@@ -102,7 +103,7 @@ class SegmentationSamples(Dataset):
             self.rows = np.asarray(rows, dtype=np.int64).reshape(len(samples), -1 if samples else 1)
         self.with_image, self.with_masks = with_image, with_masks
         self.augment, self.seed, self.epoch = augment, seed, 0
-        self.transform = sam3_transform(resolution)
+        self.transform = sam3_resize(resolution)
         self._cache: FeatureCache | None = None
 
     def __getstate__(self):

@@ -28,7 +28,7 @@ from pipeline.backbone import LEVELS, PRESETS, build_backbone, resolve_checkpoin
 from pipeline.cache import FeatureCache, cache_path, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.distributed import DistributedContext, die_with_parent
-from pipeline.images import read_image, sam3_transform
+from pipeline.images import normalize, read_image, sam3_resize
 from pipeline.manifest import Sample
 from pipeline.signature import build_signature
 
@@ -57,10 +57,11 @@ class ExtractSummary:
 
 
 class _PreprocessedImages(Dataset):
-    """(row, image (3, R, R) float32 in [-1, 1]) for each (row, path, augmentation or None)."""
+    """(row, image (3, R, R) uint8, resized) for each (row, path, augmentation or None); the
+    worker normalises on its device."""
 
     def __init__(self, share: list[tuple[int, str, str | None]], resolution: int):
-        self.share, self.transform = share, sam3_transform(resolution)
+        self.share, self.transform = share, sam3_resize(resolution)
 
     def __len__(self) -> int:
         return len(self.share)
@@ -188,7 +189,7 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
             autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
                                       enabled=dtype is not None)
             with autocast:
-                out = backbone.forward_image(images.to(device, non_blocking=True))
+                out = backbone.forward_image(normalize(images.to(device, non_blocking=True)))
             features = {lvl: out["backbone_fpn"][LEVELS[lvl]].to(torch.float16)
                         for lvl in config.levels}
             finite = torch.stack([f.isfinite().flatten(1).all(1) for f in features.values()]).all(0)

@@ -1,7 +1,10 @@
 """Reading images and masks of every accepted format, and SAM 3's own preprocessing.
 
 Accepted: PNG, JPEG, TIFF, GIF, BMP; 8- or 16-bit; grayscale, RGB or RGBA (alpha dropped),
-all turned into 3 channels. Preprocessing is `Sam3Processor`'s transform, applied verbatim.
+all turned into 3 channels. Preprocessing is `Sam3Processor`'s transform, applied verbatim, in
+two halves: `sam3_resize` (decode-side, in DataLoader workers, to uint8) and `normalize` (on the
+device the model runs on), so loaders, collation, pinned buffers and host-to-device copies move
+1 byte per pixel and channel instead of 4. The halves compose to exactly `sam3_transform`.
 """
 
 from __future__ import annotations
@@ -102,6 +105,20 @@ def sam3_transform(resolution: int) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=list(NORM_MEAN), std=list(NORM_STD)),
     ])
+
+
+def sam3_resize(resolution: int) -> v2.Compose:
+    """The first half of `sam3_transform`: (3, H, W) uint8/uint16 -> (3, R, R) uint8."""
+    return v2.Compose(sam3_transform(resolution).transforms[:2])
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """The second half of `sam3_transform`, on `image`'s device: (..., 3, R, R) uint8 ->
+    float32 in [-1, 1], bit-identical to `sam3_transform`."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"normalize takes the uint8 output of sam3_resize, got {image.dtype}")
+    scaled = v2.functional.to_dtype(image, torch.float32, scale=True)
+    return v2.functional.normalize(scaled, mean=list(NORM_MEAN), std=list(NORM_STD))
 
 
 def load_preprocessed(path: str | Path, resolution: int) -> torch.Tensor:

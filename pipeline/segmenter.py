@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.backbone import LEVELS, build_backbone
+from pipeline.images import normalize
 from pipeline.lora import attach_lora, load_adapter, set_trainable_params
 from pipeline.model import ViewConditionedDecoder
 
@@ -31,20 +32,26 @@ class VesselSegmenter(nn.Module):
         return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     def live_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """image (B, 3, R, R) float in [-1, 1] -> {level: (B, 256, h, w)} through the backbone."""
-        with self.autocast(image.device):
-            out = self.backbone.forward_image(image)
+        """image (B, 3, R, R) uint8 (as `SegmentationSamples` gives it) -> {level: (B, 256, h, w)}
+        through the backbone."""
+        return self._backbone_features(normalize(image))
+
+    def _backbone_features(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast(normalized.device):
+            out = self.backbone.forward_image(normalized)
         return {lvl: out["backbone_fpn"][LEVELS[lvl]] for lvl in self.decoder.levels}
 
     def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
         """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`.
 
-        live=False uses batch["features"] (cached); live=True runs the backbone on batch["image"].
+        live=False uses batch["features"] (cached); live=True runs the backbone on batch["image"]
+        ((B, 3, R, R) uint8, normalised here, on the model's device).
         """
-        features = self.live_features(batch["image"]) if live else batch["features"]
+        image = normalize(batch["image"]) if "image" in batch else None
+        features = self._backbone_features(image) if live else batch["features"]
         angles = batch["angles"] if self.decoder.use_angles else None
         with self.autocast(batch["view"].device):
-            logits = self.decoder(features, batch["view"], image=batch.get("image"),
+            logits = self.decoder(features, batch["view"], image=image,
                                   angles=angles, out_size=(self.resolution, self.resolution))
         return logits.float()
 

@@ -18,6 +18,7 @@ from pipeline.augment import augmented_key, copies
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples, to_device
+from pipeline.images import normalize
 from pipeline.losses import dice_bce_loss
 from pipeline.manifest import UNKNOWN_VIEW
 from pipeline.metrics import SegmentationMeter
@@ -303,8 +304,8 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         model.eval()
         with torch.no_grad():
             pred = (model(batch, live=live) > 0).squeeze(1).cpu()
-        image = batch["image"].cpu() if "image" in batch else torch.stack(
-            [data.val_live[i]["image"] for i in chosen])
+        image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
+            [data.val_live[i]["image"] for i in chosen]))
         save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
                       [prepared.val[i].image.name for i in chosen],
                       [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
