@@ -49,16 +49,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+def finish_args(args: argparse.Namespace, *, needs_weights: bool = True) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no CUDA device")
     if args.amp == "auto":
         args.amp = "bf16" if args.device == "cuda" else "off"
-    if args.backbone == "sam3" and not (args.checkpoint or args.random_weights):
+    if needs_weights and args.backbone == "sam3" and not (args.checkpoint or args.random_weights):
         raise SystemExit("--backbone sam3 needs --checkpoint sam3.pt or --random-weights")
     args.work_dir = Path(args.work_dir)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    args.weights = weights_file(args)
+    args.weights = weights_file(args) if needs_weights else None
     return args
 
 

@@ -3,6 +3,8 @@
     python bench/bench_cache_reads.py                                   # CPU, tiny backbone
     python bench/bench_cache_reads.py --backbone sam3 --random-weights --device cuda \
         --batch-size 16 --images 96 --level-sets "1x;1x,2x"
+    python bench/bench_cache_reads.py --backbone sam3 --synthetic-features --images 64 \
+        --level-sets "1x" --codec none                    # sam3-sized chunks on any machine
 
 (sam3 stores 2.65 MB per image at 1x, 10.6 MB at 2x and 42 MB at 4x, twice over: the cache and
 the raw .npy copies under --work-dir.)
@@ -29,10 +31,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.backbone import PRESETS
-from pipeline.cache import CODECS, FeatureCache
+from pipeline.cache import CODECS, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.datasets import SegmentationSamples, ViewVocabulary
 from pipeline.extraction import run_extraction
+from pipeline.images import normalize
 from pipeline.manifest import read_manifest, sample_keys
 
 
@@ -47,7 +50,13 @@ def parse_args(argv=None):
     parser.add_argument("--codec-samples", type=int, default=64)
     parser.add_argument("--disk-mbps", type=float, default=500.0,
                         help="disk read MB/s assumed when the cache does not fit in RAM")
-    args = C.finish_args(parser.parse_args(argv))
+    parser.add_argument("--synthetic-features", action="store_true",
+                        help="fill the cache with seeded random features of --backbone's level "
+                             "shapes instead of running it: read speeds at sam3's chunk sizes "
+                             "on a machine that cannot run sam3 (compression ratios of random "
+                             "values mean nothing)")
+    args = parser.parse_args(argv)
+    args = C.finish_args(args, needs_weights=not args.synthetic_features)
     args.level_sets = [tuple(s.split(",")) for s in args.level_sets.split(";")]
     args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
     return args
@@ -66,9 +75,30 @@ def build_cache(args) -> tuple[Path, list, np.ndarray]:
                            amp=args.amp, device=args.device,
                            gpus=(0,) if args.device == "cuda" else (),
                            batch_size=args.batch_size, codec=args.codec)
+    if args.synthetic_features:
+        return synthetic_cache(args, config.levels, samples, keys)
     summary = run_extraction(config, samples, keys)
     cache = FeatureCache.open(summary.path)
     return summary.path, samples, cache.rows_for(keys)
+
+
+def synthetic_cache(args, levels, samples, keys) -> tuple[Path, list, np.ndarray]:
+    """A cache with the layout, shapes and codec of a real one, filled with seeded N(0, 1)
+    float16 values (written once, reused)."""
+    preset = PRESETS[args.backbone]
+    signature = {"backbone": f"synthetic-{preset.name}", "levels": list(levels),
+                 "codec": args.codec}
+    cache = FeatureCache.create_or_open(args.work_dir / "reads-synthetic", signature,
+                                        {lvl: preset.level_shape(lvl) for lvl in levels},
+                                        codec=args.codec)
+    rows, done = cache.add_keys(keys), cache.done()
+    rng = np.random.default_rng(0)
+    for row in rows:
+        if not done[row]:
+            cache.write_sample(int(row), {lvl: rng.standard_normal(preset.level_shape(lvl),
+                                                                   dtype=np.float32)
+                                          .astype(np.float16) for lvl in levels})
+    return cache.path, samples, rows
 
 
 class FeatureRows(Dataset):
@@ -90,13 +120,39 @@ class FeatureRows(Dataset):
         return {lvl: torch.from_numpy(v) for lvl, v in values.items()}
 
 
+class ConstantRows(Dataset):
+    """The DataLoader alone: the same {level: (C, h, w) float16} per sample, read from nowhere.
+    Its rate with worker processes is the ceiling of shared-memory transfer to the trainer."""
+
+    def __init__(self, n: int, shapes: dict[str, tuple]):
+        self.n = n
+        self.values = {lvl: torch.zeros(shape, dtype=torch.float16)
+                       for lvl, shape in shapes.items()}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {lvl: v.clone() for lvl, v in self.values.items()}
+
+
+class FloatImages(SegmentationSamples):
+    """Stage B's samples with the image normalised to float32 in the loader (4 bytes per pixel
+    and channel through collate and shared memory), for comparison with the uint8 images that
+    `SegmentationSamples` ships."""
+
+    def item(self, i: int, copy: int) -> dict:
+        item = super().item(i, copy)
+        item["image"] = normalize(item["image"])
+        return item
+
+
 def memmaps(args, path: Path, levels) -> dict[str, np.ndarray]:
     """Each level of the cache as an uncompressed .npy, opened as a read-only memmap."""
     cache, out = FeatureCache.open(path), {}
     for lvl in levels:
-        npy = path.parent / f"{path.name}-{lvl}.npy"
-        if not npy.is_file():
-            array = cache.level(lvl)
+        npy, array = path.parent / f"{path.name}-{lvl}.npy", cache.level(lvl)
+        if not npy.is_file() or np.load(npy, mmap_mode="r").shape != array.shape:
             store = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float16,
                                               shape=array.shape)
             for i in range(array.shape[0]):
@@ -148,6 +204,8 @@ def datasets_for(path: Path, samples: list, rows, levels, resolution: int) -> di
             samples, with_image=False, with_masks=False, **common),
         "SegmentationSamples + masks + images (Stage B)": SegmentationSamples(
             samples, with_image=True, with_masks=True, **common),
+        "the same, images normalised to float32 in the loader": FloatImages(
+            samples, with_image=True, with_masks=True, **common),
     }
 
 
@@ -162,18 +220,25 @@ def loaders_table(args, path: Path, samples: list, rows) -> str:
         seconds, others = min(raw_pass(maps, rows, batch) for _ in range(7))
         raw = n / seconds
         out.append([",".join(levels), "raw memmap reads + collate (1 process)", "", raw,
-                    raw * mb, 1.0, "", C.share(others)])
-        for name, dataset in datasets_for(path, samples, rows, levels, resolution).items():
+                    raw * mb, 1.0, "", "", C.share(others)])
+        ceiling = {}
+        constant = ConstantRows(n, {lvl: m.shape[1:] for lvl, m in maps.items()})
+        readers = {"DataLoader alone (constant tensors, no reads)": constant,
+                   **datasets_for(path, samples, rows, levels, resolution)}
+        for name, dataset in readers.items():
             for workers in args.loader_workers:
                 passes = [loader_pass(dataset, workers, batch, pin) for _ in range(3)]
                 seconds, first, others = min(passes)
-                out.append([",".join(levels), name, workers, n / seconds, n / seconds * mb,
-                            n / seconds / raw, first * 1e3, C.share(others)])
+                rate = n / seconds
+                ceiling.setdefault(workers, rate)
+                out.append([",".join(levels), name, workers, rate, rate * mb, rate / raw,
+                            rate / ceiling[workers], first * 1e3, C.share(others)])
     return C.table(f"Stage B data path, {n} samples, batch {batch}, shuffled, warm page cache "
                    "(loaders: best of 3 passes, each with a new DataLoader as the trainer "
                    "makes; raw: best of 7)",
-                   ["levels", "reader", "workers", "samples/s", "MB/s", "ratio to raw "
-                    "(target >= 0.8)", "first batch ms", "others' CPU share"], out)
+                   ["levels", "reader", "workers", "samples/s", "MB/s (features)", "ratio to raw "
+                    "(target >= 0.8)", "ratio to DataLoader alone", "first batch ms",
+                    "others' CPU share"], out)
 
 
 # ---------------------------------------------------------------- one sample, piece by piece
@@ -187,6 +252,7 @@ def read_cost_table(args, path: Path, rows, levels) -> str:
              for r in picks]
     blobs = [[f.read_bytes() for f in fs] for fs in files]
     maps = memmaps(args, path, levels)
+    direct = {lvl: ChunkFiles.for_array(a) for lvl, a in arrays.items()}
     pieces = {
         "read the chunk files (Path.read_bytes)": lambda: [f.read_bytes() for fs in files
                                                             for f in fs],
@@ -194,6 +260,8 @@ def read_cost_table(args, path: Path, rows, levels) -> str:
         if codec else None,
         "zarr Array[row], arrays opened once": lambda: [a[r] for r in picks
                                                         for a in arrays.values()],
+        "ChunkFiles.read(row) (read + decode into a new array)": lambda: [
+            f.read(r) for r in picks for f in direct.values()],
         "group['features/<level>'] lookups (FeatureCache.level)": lambda: [
             cache.level(lvl) for _ in picks for lvl in levels],
         "FeatureCache.read(row, levels)": lambda: [cache.read(r, list(levels)) for r in picks],
@@ -223,10 +291,12 @@ def codec_run(args, codec: str, values: dict[str, list]) -> dict:
 
     write = C.best_time(write_all, repeat=3, warmup=0)  # later passes overwrite the chunks
     read = C.best_time(lambda: [a[i] for i in range(k) for a in arrays.values()], repeat=5)
+    files = [ChunkFiles.for_array(a) for a in arrays.values()]
+    direct = C.best_time(lambda: [f.read(i) for i in range(k) for f in files], repeat=5)
     disk = {lvl: sum(f.stat().st_size for f in (folder / lvl).rglob("*")
                      if f.is_file() and f.name != "zarr.json") for lvl in values}
     shutil.rmtree(folder)
-    return {"write": write, "read": read, "disk": disk}
+    return {"write": write, "read": read, "direct": direct, "disk": disk}
 
 
 def codec_alone(codec: str, values: dict[str, list]) -> tuple[float, float]:
@@ -245,21 +315,23 @@ def codec_table(args, path: Path) -> tuple[str, str]:
     k = min(args.codec_samples, cache.level("1x").shape[0])
     values = {lvl: [cache.level(lvl)[i] for i in range(k)] for lvl in cache.levels}
     raw = {lvl: sum(v.nbytes for v in vs) for lvl, vs in values.items()}
-    total, out, effective, ratios = sum(raw.values()), [], {}, {}
+    total, out, effective, ratios, warm = sum(raw.values()), [], {}, {}, {}
     for codec in CODECS:
         run, (enc, dec) = codec_run(args, codec, values), codec_alone(codec, values)
         ratio = total / sum(run["disk"].values())
-        read_mbps = total / run["read"] / 1e6
-        effective[codec], ratios[codec] = min(read_mbps, args.disk_mbps * ratio), ratio
+        read_mbps, direct_mbps = total / run["read"] / 1e6, total / run["direct"] / 1e6
+        effective[codec], ratios[codec] = min(direct_mbps, args.disk_mbps * ratio), ratio
+        warm[codec] = direct_mbps
         out.append([codec, *[f"{raw[lvl] / run['disk'][lvl]:.3f}" for lvl in values],
-                    f"{ratio:.3f}", total / run["write"] / 1e6, read_mbps,
+                    f"{ratio:.3f}", total / run["write"] / 1e6, read_mbps, direct_mbps,
                     total / enc / 1e6 if enc else "", total / dec / 1e6 if dec else "",
                     effective[codec]])
     # Within 5 % of the fastest cold read the smallest cache wins (it is read every epoch).
     close = [c for c in CODECS if effective[c] >= 0.95 * max(effective.values())]
-    best = max(close, key=ratios.get)
+    best = max(close, key=ratios.get), max(warm, key=warm.get)
     header = ["codec", *[f"ratio {lvl}" for lvl in values], "ratio all", "write MB/s (zarr)",
-              "read MB/s (zarr)", "encode MB/s alone", "decode MB/s alone",
+              "read MB/s (zarr)", "read MB/s (ChunkFiles, as Stage B reads)",
+              "encode MB/s alone", "decode MB/s alone",
               f"read MB/s from a {args.disk_mbps:g} MB/s disk"]
     text = C.table(f"Codecs on {k} cached samples ({total / k / 1e6:.2f} MB each, all "
                    "levels); MB/s of decoded float16 bytes, one thread", header, out)
@@ -267,12 +339,12 @@ def codec_table(args, path: Path) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- main
-def notes(args, best: str) -> list[str]:
-    out = [f"codec by the data: `{best}`: the highest compression ratio among the codecs "
-           "within 5 % of the fastest read once the cache is bigger than the page cache and "
-           f"comes from a {args.disk_mbps:g} MB/s disk (min of zarr read MB/s and disk MB/s x "
-           "ratio); from a warm page cache the fastest is the one with the highest zarr read "
-           "MB/s."]
+def notes(args, best: tuple[str, str]) -> list[str]:
+    cold, warm = best
+    out = [f"codec by the data: `{cold}` for a cache bigger than the page cache, read from a "
+           f"{args.disk_mbps:g} MB/s disk (the highest compression ratio among the codecs "
+           "within 5 % of the fastest min(ChunkFiles read MB/s, disk MB/s x ratio)); "
+           f"`{warm}` for a cache that stays in the page cache (the fastest ChunkFiles read)."]
     if args.backbone == "tiny" or args.random_weights:
         out.append("the features are outputs of a random-weight backbone (tiny: seeded random "
                    "init): compression ratios of trained SAM 3 features may differ; rerun on a "

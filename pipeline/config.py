@@ -148,8 +148,10 @@ class ExtractConfig(FeatureSource):
     """DataLoader processes decoding and resizing images, per worker."""
     writer_threads: int = 4
     """Threads writing finished samples while the next batch runs."""
-    codec: str = "zstd"
-    """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4."""
+    codec: str = "none"
+    """Chunk compression of a new cache: none, zstd, blosc-zstd or lz4 (every chunk carries a
+    crc32c either way). none reads fastest; the compressors save about 10 % of disk on
+    backbone features (BENCHMARKS.md), worth it only on a slow shared filesystem."""
     wait: bool = False
     """Wait for another run writing the same cache instead of failing."""
 

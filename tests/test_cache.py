@@ -7,6 +7,7 @@ from pipeline.cache import (
     CODECS,
     CacheError,
     CacheLockedError,
+    ChunkChecksumError,
     ChunkFiles,
     FeatureCache,
     cache_path,
@@ -92,19 +93,41 @@ def test_direct_chunk_reads_equal_zarr_reads(tmp_path, codec):
         np.testing.assert_array_equal(reader.read(row)["1x"], cache.level("1x")[row])
 
 
-def test_direct_chunk_reads_refuse_other_layouts_and_damage(tmp_path):
+def test_direct_chunk_reads_refuse_other_layouts(tmp_path):
     group = zarr.open_group(tmp_path / "other.zarr", mode="w")
     shards = group.create_array("a", shape=(2, 4, 3, 3), chunks=(1, 4, 3, 3), shards=(2, 4, 3, 3),
                                 dtype="float16")
     assert ChunkFiles.for_array(shards) is None
     many = group.create_array("b", shape=(2, 4, 3, 3), chunks=(2, 4, 3, 3), dtype="float16")
     assert ChunkFiles.for_array(many) is None
-    cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec="none")
-    cache.write_sample(int(cache.add_keys(["aa"])[0]), {"1x": _value(1)})
-    chunk = cache.path / "features/1x/c/0/0/0/0"
+    plain = group.create_array("c", shape=(2, 4, 3, 3), chunks=(1, 4, 3, 3), dtype="float16",
+                               compressors=None)  # no checksum: sizes are still checked
+    plain[0] = _value(1)
+    np.testing.assert_array_equal(ChunkFiles.for_array(plain).read(0), _value(1))
+    chunk = tmp_path / "other.zarr/c/c/0/0/0/0"
     chunk.write_bytes(chunk.read_bytes()[:-2])
-    with pytest.raises(ValueError, match="chunk of row 0 holds a different number of bytes"):
-        FeatureCache.open(cache.path).read(0)
+    with pytest.raises(ValueError, match="chunk of row 0 holds 70 bytes, not 72"):
+        ChunkFiles.for_array(plain).read(0)
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+def test_a_flipped_byte_fails_the_checksum_and_verify_names_the_sample(tmp_path, codec):
+    cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec=codec)
+    cache.add_keys(["aa", "bb"])
+    for row in range(2):
+        cache.write_sample(row, {"1x": _value(row)})
+    chunk = cache.path / "features/1x/c/1/0/0/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size, one bit: only a checksum can tell
+    chunk.write_bytes(bytes(data))
+    reader = FeatureCache.open(cache.path)
+    with pytest.raises(ChunkChecksumError, match="row 1 fails its crc32c"):
+        reader.read(1)
+    with pytest.raises(ValueError, match="checksum"):  # zarr checks the same crc32c
+        reader.level("1x")[1]
+    problems = reader.verify()
+    assert [(p.row, p.key) for p in problems] == [(1, "bb")]
+    assert "ChunkChecksumError" in problems[0].problem
 
 
 def test_other_signature_is_refused(tmp_path):
