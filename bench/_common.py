@@ -203,12 +203,14 @@ def gpu_peak(fn) -> float:
 
 
 def numcodec(codec: str):
-    """The numcodecs codec doing the same encoding as `pipeline.cache.CODECS[codec]` (or None)."""
+    """The numcodecs codec doing the same compression as `pipeline.cache.CODECS[codec]` (or
+    None), without the crc32c every chunk carries."""
     import numcodecs
+    from zarr.codecs import Crc32cCodec
 
     from pipeline.cache import CODECS
 
-    made = CODECS[codec]()
+    made = [c for c in CODECS[codec]() if not isinstance(c, Crc32cCodec)]
     if not made:
         return None
     (zarr_codec,) = made

@@ -35,6 +35,7 @@ from pipeline.cache import CODECS, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.datasets import SegmentationSamples, ViewVocabulary
 from pipeline.extraction import run_extraction
+from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
 from pipeline.manifest import read_manifest, sample_keys
 
@@ -182,9 +183,12 @@ def raw_pass(maps: dict, rows, batch: int) -> tuple[float, float]:
 
 def loader_pass(dataset, workers: int, batch: int, pin: bool) -> tuple[float, float, float]:
     """(seconds of a whole pass incl. worker start, seconds to the first batch, others' CPU
-    share), shuffled."""
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=pin,
-                        sampler=order(len(dataset)))
+    share), shuffled. A `Batched` dataset is wrapped as the trainer wraps it."""
+    inner = dataset.dataset if isinstance(dataset, Batched) else dataset
+    loader = DataLoader(inner, batch_size=batch, num_workers=workers, pin_memory=pin,
+                        sampler=order(len(inner)))
+    if isinstance(dataset, Batched):
+        loader = dataset.wrap(loader, pin)
     with C.Others() as others:
         start, first = time.perf_counter(), None
         for _ in loader:
@@ -193,19 +197,41 @@ def loader_pass(dataset, workers: int, batch: int, pin: bool) -> tuple[float, fl
     return seconds, first, others.share
 
 
+class Batched:
+    """A dataset without features whose loader `FeatureBatches` wraps (as the trainer does)."""
+
+    def __init__(self, dataset, path: Path, rows, levels, samples):
+        self.dataset, self.path, self.rows, self.levels = dataset, path, rows, levels
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def wrap(self, loader, pin: bool) -> FeatureBatches:
+        return FeatureBatches(loader, cache_path=self.path, rows=np.asarray(self.rows)[:, None],
+                              levels=tuple(self.levels), samples=self.samples, pin_memory=pin)
+
+
 # ---------------------------------------------------------------- loaders against raw reads
 def datasets_for(path: Path, samples: list, rows, levels, resolution: int) -> dict:
     views = ViewVocabulary.from_samples(samples)
     common = dict(resolution=resolution, views=views, cache_path=path, rows=rows,
                   levels=levels)
+    inputs = dict(resolution=resolution, views=views)
     return {
         "FeatureCache.read per row": FeatureRows(path, rows, levels),
-        "SegmentationSamples, features only": SegmentationSamples(
+        "features in the workers (SegmentationSamples)": SegmentationSamples(
             samples, with_image=False, with_masks=False, **common),
-        "SegmentationSamples + masks + images (Stage B)": SegmentationSamples(
+        "features in this process (FeatureBatches, as Stage B reads)": Batched(
+            SegmentationSamples(samples, with_image=False, with_masks=False, **inputs),
+            path, rows, levels, samples),
+        "features in the workers + masks + images": SegmentationSamples(
             samples, with_image=True, with_masks=True, **common),
         "the same, images normalised to float32 in the loader": FloatImages(
             samples, with_image=True, with_masks=True, **common),
+        "FeatureBatches + masks + images in the workers (Stage B)": Batched(
+            SegmentationSamples(samples, with_image=True, with_masks=True, **inputs),
+            path, rows, levels, samples),
     }
 
 

@@ -148,26 +148,40 @@ class ChunkFiles:
         return cls(folder, tuple(array.shape[1:]), np.dtype(array.dtype), compressor, checksum)
 
     def read(self, row: int) -> np.ndarray | None:
-        """(C, h, w) in the array's dtype (writable), or None if the chunk has no file."""
+        """(C, h, w) in the array's dtype, or None if the chunk has no file."""
+        out = np.empty(self.shape, self.dtype)
+        return out if self.read_into(row, out) else None
+
+    def read_into(self, row: int, out: np.ndarray) -> bool:
+        """Fill `out` ((C, h, w), the array's dtype, C-contiguous: for example a slice of a
+        pinned batch tensor) with row `row`; False (and `out` untouched) if the chunk has no
+        file. Uncompressed chunks are read straight into `out`."""
+        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_into needs a C-contiguous {self.shape} {self.dtype} array, "
+                             f"got {out.shape} {out.dtype}")
+        path = self.folder / str(row) / "0" / "0" / "0"
         try:
-            with open(self.folder / str(row) / "0" / "0" / "0", "rb", buffering=0) as file:
-                size = os.fstat(file.fileno()).st_size
-                data = np.empty(size, np.uint8)
-                if file.readinto(data) != size:
-                    raise ValueError(f"chunk of row {row} changed size while being read")
+            file = open(path, "rb", buffering=0)
         except FileNotFoundError:
-            return None
-        if self._checksum:
-            data, stored = data[:-4], data[-4:].tobytes()
-            if np.uint32(google_crc32c.value(data)).tobytes() != stored:
-                raise ChunkChecksumError(f"chunk of row {row} fails its crc32c checksum")
+            return False
+        with file:
+            size, crc = os.fstat(file.fileno()).st_size, 4 * self._checksum
+            if self._compressor is None:
+                if size - crc != self.nbytes:
+                    raise ValueError(f"chunk of row {row} holds {size - crc} bytes, "
+                                     f"not {self.nbytes}")
+                payload = out.reshape(-1).view(np.uint8)  # a view: `out` itself is filled
+            else:
+                payload = np.empty(size - crc, np.uint8)
+            got = file.readinto(payload)
+            stored = file.read(crc) if crc else b""
+            if got != size - crc or len(stored) != crc:
+                raise ValueError(f"chunk of row {row} changed size while being read")
+        if self._checksum and google_crc32c.value(payload).to_bytes(4, "little") != stored:
+            raise ChunkChecksumError(f"chunk of row {row} fails its crc32c checksum")
         if self._compressor is not None:
-            out = np.empty(self.shape, self.dtype)
-            self._compressor.decode(data, out=out)
-            return out
-        if data.size != self.nbytes:
-            raise ValueError(f"chunk of row {row} holds {data.size} bytes, not {self.nbytes}")
-        return data.view(self.dtype).reshape(self.shape)
+            self._compressor.decode(payload, out=out)
+        return True
 
 
 class FeatureCache:

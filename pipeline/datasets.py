@@ -86,7 +86,8 @@ class SegmentationSamples(Dataset):
       `pipeline.images.normalize` on its device;
     - "mask": (1, R, R) float32 in {0, 1} (when `with_masks`); "view": () long;
       "angles": (4,) float32 [sin, cos of the primary and secondary angle] or zeros;
-    - "index": () long, the sample's position in `samples`.
+    - "index": () long, the sample's position in `samples`; "copy": () long, which copy was
+      drawn (0: the original), so `pipeline.feature_batches` can pick the cache row.
 
     `rows` (N,) or (N, 1 + len(augment)): the cache row of each sample (and of its copies).
     `augment`: copy names; set `epoch` before each epoch, the draw depends on (seed, epoch, i).
@@ -124,6 +125,7 @@ class SegmentationSamples(Dataset):
         name = self.augment[copy - 1] if copy else None
         item = {
             "index": torch.tensor(i),
+            "copy": torch.tensor(copy),
             "view": torch.tensor(self.views.index(sample.view)),
             "angles": torch.from_numpy(encode_angles(*sample.angles)) if sample.angles
             else torch.zeros(4),

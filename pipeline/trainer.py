@@ -18,6 +18,7 @@ from pipeline.augment import augmented_key, copies
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples, to_device
+from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
 from pipeline.losses import dice_bce_loss
 from pipeline.manifest import UNKNOWN_VIEW
@@ -49,33 +50,49 @@ class _Data:
                                  "extract them first (extract_features.py)")
         common = dict(resolution=self.resolution, views=p.views, with_image=cfg.image_branch)
         self.cache = cache
-        self.train_cached = SegmentationSamples(
-            p.train, cache_path=cache, levels=cfg.levels, rows=train_rows, augment=augment,
-            seed=cfg.seed, **common)
-        self.val_cached = SegmentationSamples(p.val, cache_path=cache, levels=cfg.levels,
-                                              rows=val_rows, **common)
+        # Cached epochs: the loader's workers decode masks (and images for the image branch);
+        # `FeatureBatches` adds the features in this process (see pipeline.feature_batches).
+        self.rows = {"train": train_rows.reshape(len(p.train), -1),
+                     "val": val_rows.reshape(len(p.val), 1)}
+        self.train_cached = SegmentationSamples(p.train, augment=augment, seed=cfg.seed,
+                                                **common)
+        self.val_cached = SegmentationSamples(p.val, **common)
         self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views,
                                               augment=augment, seed=cfg.seed)
         self.val_live = SegmentationSamples(p.val, resolution=self.resolution, views=p.views)
 
-    def train_loader(self, epoch: int, live: bool) -> DataLoader:
+    def train_loader(self, epoch: int, live: bool):
         dataset = self.train_live if live else self.train_cached
         dataset.epoch = epoch
         sampler = DistributedSampler(dataset, num_replicas=self.context.world_size,
                                      rank=self.context.rank, shuffle=True,
                                      seed=self.prepared.config.seed)
         sampler.set_epoch(epoch)
-        return self._loader(dataset, sampler)
+        return self._loader(dataset, sampler, None if live else "train")
 
-    def val_loader(self, live: bool) -> DataLoader:
+    def val_loader(self, live: bool):
         dataset = self.val_live if live else self.val_cached
         mine = list(range(self.context.rank, len(dataset), self.context.world_size))
-        return self._loader(Subset(dataset, mine), None)
+        return self._loader(Subset(dataset, mine), None, None if live else "val")
 
-    def _loader(self, dataset, sampler) -> DataLoader:
+    def _loader(self, dataset, sampler, cached_split: str | None):
+        """A DataLoader; for a cached epoch (`cached_split` "train"/"val") wrapped in
+        `FeatureBatches`, which adds each batch's features."""
         cfg = self.prepared.config
-        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
-                          num_workers=cfg.loader_workers, pin_memory=cfg.device == "cuda")
+        pin = cfg.device == "cuda"
+        loader = DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
+                            num_workers=cfg.loader_workers, pin_memory=pin)
+        if cached_split is None:
+            return loader
+        samples = self.prepared.train if cached_split == "train" else self.prepared.val
+        return FeatureBatches(loader, cache_path=self.cache, rows=self.rows[cached_split],
+                              levels=cfg.levels, samples=samples, pin_memory=pin)
+
+    def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """{level: (len(indices), 256, h, w) float16} of the original images (not copies)."""
+        store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
+        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl])[lvl]) for r in rows])
+                for lvl in self.prepared.config.levels}
 
 
 def _resolution(backbone: str) -> int:
@@ -146,8 +163,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
 def feature_drift(model, data: _Data, device, probe: int) -> float:
     """Mean cosine similarity of cached and live 1x features on the first `probe` train images."""
     model.eval()
-    indices = range(min(probe, len(data.train_cached)))
-    cached = torch.stack([data.train_cached.item(i, 0)["features"]["1x"] for i in indices])
+    indices = list(range(min(probe, len(data.train_cached))))
+    cached = data.cached_features("train", indices)["1x"]
     images = torch.stack([data.train_live.item(i, 0)["image"] for i in indices]).to(device)
     live = model.live_features(images)["1x"].float().cpu()
     model.train()
@@ -300,7 +317,10 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
         dataset = data.val_live if live else data.val_cached
-        batch = to_device(torch.utils.data.default_collate([dataset[i] for i in chosen]), device)
+        batch = torch.utils.data.default_collate([dataset[i] for i in chosen])
+        if not live:
+            batch["features"] = data.cached_features("val", chosen)
+        batch = to_device(batch, device)
         model.eval()
         with torch.no_grad():
             pred = (model(batch, live=live) > 0).squeeze(1).cpu()

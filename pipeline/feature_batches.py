@@ -1,0 +1,83 @@
+"""Cached features of each training batch, read in the training process, one batch ahead.
+
+DataLoader worker processes hand every tensor to the trainer through shared memory, and that
+transfer, not the read, bounds how fast features reach the GPU: sam3 stores 2.65 MB per sample at
+1x, 13 MB with 2x, 55 MB with 4x (BENCHMARKS.md measures the DataLoader's own ceiling). So the
+workers decode only what needs a CPU (masks, images, views), and `FeatureBatches` reads each
+batch's chunks with threads straight into one (pinned, on CUDA) batch tensor per level, while the
+model works on the batch before.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheError, ChunkFiles, FeatureCache
+
+
+class FeatureBatches:
+    """Iterates `loader` (batches of `SegmentationSamples` without "features"), adding
+    batch["features"] = {level: (B, 256, h, w) float16} read from the cache at `cache_path`.
+
+    `rows` (N, 1 + K): the cache row of each sample of the loader's dataset (and of its K
+    augmented copies), picked by the batch's "index" and "copy". `samples` names the image in
+    errors. Reads of batch k + 1 start before batch k is handed out.
+    """
+
+    def __init__(self, loader, *, cache_path: Path, rows: np.ndarray, levels: tuple[str, ...],
+                 samples: list, pin_memory: bool, threads: int | None = None):
+        self.loader, self.cache_path, self.levels = loader, Path(cache_path), tuple(levels)
+        self.rows, self.samples, self.pin_memory = np.asarray(rows), samples, pin_memory
+        self.threads = threads or min(8, os.cpu_count() or 1)
+        self._cache: FeatureCache | None = None
+        self._files: dict[str, ChunkFiles | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="features") as pool:
+            ahead: tuple[dict, list[Future]] | None = None
+            for batch in self.loader:
+                current = (batch, self._submit(pool, batch))
+                if ahead is not None:
+                    yield self._finish(*ahead)
+                ahead = current
+            if ahead is not None:
+                yield self._finish(*ahead)
+
+    def _submit(self, pool: ThreadPoolExecutor, batch: dict) -> list[Future]:
+        if self._cache is None:
+            self._cache = FeatureCache.open(self.cache_path)
+            self._files = {lvl: ChunkFiles.for_array(self._cache.level(lvl))
+                           for lvl in self.levels}
+        index, copy = batch["index"].numpy(), batch["copy"].numpy()
+        rows = self.rows[index, copy]
+        out = {lvl: torch.empty((len(rows), *self._cache.level_shape(lvl)), dtype=torch.float16,
+                                pin_memory=self.pin_memory) for lvl in self.levels}
+        batch["features"] = out
+        return [pool.submit(self._read, int(index[j]), int(row), lvl, out[lvl][j].numpy())
+                for j, row in enumerate(rows) for lvl in self.levels]
+
+    def _read(self, i: int, row: int, level: str, out: np.ndarray) -> None:
+        files = self._files[level]
+        try:
+            if files is None or not files.read_into(row, out):
+                out[...] = self._cache.level(level)[row]  # another layout, or a fill chunk
+        except Exception as err:
+            raise CacheError(
+                f"{self.cache_path}: features of {self.samples[i].image} (row {row}) are "
+                f"unreadable ({type(err).__name__}: {err}); run `python -m pipeline.cache "
+                f"verify {self.cache_path.stem} --repair`, then extract_features.py again"
+            ) from err
+
+    @staticmethod
+    def _finish(batch: dict, reads: list[Future]) -> dict:
+        for read in reads:
+            read.result()
+        return batch
