@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipeline.backbone import PRESETS
-from pipeline.cache import CODECS, ChunkFiles, FeatureCache
+from pipeline.cache import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.datasets import SegmentationSamples, ViewVocabulary
 from pipeline.extraction import run_extraction
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=192, help="samples in the cache")
     parser.add_argument("--image-side", type=int, default=320, help="side of the source PNGs")
-    parser.add_argument("--codec", default="zstd", choices=sorted(CODECS),
+    parser.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS),
                         help="codec of the cache the loaders read")
     parser.add_argument("--level-sets", default="1x;1x,2x,4x", help="';'-separated")
     parser.add_argument("--loader-workers", default="0,1,2")
@@ -246,7 +246,7 @@ def loaders_table(args, path: Path, samples: list, rows) -> str:
         seconds, others = min(raw_pass(maps, rows, batch) for _ in range(7))
         raw = n / seconds
         out.append([",".join(levels), "raw memmap reads + collate (1 process)", "", raw,
-                    raw * mb, 1.0, "", "", C.share(others)])
+                    raw, raw * mb, 1.0, "", "", C.share(others)])
         ceiling = {}
         constant = ConstantRows(n, {lvl: m.shape[1:] for lvl, m in maps.items()})
         readers = {"DataLoader alone (constant tensors, no reads)": constant,
@@ -255,15 +255,17 @@ def loaders_table(args, path: Path, samples: list, rows) -> str:
             for workers in args.loader_workers:
                 passes = [loader_pass(dataset, workers, batch, pin) for _ in range(3)]
                 seconds, first, others = min(passes)
-                rate = n / seconds
-                ceiling.setdefault(workers, rate)
-                out.append([",".join(levels), name, workers, rate, rate * mb, rate / raw,
-                            rate / ceiling[workers], first * 1e3, C.share(others)])
+                rate, steady = n / seconds, (n - batch) / (seconds - first)
+                ceiling.setdefault(workers, steady)
+                out.append([",".join(levels), name, workers, rate, steady, steady * mb,
+                            steady / raw, steady / ceiling[workers], first * 1e3,
+                            C.share(others)])
     return C.table(f"Stage B data path, {n} samples, batch {batch}, shuffled, warm page cache "
                    "(loaders: best of 3 passes, each with a new DataLoader as the trainer "
                    "makes; raw: best of 7)",
-                   ["levels", "reader", "workers", "samples/s", "MB/s (features)", "ratio to raw "
-                    "(target >= 0.8)", "ratio to DataLoader alone", "first batch ms",
+                   ["levels", "reader", "workers", "samples/s", "samples/s after the first batch",
+                    "MB/s (features, after the first batch)", "ratio to raw, after the first "
+                    "batch (target >= 0.8)", "ratio to DataLoader alone", "first batch ms",
                     "others' CPU share"], out)
 
 
@@ -376,7 +378,12 @@ def notes(args, best: tuple[str, str]) -> list[str]:
                    "init): compression ratios of trained SAM 3 features may differ; rerun on a "
                    "cache of real features before changing the default.")
     out.append("MB/s counts decoded float16 feature bytes; ratios to raw compare each loader "
-               "with one process copying the same rows out of uncompressed .npy memmaps.")
+               "(after its first batch: worker start-up is in `samples/s` and `first batch "
+               "ms`) with one process copying the same rows out of uncompressed .npy memmaps.")
+    out.append("`DataLoader alone` builds same-sized tensors in `__getitem__` without reading "
+               "anything: with worker processes, its rate is what the transfer of batches "
+               "through shared memory allows on this machine. `FeatureBatches` (Stage B) reads "
+               "features in the training process, so only masks, images and indices cross.")
     return out
 
 
