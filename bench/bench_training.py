@@ -7,9 +7,10 @@
 Runs `pipeline.training.train` (the real loop, one process) with `--e2e-every E --epochs E`:
 epochs 1..E-1 train from the cache and epoch E runs end to end through the LoRA'd backbone,
 with the same head on the same device, once per `--loader-workers` value. Reads `seconds` and
-`data_wait` from metrics.jsonl, and times `SegmentationMeter.update` (Dice, IoU, clDice on every
-training step) inside the run. Also: Stage B's per-sample CPU costs, and on CUDA the peak GPU
-memory of a training step by batch size, cached and end to end with and without activation
+`data_wait` from metrics.jsonl, and times `score_batch` (Dice and IoU of every training image,
+clDice of the first `--train-cldice` per epoch, in scoring threads) inside the run. Also:
+Stage B's per-sample CPU costs, and on CUDA the peak GPU memory of a training step by batch
+size, cached and end to end with and without activation
 checkpointing.
 """
 
@@ -30,7 +31,7 @@ from pipeline.config import TrainConfig
 from pipeline.datasets import resize_mask
 from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.manifest import read_manifest
-from pipeline.metrics import SegmentationMeter
+from pipeline.metrics import score_batch
 
 
 def parse_args(argv=None):
@@ -64,18 +65,21 @@ def train_config(args, manifest: Path, workers: int, run_dir: Path, **overrides)
 
 @contextmanager
 def metric_timer(spent: list):
-    """Append, per training run_epoch call, the seconds spent in SegmentationMeter.update."""
+    """Append, per training run_epoch call, the thread-seconds spent in `score_batch`."""
+    import threading
+
     import pipeline.trainer as trainer
 
-    original_epoch, original_update = trainer.run_epoch, SegmentationMeter.update
-    clock = {"s": 0.0}
+    original_epoch, original_score = trainer.run_epoch, trainer.score_batch
+    clock, lock = {"s": 0.0}, threading.Lock()
 
-    def update(self, *a, **k):
+    def score(*a, **k):
         start = time.perf_counter()
         try:
-            return original_update(self, *a, **k)
+            return original_score(*a, **k)
         finally:
-            clock["s"] += time.perf_counter() - start
+            with lock:
+                clock["s"] += time.perf_counter() - start
 
     def run_epoch(*a, **k):
         clock["s"] = 0.0
@@ -84,11 +88,11 @@ def metric_timer(spent: list):
             spent.append(clock["s"])
         return result
 
-    trainer.run_epoch, SegmentationMeter.update = run_epoch, update
+    trainer.run_epoch, trainer.score_batch = run_epoch, score
     try:
         yield
     finally:
-        trainer.run_epoch, SegmentationMeter.update = original_epoch, original_update
+        trainer.run_epoch, trainer.score_batch = original_epoch, original_score
 
 
 def train_run(args, manifest: Path, workers: int) -> list[dict]:
@@ -128,9 +132,9 @@ def epochs_tables(args, runs: dict[int, list[dict]]) -> list[str]:
                         f"{100 * mean([r['data_wait'] for r in steady]):.1f} %",
                         f"{100 * mean([r['data_wait'] for r in e2e]):.1f} %",
                         C.share(records[0]["others"])])
-    note = ("seconds, data_wait and samples/s from metrics.jsonl; metrics share = time in "
-            "SegmentationMeter.update (Dice, IoU, clDice of every training step, on the main "
-            "thread) / epoch seconds")
+    note = ("seconds, data_wait and samples/s from metrics.jsonl; metrics share = "
+            "thread-seconds in score_batch (Dice and IoU of every training image, clDice of the "
+            "first --train-cldice, in scoring threads beside the steps) / epoch seconds")
     return [
         C.table("Cached against end-to-end epochs (cached: mean of the epochs after the first)",
                 ["loader_workers", "cached s/epoch", "end-to-end s/epoch",
@@ -163,8 +167,10 @@ def costs_table(args, manifest: Path) -> str:
             f"resize_mask to {side}": lambda ms=masks, r=side: [resize_mask(m, r) for m in ms],
             f"read_image + sam3_resize to {side} (uint8)": lambda ss=samples, r=side: [
                 sam3_resize(r)(read_image(s.image)) for s in ss],
-            f"SegmentationMeter.update at {side} (main thread)": lambda p=pred, t=small: (
-                SegmentationMeter().update(np.stack(p), np.stack(t), ["v"] * len(p))),
+            f"score_batch at {side}, clDice too": lambda p=pred, t=small: (
+                score_batch(np.stack(p), np.stack(t))),
+            f"score_batch at {side}, Dice and IoU only": lambda p=pred, t=small: (
+                score_batch(np.stack(p), np.stack(t), centreline=False)),
         }
         for name, fn in pieces.items():
             rows.append([label, name, C.best_time(fn, repeat=3) / len(samples) * 1e3])

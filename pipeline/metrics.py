@@ -83,7 +83,25 @@ def _as_bool_batch(masks) -> np.ndarray:
 
 
 def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else math.nan
+    """Mean of the values that were computed (NaN marks one that was not); NaN if none was."""
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def score_batch(pred, target, *, centreline: bool = True) -> dict[str, list[float]]:
+    """Per-image scores of a batch: {"dice": [B], "iou": [B], "cldice": [B]}. `pred`, `target`:
+    (B, H, W) bool (numpy or torch; integer 0/1 and (B, 1, H, W) also accepted). Without
+    `centreline`, clDice (a skeleton of each mask: the costly part) is NaN, "not computed".
+    Pure: safe to run in several threads (skimage releases the GIL while skeletonising)."""
+    pred, target = _as_bool_batch(pred), _as_bool_batch(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} differ in shape")
+    return {
+        "dice": [dice(p, t) for p, t in zip(pred, target, strict=True)],
+        "iou": [iou(p, t) for p, t in zip(pred, target, strict=True)],
+        "cldice": [cldice(p, t) if centreline else math.nan
+                   for p, t in zip(pred, target, strict=True)],
+    }
 
 
 class SegmentationMeter:
@@ -91,6 +109,7 @@ class SegmentationMeter:
 
     Holds plain lists, so DDP ranks can exchange `state()` (e.g. with
     `torch.distributed.all_gather_object`) and combine them with `from_state` and `merge`.
+    A NaN score was not computed (see `score_batch`); means skip it.
     """
 
     def __init__(self) -> None:
@@ -100,19 +119,18 @@ class SegmentationMeter:
     def __len__(self) -> int:
         return len(self.views)
 
-    def update(self, pred, target, views: list[str]) -> None:
-        """Score a batch. `pred`, `target`: (B, H, W) bool (numpy or torch; integer 0/1 and
-        (B, 1, H, W) also accepted). `views`: B view labels."""
-        pred, target = _as_bool_batch(pred), _as_bool_batch(target)
-        if pred.shape != target.shape:
-            raise ValueError(f"pred {pred.shape} and target {target.shape} differ in shape")
-        if len(views) != len(pred):
-            raise ValueError(f"{len(views)} view labels for a batch of {len(pred)}")
-        for p, t, view in zip(pred, target, views, strict=True):
-            self.views.append(str(view))
-            self.scores["dice"].append(dice(p, t))
-            self.scores["iou"].append(iou(p, t))
-            self.scores["cldice"].append(cldice(p, t))
+    def update(self, pred, target, views: list[str], *, centreline: bool = True) -> None:
+        """Score a batch (see `score_batch`) and add it. `views`: B view labels."""
+        self.add(score_batch(pred, target, centreline=centreline), views)
+
+    def add(self, scores: dict[str, list[float]], views: list[str]) -> None:
+        """Add a batch scored by `score_batch`, with its B view labels."""
+        if any(len(scores[name]) != len(views) for name in SCORES):
+            raise ValueError(f"{len(views)} view labels for a batch of "
+                             f"{len(scores['dice'])}")
+        self.views.extend(str(view) for view in views)
+        for name in SCORES:
+            self.scores[name].extend(scores[name])
 
     def summary(self) -> dict:
         """{"dice", "iou", "cldice": mean over images (NaN when none), "n": images,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import SegmentationMeter, cldice, dice, iou
+from pipeline.metrics import SegmentationMeter, cldice, dice, iou, score_batch
 
 
 def _line(row: int = 5, start: int = 2, stop: int = 12, shape=(12, 20)) -> np.ndarray:
@@ -101,3 +101,16 @@ def test_empty_meter_summary():
     summary = SegmentationMeter().summary()
     assert summary["n"] == 0 and summary["per_view"] == {}
     assert math.isnan(summary["dice"])
+
+
+def test_batches_scored_without_centrelines_count_for_dice_but_not_cldice():
+    pred, target, views = _batch()
+    meter = SegmentationMeter()
+    meter.update(pred[:1], target[:1], views[:1])  # identical: every score 1
+    meter.add(score_batch(pred[1:], target[1:], centreline=False), views[1:])
+    summary = meter.summary()
+    assert summary["n"] == 3 and summary["dice"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert summary["cldice"] == 1.0  # only the image whose skeleton was computed
+    assert summary["per_view"]["LAO"]["n"] == 1 and math.isnan(summary["per_view"]["LAO"]["cldice"])
+    state = SegmentationMeter.from_state(meter.state()).summary()
+    assert state["cldice"] == 1.0 and math.isnan(state["per_view"]["LAO"]["cldice"])

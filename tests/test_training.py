@@ -63,6 +63,16 @@ def test_run_directory_holds_every_promised_file(dataset, tmp_path):
     assert config["cache"]["signature"]["backbone"] == "tiny"
 
 
+def test_train_cldice_limits_skeletons_to_the_first_training_images(dataset, tmp_path):
+    _extract(dataset, tmp_path / "cache")
+    none = _metrics(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=0)))
+    some = _metrics(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=2,
+                                  run_dir=str(tmp_path / "some"))))
+    assert none[0]["split"] == "train" and none[0]["cldice"] is None
+    assert none[0]["dice"] is not None and none[1]["cldice"] is not None  # val: every score
+    assert some[0]["cldice"] is not None and some[0]["dice"] == none[0]["dice"]
+
+
 def test_e2e_steps_update_lora_and_head_only(dataset, tmp_path):
     from torch.utils.data import DataLoader
 
