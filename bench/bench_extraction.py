@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.backbone import LEVELS, PRESETS
-from pipeline.cache import CODECS, FeatureCache
+from pipeline.cache import CODECS, DEFAULT_CODEC, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.extraction import run_extraction
 from pipeline.images import load_preprocessed, normalize, read_image, sam3_resize
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--images", type=int, default=64, help="N images of the main run")
     parser.add_argument("--image-side", type=int, default=512, help="side of the source PNGs")
     parser.add_argument("--levels", default="1x,2x,4x")
-    parser.add_argument("--codec", default="zstd", choices=sorted(CODECS))
+    parser.add_argument("--codec", default=DEFAULT_CODEC, choices=sorted(CODECS))
     parser.add_argument("--loader-workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds of bare and real runs; the best is kept")

@@ -4,20 +4,24 @@ DataLoader worker processes hand every tensor to the trainer through shared memo
 transfer, not the read, bounds how fast features reach the GPU: sam3 stores 2.65 MB per sample at
 1x, 13 MB with 2x, 55 MB with 4x (BENCHMARKS.md measures the DataLoader's own ceiling). So the
 workers decode only what needs a CPU (masks, images, views), and `FeatureBatches` reads each
-batch's chunks with threads straight into one (pinned, on CUDA) batch tensor per level, while the
-model works on the batch before.
+batch's chunks with threads straight into one (pinned, on CUDA) batch tensor per level, in a
+producer thread that runs ahead of the model.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from queue import Full, Queue
 
 import numpy as np
 import torch
 
 from pipeline.cache import CacheError, ChunkFiles, FeatureCache
+
+_END = object()
 
 
 class FeatureBatches:
@@ -26,8 +30,10 @@ class FeatureBatches:
 
     `rows` (N, 1 + K): the cache row of each sample of the loader's dataset (and of its K
     augmented copies), picked by the batch's "index" and "copy". `samples` names the image in
-    errors. Reads of batch k + 1 start before batch k is handed out.
+    errors. A producer thread fills batches ahead of the caller, so reads overlap its steps.
     """
+
+    AHEAD = 2
 
     def __init__(self, loader, *, cache_path: Path, rows: np.ndarray, levels: tuple[str, ...],
                  samples: list, pin_memory: bool, threads: int | None = None):
@@ -41,15 +47,44 @@ class FeatureBatches:
         return len(self.loader)
 
     def __iter__(self):
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="features") as pool:
-            ahead: tuple[dict, list[Future]] | None = None
-            for batch in self.loader:
-                current = (batch, self._submit(pool, batch))
-                if ahead is not None:
-                    yield self._finish(*ahead)
-                ahead = current
-            if ahead is not None:
-                yield self._finish(*ahead)
+        """Batches in the loader's order. A producer thread pulls the loader and reads features
+        while the caller works on earlier batches (up to `AHEAD` finished batches wait)."""
+        queue, stop = Queue(maxsize=self.AHEAD), threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    queue.put(item, timeout=0.1)
+                    return True
+                except Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                with ThreadPoolExecutor(self.threads, thread_name_prefix="features") as pool:
+                    for batch in self.loader:
+                        for read in self._submit(pool, batch):
+                            read.result()
+                        if not put(batch):
+                            return
+                put(_END)
+            except BaseException as err:  # handed to the caller, raised there
+                put(err)
+
+        producer = threading.Thread(target=produce, name="feature-batches", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            producer.join()
 
     def _submit(self, pool: ThreadPoolExecutor, batch: dict) -> list[Future]:
         if self._cache is None:
@@ -75,9 +110,3 @@ class FeatureBatches:
                 f"unreadable ({type(err).__name__}: {err}); run `python -m pipeline.cache "
                 f"verify {self.cache_path.stem} --repair`, then extract_features.py again"
             ) from err
-
-    @staticmethod
-    def _finish(batch: dict, reads: list[Future]) -> dict:
-        for read in reads:
-            read.result()
-        return batch

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,13 @@ def test_a_damaged_chunk_names_the_image_and_the_repair(cached):
     with pytest.raises(CacheError, match=rf"{samples[4].image.name} \(row {rows[4, 0]}\).*"
                                          r"crc32c.*pipeline.cache verify"):
         list(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_caller_that_stops_early_leaves_no_producer_behind(cached, workers):
+    samples, cache, rows = cached
+    batches = iter(_batches(samples, cache, rows, workers=workers))
+    first = next(batches)
+    assert first["features"]["1x"].shape == (3, 4, 3, 3)
+    batches.close()  # as when an epoch stops after --e2e-steps
+    assert not [t for t in threading.enumerate() if t.name == "feature-batches"]
