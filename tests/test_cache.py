@@ -77,19 +77,23 @@ def test_the_next_writer_removes_partial_chunks_a_killed_writer_left(tmp_path):
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
-def test_direct_chunk_reads_equal_zarr_reads(tmp_path, codec):
+def test_direct_chunk_files_are_zarrs_own(tmp_path, codec):
     cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec=codec)
-    cache.add_keys(["aa", "bb", "cc"])
-    cache.write_sample(0, {"1x": _value(1)})
-    cache.write_sample(1, {"1x": np.zeros((4, 3, 3), np.float16)})  # zarr writes no file
+    cache.add_keys(["aa", "bb", "cc", "dd"])
+    cache.write_sample(0, {"1x": _value(1)})  # straight to the chunk file
+    cache.level("1x")[3] = _value(1)  # through zarr
+    chunks = cache.path / "features/1x/c"
+    assert (chunks / "0/0/0/0").read_bytes() == (chunks / "3/0/0/0").read_bytes()
+    cache.level("1x")[1] = np.zeros((4, 3, 3), np.float16)  # zarr writes no file for it
     files = ChunkFiles.for_array(cache.level("1x"))
     assert files is not None, "the cache's own layout is read directly"
     direct = files.read(0)
     assert direct.dtype == np.float16 and direct.flags.writeable
     np.testing.assert_array_equal(direct, cache.level("1x")[0])
     assert files.read(1) is None and files.read(2) is None
+    assert not list(chunks.rglob("*.partial"))
     reader = FeatureCache.open(cache.path)
-    for row in range(3):
+    for row in range(4):
         np.testing.assert_array_equal(reader.read(row)["1x"], cache.level("1x")[row])
 
 

@@ -25,7 +25,7 @@ from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 from PIL import Image
 
 from pipeline.backbone import build_backbone
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import CacheError, ChunkFiles, FeatureCache
 from pipeline.cache_cli import main as cache_cli
 from pipeline.checks import check_manifest
 from pipeline.config import ExtractConfig, TrainConfig
@@ -170,18 +170,28 @@ def test_disk_full_keeps_finished_samples_and_the_rerun_completes(tmp_path, monk
     n = 8
     manifest = make_dataset(tmp_path / "d", n, size=32)
     clean = _features_by_key(FeatureCache.open(_extract(manifest, tmp_path / "clean").path))
-    real_set, written, refused = zarr.storage.LocalStore.set, [], []
+    real_set, real_write, written, refused = zarr.storage.LocalStore.set, ChunkFiles.write, [], []
+
+    def room_for(key: str, path: str) -> None:
+        """Every chunk, feature (written directly) or done flag (through zarr), takes room:
+        the first 7 fit, then the disk is full."""
+        if len(written) >= 7:
+            refused.append(key)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        written.append(key)
 
     async def set_until_full(store, key, value):
-        if "/c/" in key:  # a chunk: the first 7 fit, then the disk is full
-            if len(written) >= 7:
-                refused.append(key)
-                raise OSError(errno.ENOSPC, "No space left on device", str(store.root / key))
-            written.append(key)
+        if "/c/" in key:
+            room_for(key, str(store.root / key))
         return await real_set(store, key, value)
+
+    def write_until_full(files, row, value):
+        room_for(f"features/c/{row}", str(files.folder / str(row)))
+        return real_write(files, row, value)
 
     with monkeypatch.context() as patch:
         patch.setattr(zarr.storage.LocalStore, "set", set_until_full)
+        patch.setattr(ChunkFiles, "write", write_until_full)
         with pytest.raises(OSError) as info:
             _extract(manifest, tmp_path / "cache")
     message = str(info.value)
