@@ -170,7 +170,7 @@ def costs_table(args, manifest: Path) -> str:
             f"score_batch at {side}, clDice too": lambda p=pred, t=small: (
                 score_batch(np.stack(p), np.stack(t))),
             f"score_batch at {side}, Dice and IoU only": lambda p=pred, t=small: (
-                score_batch(np.stack(p), np.stack(t), centreline=False)),
+                score_batch(np.stack(p), np.stack(t), centrelines=0)),
         }
         for name, fn in pieces.items():
             rows.append([label, name, C.best_time(fn, repeat=3) / len(samples) * 1e3])

@@ -202,14 +202,22 @@ class ChunkFiles:
                 payload = out.reshape(-1).view(np.uint8)  # a view: `out` itself is filled
             else:
                 payload = np.empty(size - crc, np.uint8)
-            got = file.readinto(payload)
-            stored = file.read(crc) if crc else b""
-            if got != size - crc or len(stored) != crc:
-                raise ValueError(f"chunk of row {row} changed size while being read")
-        if self._checksum and google_crc32c.value(payload).to_bytes(4, "little") != stored:
+            stored = np.empty(crc, np.uint8)
+            for part in (payload, stored):
+                view, got = memoryview(part), 0
+                while got < len(view):  # a read may return less (network filesystems, signals)
+                    step = file.readinto(view[got:])
+                    if not step:
+                        raise ValueError(f"chunk of row {row} changed size while being read")
+                    got += step
+        if self._checksum and google_crc32c.value(payload).to_bytes(4, "little") != bytes(stored):
             raise ChunkChecksumError(f"chunk of row {row} fails its crc32c checksum")
         if self._compressor is not None:
-            self._compressor.decode(payload, out=out)
+            decoded = self._compressor.decode(payload)  # decoding into `out` would not see a
+            if len(decoded) != self.nbytes:            # frame shorter than the chunk
+                raise ValueError(f"chunk of row {row} decodes to {len(decoded)} bytes, "
+                                 f"not {self.nbytes}")
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(decoded, np.uint8)
         return True
 
 
@@ -402,11 +410,18 @@ class FeatureCache:
     # ---------------------------------------------------------------- checking
     def verify(self) -> list[SampleProblem]:
         """Re-read every done sample as training reads it; report those unreadable (a damaged
-        chunk fails its checksum or its codec) or not finite."""
+        chunk fails its checksum or its codec), without a chunk file (every chunk this version
+        writes has one: a missing file is lost data, which zarr would read as zeros) or not
+        finite."""
         keys, done = self.keys(), self.done()
         problems = []
         for row in np.flatnonzero(done):
             for level in self.levels:
+                files = self._files(level)
+                if files is not None and not (files.folder / str(row) / "0/0/0").is_file():
+                    problems.append(SampleProblem(int(row), keys[row],
+                                                  f"{level} chunk file missing"))
+                    break
                 try:
                     value = self.read(int(row), [level])[level]
                 except Exception as err:

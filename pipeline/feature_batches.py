@@ -60,10 +60,13 @@ class FeatureBatches:
                     continue
             return False
 
+        # Made here, in the caller's thread: the pin-memory thread takes its device from it.
+        batches = iter(self.loader)
+
         def produce() -> None:
             try:
                 with ThreadPoolExecutor(self.threads, thread_name_prefix="features") as pool:
-                    for batch in self.loader:
+                    for batch in batches:
                         for read in self._submit(pool, batch):
                             read.result()
                         if not put(batch):
@@ -80,7 +83,8 @@ class FeatureBatches:
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
-                    raise item
+                    error, item = item, None  # no frame-traceback cycle keeps the loader alive
+                    raise error
                 yield item
         finally:
             stop.set()

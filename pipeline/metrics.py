@@ -88,19 +88,21 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
-def score_batch(pred, target, *, centreline: bool = True) -> dict[str, list[float]]:
+def score_batch(pred, target, *, centrelines: int | None = None) -> dict[str, list[float]]:
     """Per-image scores of a batch: {"dice": [B], "iou": [B], "cldice": [B]}. `pred`, `target`:
-    (B, H, W) bool (numpy or torch; integer 0/1 and (B, 1, H, W) also accepted). Without
-    `centreline`, clDice (a skeleton of each mask: the costly part) is NaN, "not computed".
+    (B, H, W) bool (numpy or torch; integer 0/1 and (B, 1, H, W) also accepted). Only the first
+    `centrelines` images (None: all) get clDice (a skeleton of each mask: the costly part); the
+    others' is NaN, "not computed".
     Pure: safe to run in several threads (skimage releases the GIL while skeletonising)."""
     pred, target = _as_bool_batch(pred), _as_bool_batch(target)
     if pred.shape != target.shape:
         raise ValueError(f"pred {pred.shape} and target {target.shape} differ in shape")
+    limit = len(pred) if centrelines is None else centrelines
     return {
         "dice": [dice(p, t) for p, t in zip(pred, target, strict=True)],
         "iou": [iou(p, t) for p, t in zip(pred, target, strict=True)],
-        "cldice": [cldice(p, t) if centreline else math.nan
-                   for p, t in zip(pred, target, strict=True)],
+        "cldice": [cldice(p, t) if i < limit else math.nan
+                   for i, (p, t) in enumerate(zip(pred, target, strict=True))],
     }
 
 
@@ -119,9 +121,9 @@ class SegmentationMeter:
     def __len__(self) -> int:
         return len(self.views)
 
-    def update(self, pred, target, views: list[str], *, centreline: bool = True) -> None:
+    def update(self, pred, target, views: list[str], *, centrelines: int | None = None) -> None:
         """Score a batch (see `score_batch`) and add it. `views`: B view labels."""
-        self.add(score_batch(pred, target, centreline=centreline), views)
+        self.add(score_batch(pred, target, centrelines=centrelines), views)
 
     def add(self, scores: dict[str, list[float]], views: list[str]) -> None:
         """Add a batch scored by `score_batch`, with its B view labels."""

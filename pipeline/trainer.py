@@ -136,32 +136,36 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
     iterator, start = iter(loader), time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        batch = to_device(next(iterator), device)
-        wait += time.perf_counter() - t
-        with torch.set_grad_enabled(training):
-            logits = model(batch, live=live)
-            loss = dice_bce_loss(logits, batch["mask"])
-        if training:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        n = len(batch["mask"])
-        loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
-        pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
-        scored.append((scoring.submit(
-            score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
-            centreline=centrelines is None or count - n < centrelines),
-            [views.label(i) for i in batch["view"].tolist()]))
-        while joined < len(scored) and scored[joined][0].done():
-            meter.add(scored[joined][0].result(), scored[joined][1])
-            joined += 1
-        rate = count / (time.perf_counter() - start)
-        dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
-        bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
-                        samples_s=f"{rate:.1f}")
-        bar.update()
+    try:
+        for _ in range(steps):
+            t = time.perf_counter()
+            batch = to_device(next(iterator), device)
+            wait += time.perf_counter() - t
+            with torch.set_grad_enabled(training):
+                logits = model(batch, live=live)
+                loss = dice_bce_loss(logits, batch["mask"])
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            n = len(batch["mask"])
+            loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
+            pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
+            scored.append((scoring.submit(
+                score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
+                centrelines=None if centrelines is None else max(0, centrelines - (count - n))),
+                [views.label(i) for i in batch["view"].tolist()]))
+            while joined < len(scored) and scored[joined][0].done():
+                meter.add(scored[joined][0].result(), scored[joined][1])
+                joined += 1
+            rate = count / (time.perf_counter() - start)
+            dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
+                            samples_s=f"{rate:.1f}")
+            bar.update()
+    finally:
+        if hasattr(iterator, "close"):  # FeatureBatches: stop its producer thread now
+            iterator.close()
     bar.close()
     for future, labels in scored[joined:]:
         meter.add(future.result(), labels)

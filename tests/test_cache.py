@@ -134,6 +134,29 @@ def test_a_flipped_byte_fails_the_checksum_and_verify_names_the_sample(tmp_path,
     assert "ChunkChecksumError" in problems[0].problem
 
 
+def test_a_chunk_shorter_than_its_array_inside_a_valid_checksum_is_refused(tmp_path):
+    import google_crc32c
+    from numcodecs import Zstd
+
+    cache = FeatureCache.create_or_open(tmp_path, SIGNATURE, SHAPES, codec="zstd")
+    cache.write_sample(int(cache.add_keys(["aa"])[0]), {"1x": _value(1)})
+    short = Zstd(level=1).encode(_value(1)[:2].tobytes())  # a whole frame, of 2 of 4 channels
+    crc = np.uint32(google_crc32c.value(short)).tobytes()
+    (cache.path / "features/1x/c/0/0/0/0").write_bytes(short + crc)
+    with pytest.raises(ValueError, match="chunk of row 0 decodes to 36 bytes, not 72"):
+        FeatureCache.open(cache.path).read(0)
+
+
+def test_verify_names_a_done_sample_whose_chunk_file_is_gone(tmp_path):
+    cache = _cache(tmp_path)
+    cache.add_keys(["aa", "bb"])
+    for row in range(2):
+        cache.write_sample(row, {"1x": _value(row)})
+    (cache.path / "features/1x/c/1/0/0/0").unlink()
+    problems = FeatureCache.open(cache.path).verify()
+    assert [(p.row, p.key, p.problem) for p in problems] == [(1, "bb", "1x chunk file missing")]
+
+
 def test_other_signature_is_refused(tmp_path):
     cache = _cache(tmp_path)
     cache.group.attrs["signature"] = {**SIGNATURE, "amp": "bf16"}  # tampered on disk

@@ -107,10 +107,18 @@ def test_batches_scored_without_centrelines_count_for_dice_but_not_cldice():
     pred, target, views = _batch()
     meter = SegmentationMeter()
     meter.update(pred[:1], target[:1], views[:1])  # identical: every score 1
-    meter.add(score_batch(pred[1:], target[1:], centreline=False), views[1:])
+    meter.add(score_batch(pred[1:], target[1:], centrelines=0), views[1:])
     summary = meter.summary()
     assert summary["n"] == 3 and summary["dice"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert summary["cldice"] == 1.0  # only the image whose skeleton was computed
     assert summary["per_view"]["LAO"]["n"] == 1 and math.isnan(summary["per_view"]["LAO"]["cldice"])
     state = SegmentationMeter.from_state(meter.state()).summary()
     assert state["cldice"] == 1.0 and math.isnan(state["per_view"]["LAO"]["cldice"])
+
+
+def test_centrelines_scores_exactly_the_first_images():
+    pred, target, _ = _batch()
+    scores = score_batch(pred, target, centrelines=2)
+    assert [math.isnan(v) for v in scores["cldice"]] == [False, False, True]
+    assert scores["cldice"][:2] == score_batch(pred, target)["cldice"][:2]
+    assert not any(math.isnan(v) for v in scores["dice"] + scores["iou"])
