@@ -74,12 +74,31 @@ def cache_path(cache_dir: str | Path, signature: dict) -> Path:
     return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
 
 
+RELEASED = "released"
+
+
+def remove_partial_writes(path: Path) -> int:
+    """Delete the `<chunk>.<uuid>.partial` files a killed writer left in the cache at `path`;
+    returns how many. Chunks are written to such a file and renamed into place (by zarr and by
+    `ChunkFiles.write`), so they are never read; they only hold disk (up to 42 MB each at sam3's
+    4x level). Safe under `writer_lock` only."""
+    leftovers = list(Path(path).rglob("*.partial")) if Path(path).is_dir() else []
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return len(leftovers)
+
+
 @contextmanager
 def writer_lock(path: Path, *, wait: bool = False):
-    """Hold the single-writer lock of the cache at `path` (an flock on `<path>.lock` sibling)."""
+    """Hold the single-writer lock of the cache at `path` (an flock on `<path>.lock` sibling).
+
+    The lock file names its holder; a holder that ends (even by an exception) appends
+    "released". A lock taken over from a holder that never did (it was killed) first removes
+    the partial chunk files that holder may have left (`remove_partial_writes`): only then,
+    because that walk visits every chunk of the cache."""
     lock_path = path.with_suffix(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock_path, "a+")
+    handle, held = open(lock_path, "a+"), False
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -90,12 +109,20 @@ def writer_lock(path: Path, *, wait: bool = False):
                 f"cache {path.name} is being written by {holder}; wait for that run to finish "
                 "(or pass --wait to queue behind it)"
             ) from None
+        held = True
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous and not previous.endswith(RELEASED):
+            remove_partial_writes(path)
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
         handle.flush()
         yield
     finally:
+        if held:
+            handle.write(f"; {RELEASED}")
+            handle.flush()
         handle.close()  # closing releases the flock
 
 
@@ -252,7 +279,6 @@ class FeatureCache:
         if (path / "zarr.json").is_file():
             cache = cls(zarr.open_group(path, mode="r+"), path)
             cache.check_signature(signature)
-            cache._remove_partial_writes()
             return cache
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -274,15 +300,6 @@ class FeatureCache:
         })
         tmp.rename(path)  # a cache appears whole or not at all
         return cls(zarr.open_group(path, mode="r+"), path)
-
-    def _remove_partial_writes(self) -> None:
-        """Delete the `<chunk>.<uuid>.partial` files a killed writer left behind.
-
-        zarr writes each chunk to such a file and renames it into place, so they are never read;
-        they only hold disk (up to 42 MB each at sam3's 4x level). Safe under `writer_lock` only.
-        """
-        for leftover in self.path.rglob("*.partial"):
-            leftover.unlink(missing_ok=True)
 
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "r") -> FeatureCache:

@@ -71,9 +71,14 @@ def test_the_next_writer_removes_partial_chunks_a_killed_writer_left(tmp_path):
     leftover = chunk.with_name(f"{chunk.name}.0123abcd.partial")  # as zarr names its temp files
     leftover.write_bytes(b"half a chunk")
     assert FeatureCache.open(cache.path).done().tolist() == [True]  # readers ignore it
-    cache = _cache(tmp_path)
-    assert not leftover.exists() and chunk.exists()
-    np.testing.assert_array_equal(cache.read(0)["1x"], _value(1))
+    lock = cache.path.with_suffix(".lock")
+    with writer_lock(cache.path):  # a holder that ends, even by an exception, says so
+        pass
+    assert lock.read_text().endswith("; released") and leftover.exists()
+    lock.write_text("pid 4242 on elsewhere since Thu Nov 26 09:00:00 2026")  # killed holding it
+    with writer_lock(cache.path):
+        assert not leftover.exists() and chunk.exists()
+    np.testing.assert_array_equal(FeatureCache.open(cache.path).read(0)["1x"], _value(1))
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
