@@ -43,13 +43,14 @@ def _parse_tuple(kind):
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one `--flag` per field of dataclass `cls`."""
-    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
+    docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(cls).items()}  # argparse
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = docs.get(f.name, "") + f" (default: {default})"
+        text = docs.get(f.name, "") + f" (default: {default})".replace("%", "%%")
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=docs.get(f.name, ""))
