@@ -9,10 +9,11 @@
 (sam3 stores 2.65 MB per image at 1x, 10.6 MB at 2x and 42 MB at 4x, twice over: the cache and
 the raw .npy copies under --work-dir.)
 
-(1) samples/s and MB/s (decoded float16 bytes) through a DataLoader with 0, 1, 2 workers, for a
-features-only dataset (`FeatureCache.read` per row), for `SegmentationSamples` with features only,
-and for `SegmentationSamples` as Stage B uses it (masks and images too), against raw reads of the
-same bytes from a numpy memmap (same order, same collate; target ratio >= 0.8); (2) what one
+(1) samples/s and MB/s (decoded float16 bytes) through a DataLoader with 0, 1, 2 workers, for
+features read in the loader's workers and for features read by `FeatureBatches` in the training
+process (as Stage B reads them), alone and with Stage B's masks and images, against the DataLoader
+alone and raw reads of the same bytes from a numpy memmap (same order, same collate; target ratio
+>= 0.8); (2) what one
 sample's read costs, piece by piece; (3) the codecs of `pipeline.cache.CODECS` on the cached
 outputs: compression ratio, write and read MB/s through zarr, encode/decode MB/s alone.
 All reads hit a warm page cache (the files were just written).
@@ -137,14 +138,23 @@ class ConstantRows(Dataset):
         return {lvl: v.clone() for lvl, v in self.values.items()}
 
 
-class FloatImages(SegmentationSamples):
-    """Stage B's samples with the image normalised to float32 in the loader (4 bytes per pixel
-    and channel through collate and shared memory), for comparison with the uint8 images that
-    `SegmentationSamples` ships."""
+class InWorkers(Dataset):
+    """Stage B's samples with their features read in the loader's workers (so they cross to the
+    trainer through shared memory), for comparison with `FeatureBatches`. `float_images`:
+    normalise the image to float32 in the loader too (4 bytes per pixel and channel instead of
+    the uint8 `SegmentationSamples` ships)."""
 
-    def item(self, i: int, copy: int) -> dict:
-        item = super().item(i, copy)
-        item["image"] = normalize(item["image"])
+    def __init__(self, inputs: SegmentationSamples, features: FeatureRows,
+                 float_images: bool = False):
+        self.inputs, self.features, self.float_images = inputs, features, float_images
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {**self.inputs[i], "features": self.features[i]}
+        if self.float_images:
+            item["image"] = normalize(item["image"])
         return item
 
 
@@ -215,23 +225,19 @@ class Batched:
 # ---------------------------------------------------------------- loaders against raw reads
 def datasets_for(path: Path, samples: list, rows, levels, resolution: int) -> dict:
     views = ViewVocabulary.from_samples(samples)
-    common = dict(resolution=resolution, views=views, cache_path=path, rows=rows,
-                  levels=levels)
-    inputs = dict(resolution=resolution, views=views)
+    bare = SegmentationSamples(samples, resolution=resolution, views=views, with_image=False,
+                               with_masks=False)
+    full = SegmentationSamples(samples, resolution=resolution, views=views)
+    features = FeatureRows(path, rows, levels)
     return {
-        "FeatureCache.read per row": FeatureRows(path, rows, levels),
-        "features in the workers (SegmentationSamples)": SegmentationSamples(
-            samples, with_image=False, with_masks=False, **common),
+        "features in the workers (FeatureCache.read per row)": features,
         "features in this process (FeatureBatches, as Stage B reads)": Batched(
-            SegmentationSamples(samples, with_image=False, with_masks=False, **inputs),
-            path, rows, levels, samples),
-        "features in the workers + masks + images": SegmentationSamples(
-            samples, with_image=True, with_masks=True, **common),
-        "the same, images normalised to float32 in the loader": FloatImages(
-            samples, with_image=True, with_masks=True, **common),
+            bare, path, rows, levels, samples),
+        "features in the workers + masks + images": InWorkers(full, features),
+        "the same, images normalised to float32 in the loader": InWorkers(
+            full, features, float_images=True),
         "FeatureBatches + masks + images in the workers (Stage B)": Batched(
-            SegmentationSamples(samples, with_image=True, with_masks=True, **inputs),
-            path, rows, levels, samples),
+            full, path, rows, levels, samples),
     }
 
 

@@ -1,7 +1,7 @@
-"""Stage B's samples: cached features (or raw images for end-to-end steps), masks and views.
+"""Stage B's samples: masks, views and raw images (the image branch, end-to-end steps).
 
-The zarr store is opened inside each DataLoader worker (zarr resets its event loop after fork),
-on first use, and read one sample (one chunk) at a time.
+Cached features are not read here but in the training process, per batch, by
+`pipeline.feature_batches.FeatureBatches`; the items say which sample and copy they are.
 
 Augmentation: `augment` names extracted copies (see `pipeline.augment`); each epoch draws, per
 sample, the original or one copy, and the mask and raw image get the same flip or rotation.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pipeline.augment import apply
-from pipeline.cache import CacheError, FeatureCache
 from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.importers import encode_angles
 from pipeline.manifest import UNKNOWN_VIEW, Sample
@@ -81,7 +79,6 @@ def resize_mask(mask: np.ndarray, resolution: int) -> torch.Tensor:
 class SegmentationSamples(Dataset):
     """One dict per sample, collated by the default collate:
 
-    - "features": {level: (256, h, w) float16} from the cache (only when `cache_path` given);
     - "image": (3, R, R) uint8, resized as SAM 3 does (when `with_image`); the model applies
       `pipeline.images.normalize` on its device;
     - "mask": (1, R, R) float32 in {0, 1} (when `with_masks`); "view": () long;
@@ -89,26 +86,16 @@ class SegmentationSamples(Dataset):
     - "index": () long, the sample's position in `samples`; "copy": () long, which copy was
       drawn (0: the original), so `pipeline.feature_batches` can pick the cache row.
 
-    `rows` (N,) or (N, 1 + len(augment)): the cache row of each sample (and of its copies).
     `augment`: copy names; set `epoch` before each epoch, the draw depends on (seed, epoch, i).
     """
 
     def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
-                 cache_path: Path | None = None, rows: np.ndarray | None = None,
-                 levels: tuple[str, ...] = (), with_image: bool = True, with_masks: bool = True,
+                 with_image: bool = True, with_masks: bool = True,
                  augment: tuple[str, ...] = (), seed: int = 0):
         self.samples, self.resolution, self.views = samples, resolution, views
-        self.cache_path, self.levels = cache_path, levels
-        self.rows = None
-        if rows is not None:
-            self.rows = np.asarray(rows, dtype=np.int64).reshape(len(samples), -1 if samples else 1)
         self.with_image, self.with_masks = with_image, with_masks
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.transform = sam3_resize(resolution)
-        self._cache: FeatureCache | None = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_cache": None}  # each worker opens its own store
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -135,19 +122,4 @@ class SegmentationSamples(Dataset):
             item["mask"] = resize_mask(mask, self.resolution)
         if self.with_image:
             item["image"] = self.transform(apply(name, read_image(sample.image)))
-        if self.cache_path is not None:
-            item["features"] = self._features(i, copy)
         return item
-
-    def _features(self, i: int, copy: int) -> dict[str, torch.Tensor]:
-        if self._cache is None:
-            self._cache = FeatureCache.open(self.cache_path)
-        row = int(self.rows[i, copy])
-        try:
-            values = self._cache.read(row, list(self.levels))
-        except Exception as err:
-            raise CacheError(
-                f"{self.cache_path}: features of {self.samples[i].image} (row {row}) are "
-                f"unreadable ({type(err).__name__}); run `python -m pipeline.cache verify "
-                f"{self.cache_path.stem} --repair`, then extract_features.py again") from err
-        return {lvl: torch.from_numpy(np.ascontiguousarray(v)) for lvl, v in values.items()}

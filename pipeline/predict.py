@@ -18,11 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from pipeline.cache import FeatureCache
 from pipeline.checkpoint import read_checkpoint, restore
 from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary, to_device
+from pipeline.feature_batches import FeatureBatches
 from pipeline.images import read_image
 from pipeline.manifest import read_manifest
 from pipeline.segmenter import build_segmenter
@@ -68,19 +70,19 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
         chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
         if not chosen:
             continue
-        dataset = SegmentationSamples(
-            [samples[i] for i in chosen], resolution=model.resolution, views=views,
-            cache_path=cache.path if use_cache else None,
-            rows=rows[chosen] if use_cache else None, levels=config.levels, with_masks=False,
-            with_image=config.image_branch or not use_cache)
-        for start in range(0, len(chosen), batch_size):
-            items = [dataset[j] for j in range(start, min(start + batch_size, len(chosen)))]
-            batch = torch.utils.data.default_collate(items)
-            batch = to_device(batch, device)
+        subset = [samples[i] for i in chosen]
+        dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
+                                      with_masks=False,
+                                      with_image=config.image_branch or not use_cache)
+        batches = DataLoader(dataset, batch_size=batch_size)
+        if use_cache:
+            batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
+                                     levels=config.levels, samples=subset, pin_memory=False)
+        for batch in batches:
             with torch.no_grad():
-                logits = model(batch, live=not use_cache)
-            for j, item_logits in zip(range(start, start + len(items)), logits, strict=True):
-                written.append(_write_mask(samples[chosen[j]], item_logits, out, use_cache))
+                logits = model(to_device(batch, device), live=not use_cache)
+            for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
+                written.append(_write_mask(subset[j], item_logits, out, use_cache))
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features"])
