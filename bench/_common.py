@@ -205,20 +205,15 @@ def gpu_peak(fn) -> float:
 def numcodec(codec: str):
     """The numcodecs codec doing the same compression as `pipeline.cache.CODECS[codec]` (or
     None), without the crc32c every chunk carries."""
-    import numcodecs
     from zarr.codecs import Crc32cCodec
 
-    from pipeline.cache import CODECS
+    from pipeline.cache import CODECS, FEATURE_DTYPE, numcodecs_compressor
 
     made = [c for c in CODECS[codec]() if not isinstance(c, Crc32cCodec)]
     if not made:
         return None
     (zarr_codec,) = made
-    if type(zarr_codec).__name__ == "ZstdCodec":
-        return numcodecs.Zstd(level=zarr_codec.level, checksum=zarr_codec.checksum)
-    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[zarr_codec.shuffle.value]
-    return numcodecs.Blosc(cname=zarr_codec.cname.value, clevel=zarr_codec.clevel,
-                           shuffle=shuffle)
+    return numcodecs_compressor(zarr_codec, typesize=np.dtype(FEATURE_DTYPE).itemsize)
 
 
 # ---------------------------------------------------------------- reporting

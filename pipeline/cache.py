@@ -77,15 +77,27 @@ def cache_path(cache_dir: str | Path, signature: dict) -> Path:
 RELEASED = "released"
 
 
-def remove_partial_writes(path: Path) -> int:
-    """Delete the `<chunk>.<uuid>.partial` files a killed writer left in the cache at `path`;
-    returns how many. Chunks are written to such a file and renamed into place (by zarr and by
-    `ChunkFiles.write`), so they are never read; they only hold disk (up to 42 MB each at sam3's
-    4x level). Safe under `writer_lock` only."""
-    leftovers = list(Path(path).rglob("*.partial")) if Path(path).is_dir() else []
-    for leftover in leftovers:
+def remove_partial_writes(path: Path) -> None:
+    """Delete the `<chunk>.<uuid>.partial` files a killed writer left in the cache at `path`.
+    Chunks are written to such a file and renamed into place (by zarr and by `ChunkFiles.write`),
+    so they are never read; they only hold disk (up to 42 MB each at sam3's 4x level). Safe under
+    `writer_lock` only."""
+    for leftover in Path(path).rglob("*.partial"):
         leftover.unlink(missing_ok=True)
-    return len(leftovers)
+
+
+def numcodecs_compressor(codec, typesize: int | None = None):
+    """The numcodecs codec that compresses as zarr's `codec` (a ZstdCodec or BloscCodec) does,
+    configured as zarr configures it; `typesize` overrides a BloscCodec's (zarr sets it from the
+    array's dtype when it creates the array)."""
+    if isinstance(codec, ZstdCodec):
+        return Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
+    if isinstance(codec, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+        return Blosc.from_config({"cname": codec.cname.name, "clevel": codec.clevel,
+                                  "shuffle": shuffle, "blocksize": codec.blocksize,
+                                  "typesize": typesize or codec.typesize})
+    raise TypeError(f"no numcodecs equivalent for {codec!r}")
 
 
 @contextmanager
@@ -131,11 +143,12 @@ class ChunkChecksumError(ValueError):
 
 
 class ChunkFiles:
-    """Reads one sample's chunk of a level straight from its file, without zarr's machinery.
+    """Reads and writes one sample's chunk of a level straight in its file, without zarr's
+    machinery.
 
     Through zarr, `Array[row]` costs about 0.7 ms of fixed overhead per call (its async codec
     pipeline), more than reading and decoding a 166 KB chunk. The layout here is simple enough to
-    read directly: one chunk per sample at `<array>/c/<row>/0/0/0`, holding little-endian bytes,
+    handle directly: one chunk per sample at `<array>/c/<row>/0/0/0`, holding little-endian bytes,
     then at most one compressor of `CODECS` (each decodes its own frame), then optionally a
     crc32c of what came before (zarr's `Crc32cCodec`: 4 bytes, little-endian), checked here as
     zarr checks it. `for_array` returns None for an array whose metadata differs from that, and
@@ -166,17 +179,16 @@ class ChunkFiles:
         rest = rest[:-1] if checksum else rest
         if not rest:
             compressor = None
-        elif len(rest) == 1 and isinstance(rest[0], ZstdCodec):
-            compressor = Zstd.from_config({"level": rest[0].level, "checksum": rest[0].checksum})
-        elif len(rest) == 1 and isinstance(rest[0], BloscCodec):
-            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[rest[0].shuffle.value]
-            compressor = Blosc.from_config({  # as zarr's BloscCodec configures numcodecs
-                "cname": rest[0].cname.name, "clevel": rest[0].clevel, "shuffle": shuffle,
-                "blocksize": rest[0].blocksize, "typesize": rest[0].typesize})
+        elif len(rest) == 1 and isinstance(rest[0], ZstdCodec | BloscCodec):
+            compressor = numcodecs_compressor(rest[0])
         else:
             return None
         folder = Path(store.root) / array.store_path.path / "c"
         return cls(folder, tuple(array.shape[1:]), np.dtype(array.dtype), compressor, checksum)
+
+    def path(self, row: int) -> Path:
+        """The chunk file of row `row` (it may not exist)."""
+        return self.folder / str(row) / "0" / "0" / "0"
 
     def write(self, row: int, value: np.ndarray) -> None:
         """Store `value` ((C, h, w)) as row `row`'s chunk: the bytes zarr would write for it, put
@@ -192,7 +204,7 @@ class ChunkFiles:
         parts = [data]
         if self._checksum:
             parts.append(np.uint32(google_crc32c.value(data)).reshape(1).view(np.uint8))
-        path = self.folder / str(row) / "0" / "0" / "0"
+        path = self.path(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         try:
@@ -215,9 +227,8 @@ class ChunkFiles:
         if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"read_into needs a C-contiguous {self.shape} {self.dtype} array, "
                              f"got {out.shape} {out.dtype}")
-        path = self.folder / str(row) / "0" / "0" / "0"
         try:
-            file = open(path, "rb", buffering=0)
+            file = open(self.path(row), "rb", buffering=0)
         except FileNotFoundError:
             return False
         with file:
@@ -435,7 +446,7 @@ class FeatureCache:
         for row in np.flatnonzero(done):
             for level in self.levels:
                 files = self._files(level)
-                if files is not None and not (files.folder / str(row) / "0/0/0").is_file():
+                if files is not None and not files.path(int(row)).is_file():
                     problems.append(SampleProblem(int(row), keys[row],
                                                   f"{level} chunk file missing"))
                     break
