@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.backbone import PRESETS
 from pipeline.cache import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
-from pipeline.datasets import SegmentationSamples, ViewVocabulary
+from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
 from pipeline.extraction import run_extraction
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
@@ -196,7 +196,7 @@ def loader_pass(dataset, workers: int, batch: int, pin: bool) -> tuple[float, fl
     share), shuffled. A `Batched` dataset is wrapped as the trainer wraps it."""
     inner = dataset.dataset if isinstance(dataset, Batched) else dataset
     loader = DataLoader(inner, batch_size=batch, num_workers=workers, pin_memory=pin,
-                        sampler=order(len(inner)))
+                        sampler=order(len(inner)), collate_fn=collate_samples)
     if isinstance(dataset, Batched):
         loader = dataset.wrap(loader, pin)
     with C.Others() as others:
@@ -273,6 +273,43 @@ def loaders_table(args, path: Path, samples: list, rows) -> str:
                     "MB/s (features, after the first batch)", "ratio to raw, after the first "
                     "batch (target >= 0.8)", "ratio to DataLoader alone", "first batch ms",
                     "others' CPU share"], out)
+
+
+# ---------------------------------------------------------------- the small fields
+class SmallFields(Dataset):
+    """Only the four small fields of a `SegmentationSamples` item, as its tensors."""
+
+    def __len__(self) -> int:
+        return 4096
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": torch.tensor(i), "copy": torch.tensor(0), "view": torch.tensor(1),
+                "angles": torch.zeros(4)}
+
+
+def small_fields_table(args) -> str:
+    """Per batch: wall ms and the trainer's CPU ms to receive the small fields from workers,
+    as tensors (the default collate) and as numpy arrays (`collate_samples`); after the first
+    batch, best of 3."""
+    out = []
+    for workers in (1, 2):
+        for name, collate in (("tensors (default collate)", default_collate),
+                              ("numpy arrays (collate_samples)", collate_samples)):
+            best = None
+            for _ in range(3):
+                batches = iter(DataLoader(SmallFields(), batch_size=args.batch_size,
+                                          num_workers=workers, collate_fn=collate))
+                next(batches)
+                cpu, start, n = time.process_time(), time.perf_counter(), 0
+                for _ in batches:
+                    n += 1
+                run = ((time.perf_counter() - start) / n, (time.process_time() - cpu) / n)
+                best = run if best is None or run < best else best
+            out.append([workers, name, best[0] * 1e3, best[1] * 1e3])
+    return C.table(f"Index, copy, view and angles of a batch of {args.batch_size} from loader "
+                   "workers (nothing else in the batch)",
+                   ["workers", "fields cross as", "ms per batch", "trainer CPU ms per batch"],
+                   out)
 
 
 # ---------------------------------------------------------------- one sample, piece by piece
@@ -398,7 +435,7 @@ def main(argv=None) -> int:
     start_load = C.load_average()
     torch.manual_seed(0)
     path, samples, rows = build_cache(args)
-    sections = [loaders_table(args, path, samples, rows)]
+    sections = [loaders_table(args, path, samples, rows), small_fields_table(args)]
     sections += [read_cost_table(args, path, rows, levels) for levels in args.level_sets]
     codecs, best = codec_table(args, path)
     sections.append(codecs)

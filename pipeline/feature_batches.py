@@ -6,6 +6,12 @@ transfer, not the read, bounds how fast features reach the GPU: sam3 stores 2.65
 workers decode only what needs a CPU (masks, images, views), and `FeatureBatches` reads each
 batch's chunks with threads straight into one (pinned, on CUDA) batch tensor per level, in a
 producer thread that runs ahead of the model.
+
+Off CUDA the batch tensors are a ring of `AHEAD + 2` buffers, allocated once per pass after the
+loader has forked its workers: a fresh 21 MB tensor per batch (sam3, 1x, batch 8) costs 5,000
+page faults, and a reused heap page shared with a forked worker a copy-on-write fault each
+(BENCHMARKS.md). Pinned buffers (CUDA) come from torch's caching host allocator, which already
+reuses them and tracks pending copies.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ class FeatureBatches:
     `rows` (N, 1 + K): the cache row of each sample of the loader's dataset (and of its K
     augmented copies), picked by the batch's "index" and "copy". `samples` names the image in
     errors. A producer thread fills batches ahead of the caller, so reads overlap its steps.
+
+    Without `pin_memory`, a batch's feature tensors are valid until the batch after it is
+    requested; copy them to keep them longer.
     """
 
     AHEAD = 2
@@ -63,11 +72,16 @@ class FeatureBatches:
         # Made here, in the caller's thread: the pin-memory thread takes its device from it.
         batches = iter(self.loader)
 
+        # Safe reuse: batch j is filled only after batch j - 1 was queued, so the caller has taken
+        # batch j - AHEAD - 1 and released batch j - AHEAD - 2, whose buffers j takes.
+        ring = None if self.pin_memory else [{} for _ in range(self.AHEAD + 2)]
+
         def produce() -> None:
             try:
                 with ThreadPoolExecutor(self.threads, thread_name_prefix="features") as pool:
-                    for batch in batches:
-                        for read in self._submit(pool, batch):
+                    for j, batch in enumerate(batches):
+                        buffers = ring[j % len(ring)] if ring else None
+                        for read in self._submit(pool, batch, buffers):
                             read.result()
                         if not put(batch):
                             return
@@ -90,15 +104,25 @@ class FeatureBatches:
             stop.set()
             producer.join()
 
-    def _submit(self, pool: ThreadPoolExecutor, batch: dict) -> list[Future]:
+    def _submit(self, pool: ThreadPoolExecutor, batch: dict,
+                buffers: dict[str, torch.Tensor] | None) -> list[Future]:
+        """Start reading `batch`'s features into `buffers` (reused, grown as needed) or, when
+        None, into new pinned tensors."""
         if self._cache is None:
             self._cache = FeatureCache.open(self.cache_path)
             self._files = {lvl: ChunkFiles.for_array(self._cache.level(lvl))
                            for lvl in self.levels}
-        index, copy = batch["index"].numpy(), batch["copy"].numpy()
+        index, copy = np.asarray(batch["index"]), np.asarray(batch["copy"])
         rows = self.rows[index, copy]
-        out = {lvl: torch.empty((len(rows), *self._cache.level_shape(lvl)), dtype=torch.float16,
-                                pin_memory=self.pin_memory) for lvl in self.levels}
+        out = {}
+        for lvl in self.levels:
+            shape = (len(rows), *self._cache.level_shape(lvl))
+            if buffers is None:
+                out[lvl] = torch.empty(shape, dtype=torch.float16, pin_memory=True)
+                continue
+            if lvl not in buffers or len(buffers[lvl]) < len(rows):
+                buffers[lvl] = torch.empty(shape, dtype=torch.float16)
+            out[lvl] = buffers[lvl][: len(rows)]
         batch["features"] = out
         return [pool.submit(self._read, int(index[j]), int(row), lvl, out[lvl][j].numpy())
                 for j, row in enumerate(rows) for lvl in self.levels]

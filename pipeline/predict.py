@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from pipeline.cache import FeatureCache
 from pipeline.checkpoint import read_checkpoint, restore
 from pipeline.checks import check_manifest
-from pipeline.datasets import SegmentationSamples, ViewVocabulary, to_device
+from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import read_image
 from pipeline.manifest import read_manifest
@@ -74,7 +74,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
         dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
                                       with_masks=False,
                                       with_image=config.image_branch or not use_cache)
-        batches = DataLoader(dataset, batch_size=batch_size)
+        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
         if use_cache:
             batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
                                      levels=config.levels, samples=subset, pin_memory=False)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.augment import augmented_key, copies
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from pipeline.datasets import SegmentationSamples, to_device
+from pipeline.datasets import SegmentationSamples, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
 from pipeline.losses import dice_bce_loss
@@ -82,7 +82,8 @@ class _Data:
         cfg = self.prepared.config
         pin = cfg.device == "cuda"
         loader = DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
-                            num_workers=cfg.loader_workers, pin_memory=pin)
+                            num_workers=cfg.loader_workers, pin_memory=pin,
+                            collate_fn=collate_samples)
         if cached_split is None:
             return loader
         samples = self.prepared.train if cached_split == "train" else self.prepared.val
@@ -332,7 +333,7 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
         dataset = data.val_live if live else data.val_cached
-        batch = torch.utils.data.default_collate([dataset[i] for i in chosen])
+        batch = collate_samples([dataset[i] for i in chosen])
         if not live:
             batch["features"] = data.cached_features("val", chosen)
         batch = to_device(batch, device)

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from conftest import make_dataset
 from torch.utils.data import DataLoader
 
 from pipeline.cache import CacheError, FeatureCache
-from pipeline.datasets import SegmentationSamples, ViewVocabulary
+from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
 from pipeline.feature_batches import FeatureBatches
 from pipeline.manifest import read_manifest
 
@@ -38,12 +39,12 @@ def cached(tmp_path):
     return samples, cache, rows
 
 
-def _batches(samples, cache, rows, *, workers=0, levels=("1x", "2x")):
+def _batches(samples, cache, rows, *, workers=0, levels=("1x", "2x"), batch_size=3):
     dataset = SegmentationSamples(samples, resolution=32, with_image=False,
                                   views=ViewVocabulary.from_samples(samples), augment=("hflip",))
     dataset.epoch = 3
-    loader = DataLoader(dataset, batch_size=3, num_workers=workers, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
+                        generator=torch.Generator().manual_seed(0), collate_fn=collate_samples)
     return FeatureBatches(loader, cache_path=cache.path, rows=rows, levels=levels,
                           samples=samples, pin_memory=False, threads=3)
 
@@ -65,6 +66,22 @@ def test_each_batch_gets_the_rows_of_its_samples_and_copies(cached, workers):
             seen.append(i)
             copies.add(copy)
     assert sorted(seen) == list(range(8)) and copies == {0, 1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_buffers_are_reused_only_after_the_caller_has_moved_on(cached, workers):
+    """8 batches of one sample through a ring of AHEAD + 2 buffers: each batch holds its own
+    values when the caller gets it, even while the caller is slow and the producer is ahead."""
+    samples, cache, rows = cached
+    addresses = set()
+    for batch in _batches(samples, cache, rows, workers=workers, batch_size=1):
+        time.sleep(0.02)  # the producer fills every free buffer meanwhile
+        row = int(rows[int(batch["index"][0]), int(batch["copy"][0])])
+        for lvl in SHAPES:
+            np.testing.assert_array_equal(batch["features"][lvl][0].numpy(),
+                                          _value(row, lvl) * (row != 5))
+        addresses.add(batch["features"]["1x"].data_ptr())
+    assert len(addresses) == FeatureBatches.AHEAD + 2
 
 
 def test_only_the_requested_levels_are_read(cached):
