@@ -9,15 +9,19 @@ epochs 1..E-1 train from the cache and epoch E runs end to end through the LoRA'
 with the same head on the same device, once per `--loader-workers` value. Reads `seconds` and
 `data_wait` from metrics.jsonl, and times `score_batch` (Dice and IoU of every training image,
 clDice of the first `--train-cldice` per epoch, in scoring threads) inside the run. Also:
-Stage B's per-sample CPU costs, and on CUDA the peak GPU memory of a training step by batch
-size, cached and end to end with and without activation
-checkpointing.
+Stage B's per-sample CPU costs, and the peak memory and time of one training step by batch size,
+cached and end to end with and without activation checkpointing (`--activation-checkpointing`):
+GPU memory on CUDA; on the CPU the peak resident memory above the built model, each step in a
+fresh process (for sam3: `--amp bf16 --mem-batch-sizes 1`, a few minutes per end-to-end step).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +46,11 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs per run; the last one is end to end")
     parser.add_argument("--loader-workers", default="0,2")
-    parser.add_argument("--mem-batch-sizes", default="1,2,4,8,16", help="CUDA only")
-    parser.add_argument("--skip", default="", help="comma list of: costs,gpu")
+    parser.add_argument("--mem-batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--skip", default="", help="comma list of: epochs,costs,memory")
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # MODE:BATCH, the CPU memory subprocess
     args = C.finish_args(parser.parse_args(argv))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.levels = tuple(args.levels.split(","))
     args.loader_workers = [int(w) for w in args.loader_workers.split(",")]
     args.skip = set(filter(None, args.skip.split(",")))
@@ -202,19 +208,69 @@ def train_step(model, batch: dict, live: bool) -> None:
         model.zero_grad(set_to_none=True)
 
 
-def gpu_table(args, manifest: Path) -> str:
-    if args.device != "cuda":
-        return ("**Peak GPU memory of a training step by batch size**: skipped (CPU run; "
-                "needs --device cuda).\n")
+MODES = {"cached": (False, True), "e2e, checkpointing": (True, True),
+         "e2e, no checkpointing": (True, False)}
+"""mode -> (live backbone, activation checkpointing)."""
+
+
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def cpu_step(args, manifest: Path) -> None:
+    """(Subprocess) Build the model, reset the peak RSS, run two training steps of one mode;
+    print JSON: model GiB, peak GiB above it, seconds of the second step."""
+    from pipeline.segmenter import build_segmenter
+
+    mode, b = args.step.rsplit(":", 1)
+    live, checkpointing = MODES[mode]
+    config = train_config(args, manifest, 0, args.work_dir / "unused",
+                          activation_checkpointing=checkpointing)
+    model = build_segmenter(config, num_views=4, use_angles=False).train()
+    batch = fake_batch(args, int(b), device="cpu")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base, seconds = _status_kib("VmRSS"), []
+    for _ in range(2):
+        start = time.perf_counter()
+        train_step(model, batch, live)
+        seconds.append(time.perf_counter() - start)
+    print(json.dumps({"model": base / 2**20, "peak": (_status_kib("VmHWM") - base) / 2**20,
+                      "seconds": seconds[-1]}))
+
+
+def cpu_memory_table(args) -> str:
+    rows = []
+    for b in [int(x) for x in args.mem_batch_sizes.split(",")]:
+        row = [b]
+        for mode in MODES:
+            run = subprocess.run([sys.executable, __file__, *args.argv, "--step", f"{mode}:{b}"],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"step {mode}, batch {b} failed:\n{run.stderr[-3000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            row += [result["peak"], result["seconds"]]
+            model = result["model"]
+        rows.append(row)
+    header = ["batch"] + [f"{m} {x}" for m in MODES for x in ("GiB", "s/step")]
+    return C.table(f"Peak resident memory above the built model ({model:.2f} GiB) and time of a "
+                   f"training step on the CPU (forward + backward, amp {args.amp}, the second "
+                   "of two steps, a fresh process each)", header, rows)
+
+
+def memory_table(args, manifest: Path) -> str:
+    return gpu_memory_table(args, manifest) if args.device == "cuda" else cpu_memory_table(args)
+
+
+def gpu_memory_table(args, manifest: Path) -> str:
     from pipeline.segmenter import build_segmenter
 
     config = train_config(args, manifest, 0, args.work_dir / "unused")
     model = build_segmenter(config, num_views=4, use_angles=False).to("cuda").train()
     trunk = model.backbone.get_base_model().vision_backbone.trunk
     weights = torch.cuda.memory_allocated() / 2**30
-    modes = {"cached": (False, True), "e2e, checkpointing": (True, True),
-             "e2e, no checkpointing": (True, False)}
-    rows, failed = [], set()
+    modes, rows, failed = MODES, [], set()
     for b in [int(x) for x in args.mem_batch_sizes.split(",")]:
         batch, row = fake_batch(args, b), [b]
         for mode, (live, checkpointing) in modes.items():
@@ -238,8 +294,8 @@ def gpu_table(args, manifest: Path) -> str:
 # ---------------------------------------------------------------- main
 def notes(args) -> list[str]:
     out = ["the end-to-end epoch runs the backbone in train mode: LoRA on, SAM 3's ViT "
-           "checkpoints each block (use_act_checkpoint) and its drop-path (rate up to 0.1) "
-           "is active."]
+           "checkpoints each block (`--activation-checkpointing`, the default) and its "
+           "drop-path (rate up to 0.1) is active."]
     if args.backbone == "tiny":
         out.append("tiny backbone: the end-to-end epoch is far cheaper relative to the cached "
                    "one than with sam3 at 1008 px, so the ratio here is a lower bound.")
@@ -255,12 +311,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     side, n = args.image_side, args.images
     manifest = C.make_images(args.work_dir / f"images-{side}px-{n}", n, side)
-    runs = {workers: train_run(args, manifest, workers) for workers in args.loader_workers}
-    sections = epochs_tables(args, runs)
+    if args.step:
+        cpu_step(args, manifest)
+        return 0
+    sections = []
+    if "epochs" not in args.skip:
+        runs = {workers: train_run(args, manifest, workers) for workers in args.loader_workers}
+        sections += epochs_tables(args, runs)
     if "costs" not in args.skip:
         sections.append(costs_table(args, manifest))
-    if "gpu" not in args.skip:
-        sections.append(gpu_table(args, manifest))
+    if "memory" not in args.skip:
+        sections.append(memory_table(args, manifest))
     C.report("bench_training", args, start_load, sections, notes(args))
     return 0
 

@@ -198,6 +198,9 @@ class TrainConfig(FeatureSource):
     """Every K-th epoch runs end to end through the LoRA'd backbone on raw images (0: never)."""
     e2e_steps: int = 0
     """Steps of an end-to-end epoch (0: a whole pass)."""
+    activation_checkpointing: bool = True
+    """End-to-end steps recompute each ViT block in the backward pass instead of keeping its
+    activations (SAM 3's own setting): far less memory for about one more forward pass."""
     refresh_cache: bool = False
     """After an end-to-end epoch, extract the cache of the new adapter and train on it."""
     image_branch: bool = True

@@ -1,7 +1,8 @@
 """The trainable model: SAM 3's backbone with a peft LoRA adapter, and the view-conditioned decoder.
 
 Cached steps feed stored features straight to the decoder; end-to-end steps run the backbone
-(LoRA active, base weights frozen, activation checkpointing inside SAM 3's ViT in train mode).
+(LoRA active, base weights frozen; SAM 3's ViT recomputes each block in the backward pass unless
+`--no-activation-checkpointing`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
     decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
                                      use_angles=use_angles, image_branch=config.image_branch,
                                      width=config.width)
+    # SAM 3's ViT checkpoints its blocks whenever it is in train mode and this is set.
+    peft_model.get_base_model().vision_backbone.trunk.use_act_checkpoint = (
+        config.activation_checkpointing)
     model = VesselSegmenter(backbone=peft_model, decoder=decoder, amp=config.amp)
     set_trainable_params(model)
     return model

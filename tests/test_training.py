@@ -103,6 +103,31 @@ def test_e2e_steps_update_lora_and_head_only(dataset, tmp_path):
     assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
 
 
+def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(dataset, tmp_path):
+    from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
+    from pipeline.losses import dice_bce_loss
+    from pipeline.segmenter import build_segmenter
+
+    samples = read_manifest(dataset)[:2]
+    items = SegmentationSamples(samples, resolution=252, views=ViewVocabulary.from_samples(samples))
+    batch = {k: torch.as_tensor(v) for k, v in collate_samples([items[0], items[1]]).items()}
+    calls, grads = {}, {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = build_segmenter(_config(dataset, tmp_path, activation_checkpointing=on),
+                                num_views=2, use_angles=False).train()
+        block = model.backbone.get_base_model().vision_backbone.trunk.blocks[0]
+        calls[on] = []
+        block.register_forward_pre_hook(lambda *_, seen=calls[on]: seen.append(1))
+        torch.manual_seed(1)  # LoRA dropout and drop-path draw the same masks in both runs
+        dice_bce_loss(model(batch, live=True), batch["mask"]).backward()
+        grads[on] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls[True]) == 2 and len(calls[False]) == 1  # recomputed in the backward
+    assert grads[True].keys() == grads[False].keys() and any("lora_B" in n for n in grads[True])
+    for name, grad in grads[True].items():
+        torch.testing.assert_close(grad, grads[False][name], msg=name)
+
+
 def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
     run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2))
