@@ -90,7 +90,7 @@ def matmul_ceiling(args) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- throughput
 def runner(args, backbone, variant: str | None):
-    """(fn(x) -> vision_features, setup seconds) for one variant; fn runs as extraction does."""
+    """fn(x) -> backbone_fpn levels (4x, 2x, 1x) for one variant, run as extraction runs it."""
     autocast, backend, model = True, None, backbone
     if variant == "channels-last":
         model = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
@@ -106,7 +106,9 @@ def runner(args, backbone, variant: str | None):
         x = normalize(x)
         if not autocast:
             x = x.to(torch.bfloat16)
-        return model.forward_image(x)["vision_features"]
+        # Every level, as forward_image computes them (a compiled function returning fewer
+        # would let the compiler drop the neck's other branches).
+        return tuple(model.forward_image(x)["backbone_fpn"])
 
     fn = forward
     if variant in ("compile", "compile + CUDA graphs"):
@@ -130,7 +132,7 @@ def rate(args, run, b: int) -> tuple[float, float, torch.Tensor]:
     """(images/s, first-call seconds, vision_features of the first call) at batch b."""
     x = images(args, b)
     start = time.perf_counter()
-    out = run(x).float()
+    out = run(x)[-1].float()  # 1x: vision_features
     C.sync(args.device)
     first = time.perf_counter() - start
     seconds = C.best_time(lambda: run(x), repeat=args.repeat, warmup=1, device=args.device)
@@ -150,22 +152,22 @@ def batch_table(args, backbone, flops: float, ceiling: float) -> tuple[str, dict
         except torch.OutOfMemoryError:
             rows.append([b, "out of memory", "", "", ""])
             break
-        outputs[b] = out
+        outputs[b] = per_s, out
         tflops = flops * per_s / 1e12
         rows.append([b, per_s, tflops, tflops / ceiling,
                      tflops / args.peak_tflops if args.peak_tflops else ""])
     header = ["batch", "images/s", "model TFLOP/s", "MFU (measured matmul ceiling)",
               "MFU (datasheet peak)"]
     return C.table(f"forward_image under autocast {args.amp}, inference mode, images on the "
-                   "device (as extraction runs it)", header, rows), outputs
+                   "device (as extraction runs it)", header, rows), outputs  # {b: (rate, 1x)}
 
 
 def variants_table(args, backbone, flops: float, ceiling: float, baseline) -> str:
     b, rows = args.batch_size, []
-    reference = baseline.get(b)
-    if reference is None:
-        reference = rate(args, runner(args, backbone, None), b)[2]
-    base_rate = rate(args, runner(args, backbone, None), b)[0]
+    if b in baseline:
+        base_rate, reference = baseline[b]
+    else:
+        base_rate, _, reference = rate(args, runner(args, backbone, None), b)
     rows.append(["autocast (baseline)", base_rate, 1.0, flops * base_rate / 1e12 / ceiling, "",
                  0.0])
     for variant in args.variants:

@@ -1,13 +1,15 @@
-"""Stage A throughput: the real extraction path against a bare `forward_image` loop.
+"""Stage A throughput: the real extraction path against a bare loop of the backbone.
 
     python bench/bench_extraction.py                                  # CPU, tiny backbone
     python bench/bench_extraction.py --backbone sam3 --random-weights --device cuda \
         --batch-size 16 --images 256 --image-side 1024
 
 Measures (1) images/s of `pipeline.extraction.run_extraction` into a fresh cache against a bare
-`forward_image` loop on the same device, batch size and preprocessed inputs, (2) bytes per image
-on disk per level and codec, (3) the time split of one worker (decode+resize, host-to-device,
-forward, fp16+finite check, device-to-host, compress, store set, full `write_sample`), (4) the CPU
+loop of the same backbone call (`image_features` of --levels; SAM 3's `forward_image`, which
+computes every level, for reference) on the same device, batch size and preprocessed inputs,
+(2) bytes per image on disk per level and codec, (3) the time split of one worker (decode +
+resize, host-to-device, forward, fp16+finite check, device-to-host, compress, store set, full
+`write_sample`), (4) the CPU
 time per image of the data path at 1008 px, (5) peak RSS for N and 2N images (subprocesses),
 (6) images/s with 1 and 2 CPU worker processes and (7) on CUDA, peak GPU memory by batch size.
 """
@@ -27,7 +29,7 @@ import _common as C
 import numpy as np
 import torch
 
-from pipeline.backbone import LEVELS, PRESETS
+from pipeline.backbone import PRESETS, image_features
 from pipeline.cache import CODECS, DEFAULT_CODEC, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.extraction import run_extraction
@@ -76,28 +78,21 @@ def config_for(args, manifest: Path, cache_dir: Path, **overrides) -> ExtractCon
 
 @contextmanager
 def forward_stamps(stamps: list):
-    """Record when each `forward_image` of the in-process extraction worker starts (the backbone
-    comes from `pipeline.extraction.build_backbone`); nothing is recorded in spawned workers."""
+    """Record when each backbone call (`pipeline.extraction.image_features`) of the in-process
+    extraction worker starts; nothing is recorded in spawned workers."""
     import pipeline.extraction as extraction
 
-    original = extraction.build_backbone
+    original = extraction.image_features
 
-    def build(*a, **k):
-        backbone = original(*a, **k)
-        forward = backbone.forward_image
+    def stamped(backbone, x, levels):
+        stamps.append((time.perf_counter(), len(x)))
+        return original(backbone, x, levels)
 
-        def stamped(x):
-            stamps.append((time.perf_counter(), len(x)))
-            return forward(x)
-
-        backbone.forward_image = stamped
-        return backbone
-
-    extraction.build_backbone = build
+    extraction.image_features = stamped
     try:
         yield
     finally:
-        extraction.build_backbone = original
+        extraction.image_features = original
 
 
 def real_run(args, manifest: Path, keep: Path | None = None, **overrides) -> dict:
@@ -135,16 +130,22 @@ def batches_of(args, paths: list, resolution: int) -> list[torch.Tensor]:
             for i in range(0, len(images), args.batch_size)]
 
 
-def bare_rate(args, backbone, batches) -> tuple[float, float]:
-    """images/s of forward_image alone over pre-loaded device batches (one pass), and the
-    share of the CPU other jobs used meanwhile."""
+def bare_rate(args, backbone, batches, every_level: bool = False) -> tuple[float, float]:
+    """images/s of the backbone alone over pre-loaded device batches (one pass): what
+    extraction computes (`image_features` of --levels), or with `every_level` SAM 3's
+    `forward_image`; and the share of the CPU other jobs used meanwhile."""
+    def forward(batch):
+        if every_level:
+            return backbone.forward_image(batch)
+        return image_features(backbone, batch, args.levels)
+
     with torch.inference_mode(), C.autocast(args.device, args.amp):
-        backbone.forward_image(batches[0])  # warm-up
+        forward(batches[0])  # warm-up
         C.sync(args.device)
         with C.Others() as others:
             start = time.perf_counter()
             for batch in batches:
-                backbone.forward_image(batch)
+                forward(batch)
             C.sync(args.device)
             seconds = time.perf_counter() - start
     return sum(len(b) for b in batches) / seconds, others.share
@@ -272,10 +273,13 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
 
     def forward():
         with torch.inference_mode(), C.autocast(device, args.amp):
+            return image_features(backbone, x, args.levels)
+
+    def forward_image():
+        with torch.inference_mode(), C.autocast(device, args.amp):
             return backbone.forward_image(x)
 
-    out = forward()
-    feats = {lvl: out["backbone_fpn"][LEVELS[lvl]] for lvl in args.levels}
+    feats = forward()
 
     def post():
         half = {lvl: f.to(torch.float16) for lvl, f in feats.items()}
@@ -290,7 +294,10 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
                                                 device=device) / b,
         "normalize on the device": C.best_time(lambda: normalize(cpu_batch.to(device)),
                                                device=device) / b,
-        "forward_image": C.best_time(forward, repeat=3, device=device) / b,
+        f"backbone: image_features of {','.join(args.levels)}": C.best_time(
+            forward, repeat=3, device=device) / b,
+        "(SAM 3's forward_image, every level: not on the path)": C.best_time(
+            forward_image, repeat=3, device=device) / b,
         "fp16 cast + finite check": C.best_time(post, device=device) / b,
         "device to host (.cpu().numpy())": C.best_time(
             lambda: [h.cpu().numpy() for h in half.values()], device=device) / b,
@@ -423,8 +430,8 @@ def gpu_table(args, backbone) -> str:
 
         def step(x=x):
             with torch.inference_mode(), C.autocast("cuda", args.amp):
-                out = backbone.forward_image(x)
-            [out["backbone_fpn"][LEVELS[lvl]].to(torch.float16) for lvl in args.levels]
+                out = image_features(backbone, x, args.levels)
+            [out[lvl].to(torch.float16) for lvl in args.levels]
 
         peak = C.gpu_peak(step)
         rows.append([b, peak, peak - weights])
@@ -461,8 +468,11 @@ def throughput_table(args, backbone, manifests: tuple[Path, Path], keep: Path):
                                      bare=lambda: bare_rate(args, backbone, batches))
     bare, steady, n = max(b for b, _ in bares), marginal(run_n, run_2n), run_n["n"]
     every = ", ".join(f"{b:.3g} @{C.share(o)}" for b, o in bares)
-    rows = [["bare forward_image loop (best; every pass @ others' CPU)", f"{bare:.4g} ({every})",
-             1.0, ""],
+    full, full_others = bare_rate(args, backbone, batches, every_level=True)
+    rows = [[f"bare loop of image_features({','.join(args.levels)}) (best; every pass @ others' "
+             "CPU)", f"{bare:.4g} ({every})", 1.0, ""],
+            ["bare loop of SAM 3's forward_image (every level; for reference)", full,
+             full / bare, C.share(full_others)],
             [f"run_extraction, whole run of {n} (signature, model build, loader start)",
              run_n["rate"], run_n["rate"] / bare, C.share(run_n["others"])],
             [f"run_extraction, whole run of {2 * n}", run_2n["rate"], run_2n["rate"] / bare,

@@ -222,6 +222,23 @@ def build_backbone(
     return backbone.eval()
 
 
+def image_features(backbone: nn.Module, images: torch.Tensor,
+                   levels: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{level: (B, 256, h, w)} equal to `backbone.forward_image(images)["backbone_fpn"]` at
+    `levels`, computing only those levels.
+
+    SAM 3's neck runs one convolution branch per scale (4x, 2x, 1x, and a 0.5x that
+    `forward_image` then drops) on the trunk's output, plus a sine position encoding for each.
+    This runs the trunk and the branches of `levels` only: at 1008 px, 1x alone is 5.41 instead of
+    5.61 TFLOP per image (bench_backbone.py). `backbone`: a SAM3VLBackbone, or a peft model
+    around one (its LoRA layers sit inside the trunk). images: (B, 3, R, R) normalised.
+    """
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    neck = base.vision_backbone
+    top = neck.trunk(images)[-1]  # what the neck's branches read (SAM 3's "simpleFPN")
+    return {lvl: neck.convs[LEVELS[lvl]](top) for lvl in levels}
+
+
 def write_official_checkpoint(backbone: nn.Module, path: str | Path) -> None:
     """Save `backbone`'s weights in the official `sam3.pt` layout (under "model", with prefix).
 

@@ -2,8 +2,9 @@
 
 One writer run per cache (an flock) prepares the cache: new image keys get rows, and the rows
 not yet `done` are split between worker processes, one per listed GPU (or `--workers` CPU
-processes), or between torchrun ranks. Each worker decodes in DataLoader processes, runs
-`forward_image` under autocast and hands finished samples to writer threads, so writing overlaps
+processes), or between torchrun ranks. Each worker decodes in DataLoader processes, runs the
+backbone under autocast (`image_features`: SAM 3's `forward_image`, computing only the cached
+levels) and hands finished samples to writer threads, so writing overlaps
 the next batch's forward. A sample is marked done only after its chunks are on disk.
 """
 
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.augment import apply, extraction_jobs
-from pipeline.backbone import LEVELS, PRESETS, build_backbone, resolve_checkpoint
+from pipeline.backbone import PRESETS, build_backbone, image_features, resolve_checkpoint
 from pipeline.cache import FeatureCache, cache_path, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.distributed import DistributedContext, die_with_parent
@@ -189,9 +190,9 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
             autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
                                       enabled=dtype is not None)
             with autocast:
-                out = backbone.forward_image(normalize(images.to(device, non_blocking=True)))
-            features = {lvl: out["backbone_fpn"][LEVELS[lvl]].to(torch.float16)
-                        for lvl in config.levels}
+                out = image_features(backbone, normalize(images.to(device, non_blocking=True)),
+                                     config.levels)
+            features = {lvl: out[lvl].to(torch.float16) for lvl in config.levels}
             finite = torch.stack([f.isfinite().flatten(1).all(1) for f in features.values()]).all(0)
             host = {lvl: f.cpu().numpy() for lvl, f in features.items()}
             for i, row in enumerate(batch_rows.tolist()):

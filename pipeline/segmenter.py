@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.backbone import LEVELS, build_backbone
+from pipeline.backbone import build_backbone, image_features
 from pipeline.images import normalize
 from pipeline.lora import attach_lora, load_adapter, set_trainable_params
 from pipeline.model import ViewConditionedDecoder
@@ -39,8 +39,7 @@ class VesselSegmenter(nn.Module):
 
     def _backbone_features(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
         with self.autocast(normalized.device):
-            out = self.backbone.forward_image(normalized)
-        return {lvl: out["backbone_fpn"][LEVELS[lvl]] for lvl in self.decoder.levels}
+            return image_features(self.backbone, normalized, self.decoder.levels)
 
     def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
         """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`.

@@ -5,6 +5,7 @@ from pipeline.backbone import (
     CheckpointMismatchError,
     MissingWeightsError,
     build_backbone,
+    image_features,
     write_official_checkpoint,
 )
 from pipeline.lora import attach_lora
@@ -26,6 +27,38 @@ def test_tiny_forward_image_matches_sam3_output_layout():
         (2, 256, 72, 72), (2, 256, 36, 36), (2, 256, 18, 18)]
     assert torch.equal(out["vision_features"], out["backbone_fpn"][-1])
     assert out["sam2_backbone_out"] is None
+
+
+@pytest.mark.parametrize("levels", [("1x",), ("2x", "4x"), ("1x", "2x", "4x")])
+def test_image_features_equal_forward_image_for_the_levels_asked(levels):
+    backbone = build_backbone("tiny")
+    _randomise(backbone, seed=2)
+    x = torch.randn(2, 3, 252, 252)
+    with torch.inference_mode():
+        fpn = dict(zip(("4x", "2x", "1x"), backbone.forward_image(x)["backbone_fpn"], strict=True))
+        out = image_features(backbone, x, levels)
+    assert list(out) == list(levels)
+    for lvl in levels:
+        assert torch.equal(out[lvl], fpn[lvl]), lvl
+
+
+def test_image_features_skip_the_other_branches_and_go_through_lora():
+    peft_model = attach_lora(build_backbone("tiny"), r=4, alpha=8, dropout=0.0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: LoRA changes the output
+    convs = peft_model.get_base_model().vision_backbone.convs
+    ran = []
+    for i, conv in enumerate(convs):
+        conv.register_forward_pre_hook(lambda *_, i=i: ran.append(i))
+    x = torch.randn(1, 3, 252, 252)
+    with torch.inference_mode():
+        adapted = image_features(peft_model, x, ("1x",))["1x"]
+        expected = peft_model.forward_image(x)["vision_features"]
+        with peft_model.disable_adapter():
+            frozen = image_features(peft_model, x, ("1x",))["1x"]
+    assert ran == [2, 0, 1, 2, 3, 2]  # 1x alone; forward_image runs all four branches
+    assert torch.equal(adapted, expected) and not torch.allclose(adapted, frozen)
 
 
 def test_tiny_weights_are_seeded():
