@@ -5,16 +5,18 @@ moves them.
     python bench/bench_backbone.py --backbone sam3 --random-weights --device cuda \
         --batch-sizes 8,16,32 --batch-size 16                          # the GPU study
 
-(1) FLOPs of one `forward_image` at batch 1, counted by `torch.utils.flop_counter` (matmuls,
-convolutions, attention; on the CPU attention runs through SDPA's math backend so that it is
-counted); (2) the device's dense matmul ceiling in the amp dtype (n x n x n, best of 5);
-(3) images/s of `forward_image` under autocast, as extraction runs it (inference mode, images
-already on the device), by batch size, and MFU = FLOPs x images/s / ceiling (and / `--peak-tflops`,
-the datasheet figure, when given); (4) variants at `--batch-size`: a channels-last model and
-input, each SDPA backend forced, bf16 weights instead of autocast, `torch.compile`, and (CUDA)
-`torch.compile(mode="reduce-overhead")` (CUDA graphs); each variant's `vision_features` against
-the baseline's (relative L2) and its first-call seconds (compilation); (5) on CUDA, host-to-device
-copies of a uint8 batch: pageable against pinned with `non_blocking`.
+(1) FLOPs of one image through `forward_image` and through `image_features` of 1, 2 and 3
+levels (what extraction runs), counted by `torch.utils.flop_counter` (matmuls, convolutions,
+attention; on the CPU attention runs through SDPA's math backend so that it is counted);
+(2) the device's dense matmul ceiling in the amp dtype (n x n x n, best of 5);
+(3) images/s of `image_features(--levels)` under autocast as extraction runs it (inference mode,
+images already on the device) by batch size, and MFU = FLOPs x images/s / ceiling (and against
+`--peak-tflops`, the datasheet figure, when given);
+(4) variants at `--batch-size`: a channels-last model and input, each SDPA backend forced, bf16
+weights instead of autocast, `torch.compile`, and (CUDA) `torch.compile(mode="reduce-overhead")`
+(CUDA graphs); each variant's 1x features against the baseline's (relative L2) and its
+first-call seconds (compilation);
+(5) on CUDA, host-to-device copies of a uint8 batch: pageable against pinned with `non_blocking`.
 A variant that fails says why in its row instead of stopping the run.
 """
 
@@ -27,7 +29,7 @@ import time
 import _common as C
 import torch
 
-from pipeline.backbone import PRESETS
+from pipeline.backbone import PRESETS, image_features
 from pipeline.images import normalize
 
 VARIANTS = ("channels-last", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math",
@@ -37,6 +39,7 @@ VARIANTS = ("channels-last", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa
 def parse_args(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,2,4,8", help="for the batch-size table")
+    parser.add_argument("--levels", default="1x", help="levels extracted (timed and MFU)")
     parser.add_argument("--repeat", type=int, default=5, help="timed batches per measurement")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma list of: {', '.join(VARIANTS)}; or none")
@@ -44,6 +47,7 @@ def parse_args(argv=None):
                         help="the device's datasheet dense TFLOP/s in the amp dtype")
     args = C.finish_args(parser.parse_args(argv))
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.levels = tuple(sorted(args.levels.split(",")))
     args.variants = [] if args.variants == "none" else args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -66,15 +70,19 @@ def sdpa(backend: str | None):
 
 
 # ---------------------------------------------------------------- FLOPs and the ceiling
-def count_flops(args, backbone) -> float:
-    """FLOPs of one image's `forward_image`."""
+def count_flops(args, backbone, levels: tuple[str, ...] | None = None) -> float:
+    """FLOPs of one image's `forward_image` (every level), or of `image_features(levels)`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     # The CPU's fused attention kernel has no FLOP formula; the math backend is plain matmuls.
     backend = "MATH" if args.device == "cpu" else None
+    x = normalize(images(args, 1))
     with torch.inference_mode(), C.autocast(args.device, args.amp), sdpa(backend), counter:
-        backbone.forward_image(normalize(images(args, 1)))
+        if levels is None:
+            backbone.forward_image(x)
+        else:
+            image_features(backbone, x, levels)
     return float(counter.get_total_flops())
 
 
@@ -90,7 +98,7 @@ def matmul_ceiling(args) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- throughput
 def runner(args, backbone, variant: str | None):
-    """fn(x) -> backbone_fpn levels (4x, 2x, 1x) for one variant, run as extraction runs it."""
+    """fn(x) -> {level: features} of --levels for one variant, run as extraction runs it."""
     autocast, backend, model = True, None, backbone
     if variant == "channels-last":
         model = copy.deepcopy(backbone).to(memory_format=torch.channels_last)
@@ -106,9 +114,7 @@ def runner(args, backbone, variant: str | None):
         x = normalize(x)
         if not autocast:
             x = x.to(torch.bfloat16)
-        # Every level, as forward_image computes them (a compiled function returning fewer
-        # would let the compiler drop the neck's other branches).
-        return tuple(model.forward_image(x)["backbone_fpn"])
+        return image_features(model, x, args.levels)
 
     fn = forward
     if variant in ("compile", "compile + CUDA graphs"):
@@ -132,7 +138,7 @@ def rate(args, run, b: int) -> tuple[float, float, torch.Tensor]:
     """(images/s, first-call seconds, vision_features of the first call) at batch b."""
     x = images(args, b)
     start = time.perf_counter()
-    out = run(x)[-1].float()  # 1x: vision_features
+    out = run(x)["1x"].float()
     C.sync(args.device)
     first = time.perf_counter() - start
     seconds = C.best_time(lambda: run(x), repeat=args.repeat, warmup=1, device=args.device)
@@ -158,8 +164,9 @@ def batch_table(args, backbone, flops: float, ceiling: float) -> tuple[str, dict
                      tflops / args.peak_tflops if args.peak_tflops else ""])
     header = ["batch", "images/s", "model TFLOP/s", "MFU (measured matmul ceiling)",
               "MFU (datasheet peak)"]
-    return C.table(f"forward_image under autocast {args.amp}, inference mode, images on the "
-                   "device (as extraction runs it)", header, rows), outputs  # {b: (rate, 1x)}
+    return C.table(f"image_features({','.join(args.levels)}) under autocast {args.amp}, "
+                   "inference mode, images on the device (as extraction runs it)", header,
+                   rows), outputs  # {b: (rate, 1x)}
 
 
 def variants_table(args, backbone, flops: float, ceiling: float, baseline) -> str:
@@ -180,7 +187,7 @@ def variants_table(args, backbone, flops: float, ceiling: float, baseline) -> st
         rows.append([variant, per_s, per_s / base_rate, flops * per_s / 1e12 / ceiling, first,
                      relative_l2(out, reference)])
     header = ["variant", "images/s", "speed-up", "MFU (measured ceiling)", "first call s",
-              "vision_features rel. L2 to the baseline"]
+              "1x features rel. L2 to the baseline"]
     return C.table(f"Variants at batch {b}", header, rows)
 
 
@@ -205,19 +212,25 @@ def main(argv=None) -> int:
     start_load = C.load_average()
     torch.manual_seed(0)
     backbone = C.load_backbone(args)
-    flops = count_flops(args, backbone)
+    every = count_flops(args, backbone)
     ceiling, n = matmul_ceiling(args)
-    summary = C.table("Work per image and the device's ceiling",
-                      ["FLOPs per image (forward_image, counted)", "TFLOP per image",
-                       f"matmul ceiling TFLOP/s ({n}^3, {args.amp})",
-                       "images/s at 100 % of the ceiling"],
-                      [[f"{flops:.4g}", flops / 1e12, ceiling, ceiling * 1e12 / flops]])
+    rows = [["forward_image (every level)", f"{every:.4g}", every / 1e12,
+             ceiling * 1e12 / every]]
+    for levels in (("1x",), ("1x", "2x"), ("1x", "2x", "4x")):
+        part = count_flops(args, backbone, levels)
+        rows.append([f"image_features({','.join(levels)}), as extraction runs", f"{part:.4g}",
+                     part / 1e12, ceiling * 1e12 / part])
+    flops = count_flops(args, backbone, args.levels)
+    summary = C.table(f"FLOPs per image, counted, and the images/s at 100 % of the device's "
+                      f"matmul ceiling ({ceiling:.4g} TFLOP/s, {n}^3, {args.amp})",
+                      ["call", "FLOPs per image", "TFLOP per image",
+                       "images/s at 100 % of the ceiling"], rows)
     batches, baseline = batch_table(args, backbone, flops, ceiling)
     sections = [summary, batches, variants_table(args, backbone, flops, ceiling, baseline),
                 copies_table(args)]
-    notes = ["MFU counts the FLOPs of `forward_image` only (the fp16 cast, the finite check and "
-             "the copies of extraction are outside it); `bench_extraction.py` times the whole "
-             "path."]
+    notes = ["MFU counts the FLOPs of `image_features(--levels)` only (the fp16 cast, the finite "
+             "check and the copies of extraction are outside it); `bench_extraction.py` times "
+             "the whole path."]
     if args.device == "cpu":
         notes.append("CPU: SDPA's efficient and cudnn backends and CUDA graphs exist only on "
                      "CUDA; their rows fail by design.")
