@@ -48,6 +48,8 @@ def parse_args(argv=None):
     args = C.finish_args(parser.parse_args(argv))
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.levels = tuple(sorted(args.levels.split(",")))
+    if "1x" not in args.levels or set(args.levels) - {"1x", "2x", "4x"}:
+        parser.error("--levels must include 1x and use only 1x, 2x, 4x")
     args.variants = [] if args.variants == "none" else args.variants.split(",")
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:

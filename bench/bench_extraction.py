@@ -315,8 +315,9 @@ def split_tables(args, backbone, paths: list, bare: float) -> list[str]:
     folder = Path(tempfile.mkdtemp(prefix="store-", dir=args.work_dir))
     times["store set (LocalStore, encoded bytes)"] = store_set_seconds(folder, encoded)
     shutil.rmtree(folder)
-    parts = sum(times.values())
-    rows = [[name, s * 1e3, f"{100 * s / parts:.1f} %"] for name, s in times.items()]
+    parts = sum(s for name, s in times.items() if not name.startswith("("))  # on the path
+    rows = [[name, s * 1e3, "" if name.startswith("(") else f"{100 * s / parts:.1f} %"]
+            for name, s in times.items()]
     whole = write_sample_seconds(args, sample)
     encode_and_set = sum(s for name, s in times.items() if name.startswith(("compress", "store")))
     rows += [["FeatureCache.write_sample (a whole write, for comparison)", whole * 1e3, ""],

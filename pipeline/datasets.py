@@ -87,7 +87,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     """A collated batch (tensors or numpy arrays, and dicts of tensors for "features") as
     tensors on `device`."""
     def move(value):
-        return torch.as_tensor(value).to(device, non_blocking=True)
+        # Only a pinned source is safe to copy asynchronously: `FeatureBatches` reuses its
+        # unpinned buffers once the next batch is requested.
+        tensor = torch.as_tensor(value)
+        return tensor.to(device, non_blocking=tensor.is_pinned())
 
     return {key: ({k: move(v) for k, v in value.items()} if isinstance(value, dict)
                   else move(value))

@@ -42,5 +42,6 @@ def test_batches_from_worker_processes_equal_the_in_process_ones(tmp_path):
     forked = list(DataLoader(dataset, batch_size=4, collate_fn=collate_samples, num_workers=2))
     for a, b in zip(inline, forked, strict=True):
         assert a.keys() == b.keys()
+        assert all(isinstance(b[key], np.ndarray) for key in SMALL_FIELDS)
         for key in a:
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))

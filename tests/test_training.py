@@ -103,6 +103,27 @@ def test_e2e_steps_update_lora_and_head_only(dataset, tmp_path):
     assert any(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
 
 
+def test_training_batches_carry_small_fields_inline_from_loader_workers(dataset, tmp_path):
+    """Cached and live loaders of the trainer ship index, copy, view and angles as numpy
+    (pickled inline; a tensor would cross in a shared-memory file of its own)."""
+    import numpy as np
+
+    from pipeline.datasets import SMALL_FIELDS
+    from pipeline.distributed import DistributedContext
+    from pipeline.trainer import _Data
+    from pipeline.training import prepare
+
+    prepared = prepare(_config(dataset, tmp_path, extract_missing=True, loader_workers=2))
+    data = _Data(prepared, prepared.cache, DistributedContext())
+    for live in (False, True):
+        batches = iter(data.train_loader(0, live))
+        batch = next(batches)
+        assert all(isinstance(batch[k], np.ndarray) for k in SMALL_FIELDS), live
+        assert isinstance(batch["mask"], torch.Tensor)
+        assert ("features" in batch) != live
+        del batches
+
+
 def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(dataset, tmp_path):
     from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
     from pipeline.losses import dice_bce_loss
