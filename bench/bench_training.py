@@ -310,8 +310,9 @@ def notes(args) -> list[str]:
            "checkpoints each block (`--activation-checkpointing`, the default) and its "
            "drop-path (rate up to 0.1) is active."]
     if args.backbone == "tiny":
-        out.append("tiny backbone: the end-to-end epoch is far cheaper relative to the cached "
-                   "one than with sam3 at 1008 px, so the ratio here is a lower bound.")
+        out.append("tiny backbone: its trunk costs almost nothing, so an end-to-end epoch costs "
+                   "about what a cached one does here; the ratio at full size is far larger "
+                   "(compare the s/step columns of a `--backbone sam3` memory table).")
     if args.device == "cpu":
         out.append("CPU: loader processes compete with the training step for the same cores, "
                    "so loader_workers 2 can lower data_wait and still lengthen the epoch.")
