@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pipeline.cache import FeatureCache
 from pipeline.checkpoint import read_checkpoint, restore
@@ -52,7 +53,7 @@ def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
 
 
 def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
-            batch_size: int = 8) -> list[dict]:
+            batch_size: int = 8, loader_workers: int = 2, show: bool = True) -> list[dict]:
     """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`."""
     device = torch.device(device)
     model, state, config, views = load_run(run_dir, device)
@@ -66,6 +67,8 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     cached = np.array([r >= 0 and bool(done[r]) for r in rows], dtype=bool)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    pin = device.type == "cuda"
+    bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
     for use_cache in (True, False):
         chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
         if not chosen:
@@ -74,15 +77,18 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
         dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
                                       with_masks=False,
                                       with_image=config.image_branch or not use_cache)
-        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
+                             num_workers=loader_workers, pin_memory=pin)
         if use_cache:
             batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
-                                     levels=config.levels, samples=subset, pin_memory=False)
+                                     levels=config.levels, samples=subset, pin_memory=pin)
         for batch in batches:
             with torch.no_grad():
                 logits = model(to_device(batch, device), live=not use_cache)
             for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
                 written.append(_write_mask(subset[j], item_logits, out, use_cache))
+            bar.update(len(logits))
+    bar.close()
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features"])
@@ -110,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="where the masks go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--loader-workers", type=int, default=2,
+                        help="DataLoader processes decoding images")
     args = parser.parse_args(argv)
     try:
         rows = predict(args.run, args.data, args.out, device=args.device,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, loader_workers=args.loader_workers)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import numpy as np
 from conftest import make_dataset
@@ -30,6 +31,12 @@ def test_new_images_go_through_the_backbone_and_masks_keep_their_size(dataset, t
     assert predict_main(["--run", str(run), "--data", str(dataset), "--out",
                          str(tmp_path / "again"), "--device", "cpu"]) == 0
     assert {r["features"] for r in _rows(tmp_path / "again")} == {"cached"}
+    # Loader worker processes change nothing in the masks.
+    assert predict_main(["--run", str(run), "--data", str(dataset), "--out",
+                         str(tmp_path / "inline"), "--device", "cpu",
+                         "--loader-workers", "0"]) == 0
+    for a, b in zip(_rows(tmp_path / "again"), _rows(tmp_path / "inline"), strict=True):
+        assert Path(a["mask"]).read_bytes() == Path(b["mask"]).read_bytes()
 
 
 def test_after_end_to_end_epochs_the_stale_cache_is_not_used(dataset, tmp_path):
