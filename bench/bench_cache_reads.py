@@ -259,19 +259,22 @@ def loaders_table(args, path: Path, samples: list, rows) -> str:
                    **datasets_for(path, samples, rows, levels, resolution)}
         for name, dataset in readers.items():
             for workers in args.loader_workers:
+                # Raw reads again just before: this machine's speed drifts within minutes.
+                near = n / min(raw_pass(maps, rows, batch)[0] for _ in range(3))
                 passes = [loader_pass(dataset, workers, batch, pin) for _ in range(3)]
                 seconds, first, others = min(passes)
                 rate, steady = n / seconds, (n - batch) / (seconds - first)
                 ceiling.setdefault(workers, steady)
                 out.append([",".join(levels), name, workers, rate, steady, steady * mb,
-                            steady / raw, steady / ceiling[workers], first * 1e3,
+                            steady / near, steady / ceiling[workers], first * 1e3,
                             C.share(others)])
     return C.table(f"Stage B data path, {n} samples, batch {batch}, shuffled, warm page cache "
                    "(loaders: best of 3 passes, each with a new DataLoader as the trainer "
                    "makes; raw: best of 7)",
                    ["levels", "reader", "workers", "samples/s", "samples/s after the first batch",
-                    "MB/s (features, after the first batch)", "ratio to raw, after the first "
-                    "batch (target >= 0.8)", "ratio to DataLoader alone", "first batch ms",
+                    "MB/s (features, after the first batch)", "ratio to raw reads timed just "
+                    "before, after the first batch (target >= 0.8)", "ratio to DataLoader alone",
+                    "first batch ms",
                     "others' CPU share"], out)
 
 
@@ -422,7 +425,9 @@ def notes(args, best: tuple[str, str]) -> list[str]:
                    "cache of real features before changing the default.")
     out.append("MB/s counts decoded float16 feature bytes; ratios to raw compare each loader "
                "(after its first batch: worker start-up is in `samples/s` and `first batch "
-               "ms`) with one process copying the same rows out of uncompressed .npy memmaps.")
+               "ms`) with one process copying the same rows out of uncompressed .npy memmaps, "
+               "best of 3 passes timed just before the loader's (the first row: best of 7 at "
+               "the start).")
     out.append("`DataLoader alone` builds same-sized tensors in `__getitem__` without reading "
                "anything: with worker processes, its rate is what the transfer of batches "
                "through shared memory allows on this machine. `FeatureBatches` (Stage B) reads "
