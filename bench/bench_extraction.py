@@ -32,7 +32,7 @@ import torch
 from pipeline.backbone import PRESETS, image_features
 from pipeline.cache import CODECS, DEFAULT_CODEC, FeatureCache
 from pipeline.config import ExtractConfig
-from pipeline.extraction import run_extraction
+from pipeline.extraction import run_extraction, stored_features
 from pipeline.images import load_preprocessed, normalize, read_image, sam3_resize
 from pipeline.manifest import read_manifest, sample_keys, write_manifest
 
@@ -282,8 +282,8 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
     feats = forward()
 
     def post():
-        half = {lvl: f.to(torch.float16) for lvl, f in feats.items()}
-        torch.stack([h.isfinite().flatten(1).all(1) for h in half.values()]).all(0).tolist()
+        half, finite = stored_features(feats)
+        finite.tolist()
         return half
 
     half = post()

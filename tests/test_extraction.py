@@ -13,7 +13,12 @@ from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 from pipeline.backbone import build_backbone
 from pipeline.cache import CacheLockedError, FeatureCache, writer_lock
 from pipeline.config import ExtractConfig
-from pipeline.extraction import NonFiniteFeaturesError, cache_signature, run_extraction
+from pipeline.extraction import (
+    NonFiniteFeaturesError,
+    cache_signature,
+    run_extraction,
+    stored_features,
+)
 from pipeline.images import load_preprocessed
 from pipeline.lora import attach_lora
 from pipeline.manifest import read_manifest, sample_keys
@@ -169,3 +174,15 @@ def test_torchrun_ranks_fill_one_cache(tmp_path):
     assert path.name == clean.path.name
     np.testing.assert_array_equal(FeatureCache.open(path).level("1x")[:],
                                   FeatureCache.open(clean.path).level("1x")[:])
+
+
+def test_stored_features_flag_each_sample_with_a_non_finite_value():
+    out = {"1x": torch.randn(5, 4, 3, 3), "4x": torch.randn(5, 4, 12, 12)}
+    out["4x"][1, 2, 7, 5] = float("inf")
+    out["1x"][2, 0, 0, 0] = float("nan")
+    out["4x"][3, 3, 0, 0] = 1e6  # beyond float16: Inf once stored
+    out["1x"][4, 1, 1, 1], out["1x"][4, 2, 2, 2] = float("inf"), float("-inf")  # sum: NaN
+    half, finite = stored_features(out)
+    assert finite.tolist() == [True, False, False, False, False]
+    assert all(h.dtype == torch.float16 for h in half.values())
+    assert torch.equal(half["1x"][0], out["1x"][0].half())
