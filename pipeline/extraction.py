@@ -207,15 +207,17 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
 
 def stored_features(out: dict[str, torch.Tensor]
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """{level: (B, C, h, w)} backbone outputs -> (the same in float16, as the cache stores them;
-    (B,) bool: every value of the sample finite at every level after the cast).
+    """{level: (B, C, h, w)} backbone outputs -> (the same in float16 and C-contiguous, as the
+    cache stores them; (B,) bool: every value of the sample finite at every level after the cast).
 
-    NaN and Inf (a value beyond float16's 65504 becomes Inf) propagate into a float32 sum of the
-    sample, which finite values cannot overflow: one reduction instead of a full-size isfinite
-    mask (1.7 instead of 4.1 ms per image on the CPU, tiny, three levels).
+    One pass casts and lays out (CPU convolutions return channels-last maps, which would
+    otherwise be copied again per sample). NaN and Inf (a value beyond float16's 65504 becomes
+    Inf) propagate into a float32 sum per sample, which finite values cannot overflow: one
+    reduction instead of a full-size isfinite mask (BENCHMARKS.md, extraction time split).
     """
-    half = {lvl: f.to(torch.float16) for lvl, f in out.items()}
-    sums = torch.stack([f.flatten(1).sum(1, dtype=torch.float32) for f in half.values()])
+    half = {lvl: f.to(torch.float16, memory_format=torch.contiguous_format)
+            for lvl, f in out.items()}
+    sums = torch.stack([f.sum(dim=(1, 2, 3), dtype=torch.float32) for f in half.values()])
     return half, sums.isfinite().all(0)
 
 
