@@ -298,9 +298,12 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
             forward, repeat=3, device=device) / b,
         "(SAM 3's forward_image, every level: not on the path)": C.best_time(
             forward_image, repeat=3, device=device) / b,
-        "fp16 cast + finite check": C.best_time(post, device=device) / b,
+        "fp16 cast + finite check (stored_features)": C.best_time(post, device=device) / b,
         "device to host (.cpu().numpy())": C.best_time(
             lambda: [h.cpu().numpy() for h in half.values()], device=device) / b,
+        "per-sample arrays handed to the writers": C.best_time(
+            lambda: [{lvl: np.ascontiguousarray(v[i]) for lvl, v in host.items()}
+                     for i in range(len(x))]) / b,
     }
     return times, {lvl: np.ascontiguousarray(v[0]) for lvl, v in host.items()}
 
