@@ -374,14 +374,21 @@ class FeatureCache:
         return np.array([index.get(k, -1) for k in keys], dtype=np.int64)
 
     def read(self, row: int, levels: list[str] | None = None) -> dict[str, np.ndarray]:
-        """One sample's features: level -> (C, h, w) float16, read straight from the chunk files
-        where the layout allows (see `ChunkFiles`), else through zarr."""
+        """One sample's features: level -> (C, h, w) float16 (see `read_into`)."""
         out = {}
         for lvl in levels or self.levels:
-            files = self._files(lvl)
-            value = files.read(row) if files is not None else None
-            out[lvl] = value if value is not None else self.level(lvl)[row]
+            out[lvl] = np.empty(self.level_shape(lvl), FEATURE_DTYPE)
+            self.read_into(row, lvl, out[lvl])
         return out
+
+    def read_into(self, row: int, level: str, out: np.ndarray) -> None:
+        """Fill `out` ((C, h, w) float16, C-contiguous: a new array, or a slice of a batch
+        tensor) with one level of one sample: straight from its chunk file where the layout
+        allows (see `ChunkFiles`), else through zarr (another layout, or a chunk of fill values,
+        which has no file). Safe from several threads."""
+        files = self._files(level)
+        if files is None or not files.read_into(row, out):
+            out[...] = self.level(level)[row]
 
     def _files(self, level: str) -> ChunkFiles | None:
         if level not in self._chunk_files:

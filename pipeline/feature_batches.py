@@ -25,7 +25,7 @@ from queue import Full, Queue
 import numpy as np
 import torch
 
-from pipeline.cache import CacheError, ChunkFiles, FeatureCache
+from pipeline.cache import CacheError, FeatureCache
 
 _END = object()
 
@@ -50,7 +50,6 @@ class FeatureBatches:
         self.rows, self.samples, self.pin_memory = np.asarray(rows), samples, pin_memory
         self.threads = threads or min(8, os.cpu_count() or 1)
         self._cache: FeatureCache | None = None
-        self._files: dict[str, ChunkFiles | None] = {}
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -110,8 +109,6 @@ class FeatureBatches:
         None, into new pinned tensors."""
         if self._cache is None:
             self._cache = FeatureCache.open(self.cache_path)
-            self._files = {lvl: ChunkFiles.for_array(self._cache.level(lvl))
-                           for lvl in self.levels}
         index, copy = np.asarray(batch["index"]), np.asarray(batch["copy"])
         rows = self.rows[index, copy]
         out = {}
@@ -128,10 +125,8 @@ class FeatureBatches:
                 for j, row in enumerate(rows) for lvl in self.levels]
 
     def _read(self, i: int, row: int, level: str, out: np.ndarray) -> None:
-        files = self._files[level]
         try:
-            if files is None or not files.read_into(row, out):
-                out[...] = self._cache.level(level)[row]  # another layout, or a fill chunk
+            self._cache.read_into(row, level, out)
         except Exception as err:
             raise CacheError(
                 f"{self.cache_path}: features of {self.samples[i].image} (row {row}) are "
