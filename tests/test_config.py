@@ -16,7 +16,8 @@ def test_every_field_is_a_documented_flag(cls):
         assert len(actions[field.name].help) > 20, field.name
         assert "--" + field.name.replace("_", "-") in actions[field.name].option_strings
     text = " ".join(parser.format_help().split())  # argparse formats help with %: escaped
-    assert cls is TrainConfig or "about 10 % of disk" in text
+    if cls is ExtractConfig:  # its codec help holds a "%"
+        assert "about 10 % of disk" in text
 
 
 def test_flags_parse_into_the_config():

@@ -125,13 +125,13 @@ def test_training_batches_carry_small_fields_inline_from_loader_workers(dataset,
 
 
 def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(dataset, tmp_path):
-    from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
+    from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
     from pipeline.losses import dice_bce_loss
     from pipeline.segmenter import build_segmenter
 
     samples = read_manifest(dataset)[:2]
     items = SegmentationSamples(samples, resolution=252, views=ViewVocabulary.from_samples(samples))
-    batch = {k: torch.as_tensor(v) for k, v in collate_samples([items[0], items[1]]).items()}
+    batch = to_device(collate_samples([items[0], items[1]]), torch.device("cpu"))
     calls, grads = {}, {}
     for on in (True, False):
         torch.manual_seed(0)
