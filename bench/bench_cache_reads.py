@@ -34,7 +34,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from pipeline.backbone import PRESETS
 from pipeline.cache import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
-from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples
+from pipeline.datasets import (
+    SMALL_FIELDS,
+    SegmentationSamples,
+    ViewVocabulary,
+    collate_samples,
+)
 from pipeline.extraction import run_extraction
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
@@ -286,8 +291,8 @@ class SmallFields(Dataset):
         return 4096
 
     def __getitem__(self, i: int) -> dict:
-        return {"index": torch.tensor(i), "copy": torch.tensor(0), "view": torch.tensor(1),
-                "angles": torch.zeros(4)}
+        return dict(zip(SMALL_FIELDS, (torch.tensor(i), torch.tensor(0), torch.tensor(1),
+                                       torch.zeros(4)), strict=True))
 
 
 def small_fields_table(args) -> str:
@@ -322,11 +327,11 @@ def read_cost_table(args, path: Path, rows, levels) -> str:
     arrays = {lvl: cache.level(lvl) for lvl in levels}
     codec = C.numcodec(cache.group.attrs["codec"])
     picks = [int(r) for r in rows[:16]]
-    files = [[path / "features" / lvl / "c" / str(r) / "0" / "0" / "0" for lvl in levels]
-             for r in picks]
-    blobs = [[f.read_bytes() for f in fs] for fs in files]
-    maps = memmaps(args, path, levels)
     direct = {lvl: ChunkFiles.for_array(a) for lvl, a in arrays.items()}
+    files = [[direct[lvl].path(r) for lvl in levels] for r in picks]
+    # Each chunk ends with its 4-byte crc32c, which the compressor alone does not read.
+    blobs = [[f.read_bytes()[:-4] for f in fs] for fs in files]
+    maps = memmaps(args, path, levels)
     pieces = {
         "read the chunk files (Path.read_bytes)": lambda: [f.read_bytes() for fs in files
                                                             for f in fs],

@@ -269,15 +269,12 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
     cpu_batch = torch.stack([transform(read_image(p)) for p in paths])
     if device == "cuda":
         cpu_batch = cpu_batch.pin_memory()
-    x = normalize(cpu_batch.to(device))
+    on_device = cpu_batch.to(device)
+    x = normalize(on_device)
 
     def forward():
         with torch.inference_mode(), C.autocast(device, args.amp):
             return image_features(backbone, x, args.levels)
-
-    def forward_image():
-        with torch.inference_mode(), C.autocast(device, args.amp):
-            return backbone.forward_image(x)
 
     feats = forward()
 
@@ -292,12 +289,10 @@ def device_steps(args, backbone, paths: list) -> tuple[dict, dict]:
         "decode + resize (CPU, per image)": decode,
         "host to device (uint8)": C.best_time(lambda: cpu_batch.to(device, non_blocking=True),
                                                 device=device) / b,
-        "normalize on the device": C.best_time(lambda: normalize(cpu_batch.to(device)),
+        "normalize on the device": C.best_time(lambda: normalize(on_device),
                                                device=device) / b,
         f"backbone: image_features of {','.join(args.levels)}": C.best_time(
             forward, repeat=3, device=device) / b,
-        "(SAM 3's forward_image, every level: not on the path)": C.best_time(
-            forward_image, repeat=3, device=device) / b,
         "fp16 cast + finite check (stored_features)": C.best_time(post, device=device) / b,
         "device to host (.cpu().numpy())": C.best_time(
             lambda: [h.cpu().numpy() for h in half.values()], device=device) / b,
@@ -318,9 +313,8 @@ def split_tables(args, backbone, paths: list, bare: float) -> list[str]:
     folder = Path(tempfile.mkdtemp(prefix="store-", dir=args.work_dir))
     times["store set (LocalStore, encoded bytes)"] = store_set_seconds(folder, encoded)
     shutil.rmtree(folder)
-    parts = sum(s for name, s in times.items() if not name.startswith("("))  # on the path
-    rows = [[name, s * 1e3, "" if name.startswith("(") else f"{100 * s / parts:.1f} %"]
-            for name, s in times.items()]
+    parts = sum(times.values())
+    rows = [[name, s * 1e3, f"{100 * s / parts:.1f} %"] for name, s in times.items()]
     whole = write_sample_seconds(args, sample)
     encode_and_set = sum(s for name, s in times.items() if name.startswith(("compress", "store")))
     rows += [["FeatureCache.write_sample (a whole write, for comparison)", whole * 1e3, ""],
@@ -434,8 +428,7 @@ def gpu_table(args, backbone) -> str:
 
         def step(x=x):
             with torch.inference_mode(), C.autocast("cuda", args.amp):
-                out = image_features(backbone, x, args.levels)
-            [out[lvl].to(torch.float16) for lvl in args.levels]
+                stored_features(image_features(backbone, x, args.levels))
 
         peak = C.gpu_peak(step)
         rows.append([b, peak, peak - weights])

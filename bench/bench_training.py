@@ -193,15 +193,13 @@ def costs_table(args, manifest: Path) -> str:
 # ---------------------------------------------------------------- GPU memory
 def fake_batch(args, b: int, device: str = "cuda") -> dict:
     preset = PRESETS[args.backbone]
-    r, s = preset.resolution, preset.feature_size
-    scale = {"1x": 1, "2x": 2, "4x": 4}
+    r = preset.resolution
     return {"image": torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, device=device),
             "mask": (torch.rand(b, 1, r, r, device=device) > 0.9).float(),
             "view": torch.zeros(b, dtype=torch.long, device=device),
             "angles": torch.zeros(b, 4, device=device),
-            "features": {lvl: torch.randn(b, 256, s * scale[lvl], s * scale[lvl],
-                                          device=device, dtype=torch.float16)
-                         for lvl in args.levels}}
+            "features": {lvl: torch.randn(b, *preset.level_shape(lvl), device=device,
+                                          dtype=torch.float16) for lvl in args.levels}}
 
 
 def train_step(model, batch: dict, live: bool) -> None:
@@ -283,10 +281,10 @@ def gpu_memory_table(args, manifest: Path) -> str:
     model = build_segmenter(config, num_views=4, use_angles=False).to("cuda").train()
     trunk = model.backbone.get_base_model().vision_backbone.trunk
     weights = torch.cuda.memory_allocated() / 2**30
-    modes, rows, failed = MODES, [], set()
+    rows, failed = [], set()
     for b in [int(x) for x in args.mem_batch_sizes.split(",")]:
         batch, row = fake_batch(args, b), [b]
-        for mode, (live, checkpointing) in modes.items():
+        for mode, (live, checkpointing) in MODES.items():
             trunk.use_act_checkpoint = checkpointing
             if mode in failed:
                 row += [float("inf"), ""]
@@ -298,8 +296,7 @@ def gpu_memory_table(args, manifest: Path) -> str:
             row += [peak, ms]
         rows.append(row)
         del batch
-    trunk.use_act_checkpoint = True
-    header = ["batch"] + [f"{m} {x}" for m in modes for x in ("GiB", "ms/step")]
+    header = ["batch"] + [f"{m} {x}" for m in MODES for x in ("GiB", "ms/step")]
     return C.table(f"Peak GPU memory and time of a training step (forward + backward, amp "
                    f"{args.amp}; model {weights:.2f} GiB; inf = out of memory)", header, rows)
 

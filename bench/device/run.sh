@@ -40,7 +40,7 @@ step backbone 210 bench/bench_backbone.py --batch-sizes 8,16,32 --batch-size 16 
     --variants "channels-last,sdpa flash,sdpa efficient,sdpa cudnn,bf16 weights"
 # 2. Extraction against the bare backbone loop, its time split, GPU memory by batch size.
 step extraction 150 bench/bench_extraction.py --batch-size 16 --images 96 --image-side 1024 \
-    --levels 1x --rounds 1 --skip rss,workers,budget
+    --levels 1x --rounds 1 --skip rss,budget
 # 3. One training step by batch size: cached, end to end with and without checkpointing.
 step training 75 bench/bench_training.py --skip epochs,costs --mem-batch-sizes 1,2,4,8
 # 4. Compilation last: it can take minutes for the full-size ViT.
