@@ -35,7 +35,9 @@ def test_flags_parse_into_the_config():
     ({"levels": ("2x",)}, "--levels must include 1x"),
     ({"levels": ("1x", "8x")}, "--levels must include 1x"),
     ({"amp": "fp8"}, "--amp must be"),
-    ({"augment_copies": 9}, "between 0 and 5"),
+    ({"augment_copies": 33}, "between 0 and 32"),
+    ({"augment": "flips", "augment_copies": 6}, "between 0 and 5"),
+    ({"augment": "elastic"}, "--augment must be one of"),
     ({"device": "tpu"}, "--device must be"),
 ])
 def test_contradictory_or_unknown_settings_are_refused(kwargs, message):
