@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from pipeline.augment import CopyPlan
 from pipeline.config import ExtractConfig, TrainConfig, add_arguments, from_arguments
 
 
@@ -57,8 +58,9 @@ def test_stage_specific_checks():
 
 def test_training_config_names_the_cache_it_needs():
     config = TrainConfig(device="cpu", backbone="tiny", levels=("1x", "2x"), augment_copies=1,
-                         adapter="runs/x/adapter")
+                         adapter="runs/x/adapter", augment_seed=2)
     extract = config.extract_config()
+    assert extract.copy_plan == config.copy_plan == CopyPlan("random", 1, 2)
     assert (extract.backbone, extract.levels, extract.amp, extract.adapter,
             extract.augment_copies) == ("tiny", ("1x", "2x"), "off", "runs/x/adapter", 1)
     assert config.extract_config(adapter="other").adapter == "other"
