@@ -97,10 +97,13 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
     path = resolve_checkpoint(config.backbone, checkpoint or config.checkpoint)
     trained, given = _trained_checkpoint(run_dir), checkpoint_digest(path)
     if trained != given:
+        def name(digest):
+            return f"sha256 {digest[:12]}" if digest else "the seeded tiny weights"
+
         raise ExportError(
             f"{path or 'the seeded tiny weights'} is not the checkpoint {run_dir} trained on "
-            f"(sha256 {given and given[:12]} against {trained and trained[:12]}); pass that one "
-            "with --checkpoint")
+            f"({name(given)}, the run: {name(trained)}); pass that one with --checkpoint, or "
+            "none for a tiny run without one")
     backbone, merged = merged_backbone(run_dir, path)
     whole, state = _source_state(path, config.backbone)
     weights = backbone.state_dict()
