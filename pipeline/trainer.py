@@ -297,15 +297,16 @@ def _run_bar(config, data: _Data, done_epochs: int, show: bool) -> tqdm:
 
 def _record(log: MetricsLog, train_record: dict, val_record: dict | None,
             tb: TensorBoardLog | None = None) -> None:
-    for record in (train_record, val_record) if val_record else (train_record,):
+    for record in [train_record] + ([val_record] if val_record else []):
         log.append(record)
         if tb:
             tb.record(record)
     v = val_record or {}
+    # tqdm.write: the line goes above the run's bar instead of through it.
     tqdm.write(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
-          f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
-          f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
-          f"{' (end to end)' if train_record['e2e'] else ''}")
+               f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
+               f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
+               f"{' (end to end)' if train_record['e2e'] else ''}")
     sys.stdout.flush()  # a log file sees each epoch as it ends
 
 
