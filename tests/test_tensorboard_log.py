@@ -75,13 +75,14 @@ def test_records_log_every_number_at_their_step(tmp_path):
     log = TensorBoardLog(tmp_path, {"lr": 0.1, "levels": ("1x",)})
     log.record({"step": 40, "epoch": 2, "split": "val", "sensitivity": 0.5, "dice": None,
                 "auc": float("nan"), "cache": "tiny-x", "per_view": {"A": {"specificity": 0.9}}})
-    log.record({"epoch": 3, "split": "train", "loss": 1.5, "e2e": True})
+    log.record({"epoch": 3, "split": "train", "loss": 1.5, "e2e": True, "drift_cosine": 0.75})
     log.overlays(40, np.zeros((1, 3, 8, 8), np.float32), np.ones((1, 8, 8), bool),
                  np.zeros((1, 8, 8), bool), ["a.png"])
     log.close()
     events = _events(log.log_dir)
     assert sorted(events.Tags()["scalars"]) == [
-        "train/e2e", "train/loss", "val/per_view/A/specificity", "val/sensitivity"]
+        "train/drift_cosine", "train/e2e", "train/loss", "val/per_view/A/specificity",
+        "val/sensitivity"]
     assert [(e.step, e.value) for e in events.Scalars("val/sensitivity")] == [(40, 0.5)]
     assert [(e.step, e.value) for e in events.Scalars("train/e2e")] == [(3, 1.0)]
     assert [e.step for e in events.Images("overlays/a.png")] == [40]
