@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.images import IMAGE_SUFFIXES
+from pipeline.images import is_image_file
 from pipeline.manifest import write_manifest
 
 TRAIN, VAL = "train", "val"
@@ -107,7 +107,7 @@ def _list_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if exclude is not None and path.is_relative_to(exclude):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image_file(path):
             files.append(path)
     return files
 
