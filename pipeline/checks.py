@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.dicom import DicomError, is_dicom, mask_problems, read_info
-from pipeline.images import IMAGE_SUFFIXES, ImageError, read_image, read_mask
+from pipeline.images import ImageError, read_image, read_mask
 from pipeline.manifest import UNKNOWN_VIEW, Sample, file_sha256
 
 _LEVELS = ("errors", "warnings", "infos")
@@ -200,7 +200,7 @@ def _dicom_sources(samples: list[Sample]) -> tuple[list[Problem], list[Problem]]
     for sample in samples:
         if sample.source is not None:
             by_file[sample.source].append(sample)
-        elif sample.image.suffix.lower() not in IMAGE_SUFFIXES and is_dicom(sample.image):
+        elif is_dicom(sample.image):
             by_file[sample.image].append(sample)
     errors, warnings = [], []
     for path, rows in by_file.items():

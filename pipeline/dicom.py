@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.images import ImageError, read_mask
+from pipeline.images import IMAGE_SUFFIXES, ImageError, read_mask
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PRIMARY_STEP, SECONDARY_STEP = 15, 10
@@ -61,9 +61,10 @@ class DicomInfo:
 
 
 def is_dicom(path: str | Path) -> bool:
-    """Whether `path` is a file with a DICOM suffix or the `DICM` preamble at byte 128."""
+    """Whether `path` is a file with a DICOM suffix or the `DICM` preamble at byte 128 (a file
+    with another image format's suffix is not looked into)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES:
         return False
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.dicom import DicomError, is_dicom, read_info, view_label
 from pipeline.images import is_image_file
 from pipeline.manifest import write_manifest
 
@@ -78,16 +79,29 @@ def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
                  from_subfolder: bool) -> dict:
     """The `view` and angle columns of one image (angle columns only when the name has them)."""
     fields: dict = {}
-    angles = parse_angles(path.name)
-    if angles is not None:
-        fields["primary_angle"], fields["secondary_angle"] = angles
+    angles, header = parse_angles(path.name), _dicom_angles(path)
+    if angles is not None or header is not None:
+        fields["primary_angle"], fields["secondary_angle"] = angles or header
     if from_subfolder:
         fields["view"] = path.parent.name if path.parent != root else None
     elif view_regex is not None:
         fields["view"] = _first_group(view_regex, path.name)
+    elif angles is None and header is not None:
+        fields["view"] = view_label(*header)
     else:
         fields["view"] = _angle_label(path.name)
     return fields
+
+
+def _dicom_angles(path: Path) -> tuple[float, float] | None:
+    """A DICOM image's C-arm angles from its header (None: not DICOM, none, or unreadable:
+    `check` reports the last two)."""
+    if not is_dicom(path):
+        return None
+    try:
+        return read_info(path).angles
+    except DicomError:
+        return None
 
 
 def encode_angles(primary_deg: float, secondary_deg: float) -> np.ndarray:
@@ -233,7 +247,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     Masks in `masks_dir` pair with images by key: the file stem, or the first capture group of
     `image_regex` / `mask_regex` (files these regexes do not match are ignored). The view comes
     from the image's immediate subfolder, from `view_regex` on its file name, or else from C-arm
-    angles in its name (`LAO44_CRA29` -> view `LAO_CRA`, angles 44 and 29). `split_column`, when
+    angles in its name (`LAO44_CRA29` -> view `LAO_CRA`, angles 44 and 29) or, for a DICOM
+    image, in its header (angles, and view `pipeline.dicom.view_label`). `split_column`, when
     given, is written as every row's split (e.g. "test"; "" leaves it empty) instead of a seeded
     split by `split_ratio` (None: no split), grouped by `group_regex`'s first capture if given.
     """

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from conftest import subprocess_env
 from dicom_files import write_xa
-from pydicom.uid import MPEG4HP41, JPEG2000Lossless, JPEGLosslessSV1
+from pydicom.uid import (
+    MPEG4HP41,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from pipeline.dicom import DicomError, is_dicom, read_frames, read_info, view_label
 from pipeline.images import ImageError, read_image
@@ -83,22 +91,51 @@ def test_header_facts_without_decoding(tmp_path):
     assert bare.angles is None and bare.group == "1.2.3.4"
 
 
-def test_compressed_syntaxes_decode_exactly(tmp_path):
+def _encoded(syntax, frames: np.ndarray) -> list[bytes]:
+    """Each (H, W) 12-bit frame compressed for `syntax` by an encoder other than the decoder."""
+    if syntax == JPEGLosslessSV1:  # the usual XA syntax: libjpeg-turbo encodes
+        return [imagecodecs.jpeg8_encode(f, lossless=True, predictor=1, bitspersample=12)
+                for f in frames]
+    if syntax == JPEGLSLossless:  # CharLS encodes
+        return [imagecodecs.jpegls_encode(f, level=0) for f in frames]
+    raise ValueError(syntax)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless,
+                                    RLELossless, DeflatedExplicitVRLittleEndian])
+def test_compressed_syntaxes_decode_exactly(tmp_path, syntax):
     stored = _stored(12, (2, 64, 48))
-    # JPEG Lossless SV1, the usual XA syntax: libjpeg-turbo encodes, pylibjpeg decodes.
-    lossless = [imagecodecs.jpeg8_encode(frame, lossless=True, predictor=1, bitspersample=12)
-                for frame in stored]
-    path = write_xa(tmp_path / "jl.dcm", stored, bits_stored=12, syntax=JPEGLosslessSV1,
-                    encapsulated=lossless)
     expected = np.rint(stored * (255 / 4095)).astype(np.uint8)
+    if syntax in (JPEGLosslessSV1, JPEGLSLossless):
+        path = write_xa(tmp_path / "x.dcm", stored, bits_stored=12, syntax=syntax,
+                        encapsulated=_encoded(syntax, stored))
+    else:  # compressed by pydicom itself (openjpeg, its RLE encoder, zlib)
+        import pydicom
+
+        ds = pydicom.dcmread(write_xa(tmp_path / "raw.dcm", stored, bits_stored=12))
+        if syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax
+        else:
+            ds.compress(syntax)
+        path = tmp_path / "x.dcm"
+        ds.save_as(path, enforce_file_format=True)
+    assert pydicom_syntax(path) == syntax
     assert np.array_equal(read_frames(path), expected)
-    # JPEG 2000 lossless, compressed by pydicom itself (pylibjpeg-openjpeg).
+
+
+def test_jpeg_baseline_decodes_close_to_its_source(tmp_path):
+    rows, cols = np.meshgrid(np.arange(64), np.arange(48), indexing="ij")
+    smooth = (40 + 2 * rows + cols).astype(np.uint8)  # lossy JPEG: a smooth frame, a tolerance
+    path = write_xa(tmp_path / "b.dcm", smooth, syntax=JPEGBaseline8Bit,
+                    encapsulated=[imagecodecs.jpeg8_encode(smooth, level=95)])
+    assert pydicom_syntax(path) == JPEGBaseline8Bit
+    assert np.abs(read_frames(path)[0].astype(float) - smooth).mean() < 1.0
+
+
+def pydicom_syntax(path):
     import pydicom
 
-    ds = pydicom.dcmread(write_xa(tmp_path / "raw.dcm", stored, bits_stored=12))
-    ds.compress(JPEG2000Lossless)
-    ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
-    assert np.array_equal(read_frames(tmp_path / "j2k.dcm"), expected)
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
 
 
 def test_multi_frame_given_as_an_image_points_to_import_dicom(tmp_path):
