@@ -169,7 +169,10 @@ def read_dicom_image(path: str | Path) -> np.ndarray:
 def mask_problems(info: DicomInfo, frame: int, mask: Path | None) -> list[tuple[Path, str]]:
     """(file, problem) for frame `frame` of `info`'s file and its mask: a frame number past the
     last frame, a mask that does not decode or differs in size from the frames."""
-    if not 1 <= frame <= info.frames:
+    if frame < 1:
+        return [(mask or info.path, f"frame {frame}: DICOM frame numbers start at 1 "
+                 f"({info.path} has frames 1-{info.frames})")]
+    if frame > info.frames:
         return [(mask or info.path, f"frame {frame} is past the last frame of {info.path} "
                  f"(frames 1-{info.frames})")]
     if mask is None:
@@ -197,11 +200,35 @@ def display_frame(stored: np.ndarray, ds) -> np.ndarray:
     voi = ds.get("VOILUTSequence")
     if voi and voi[0].get("LUTDescriptor") is not None and voi[0].get("LUTData") is not None:
         low, high = 0.0, float(2 ** int(voi[0].LUTDescriptor[2]) - 1)
-    values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        values = _apply_voi_lut_sequence(values, ds)
+    else:
+        values = apply_voi_lut(values, ds, index=0, prefer_lut=True)  # window, or nothing
     display = _to_uint8(np.asarray(values, dtype=np.float64), low, high)
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         display = 255 - display
     return display
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray:
+    """The first VOI LUT of `ds` applied to integer `values` (`pydicom.pixels.apply_voi`).
+
+    pydicom 3.0 indexes a LUT of 8-bit entries with a uint8 array, so inputs past 255 wrap
+    around; the same entries declared 16-bit are looked up with a uint16 index instead.
+    """
+    import copy
+
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_voi
+
+    item = copy.deepcopy(ds.VOILUTSequence[0])
+    entries, first, depth = (int(v) for v in item.LUTDescriptor)
+    if depth == 8:
+        item.LUTDescriptor = [entries, first, 16]
+    holder = Dataset()
+    holder.VOILUTSequence = [item]
+    if hasattr(ds, "file_meta"):  # LUT data in OW words is read in the file's byte order
+        holder.file_meta = ds.file_meta
+    return apply_voi(np.rint(values).astype(np.int64), holder)
 
 
 def _stored_range(ds) -> tuple[float, float]:

@@ -172,4 +172,6 @@ def preprocessing_signature() -> dict:
         "scale": "[0, 1]",
         "mean": list(NORM_MEAN),
         "std": list(NORM_STD),
+        # DICOM pixels become 8-bit display values first (pipeline.dicom.display_frame)
+        "dicom": "stored bits, modality LUT, first VOI, its range to 0-255, MONOCHROME1 inverted",
     }

@@ -183,3 +183,21 @@ def test_a_missing_jpeg_handler_is_named(tmp_path):
 ])
 def test_view_label_is_the_nearest_standard_projection(angles, label):
     assert view_label(*angles) == label
+
+
+def test_a_voi_lut_sequence_wins_over_the_window(tmp_path):
+    """The VOI LUT Sequence (here an inverting 8-bit LUT over the 12-bit range) is applied in
+    preference to the window, and its own 0..255 range is the output range."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    stored = _stored(12, (9, 7))
+    path = write_xa(tmp_path / "lut.dcm", stored, bits_stored=12, window=(100.0, 10.0))
+    ds = pydicom.dcmread(path)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 8]
+    item.LUTData = [255 - v // 16 for v in range(4096)]
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = [item]
+    ds.save_as(path, enforce_file_format=True)
+    assert np.array_equal(read_frames(path)[0], (255 - stored // 16).astype(np.uint8))
