@@ -112,9 +112,9 @@ def _pixel_problem(ds) -> str | None:
     from pydicom.uid import ImplicitVRLittleEndian
 
     if "PixelData" not in ds:
-        kind = "Float/Double Float Pixel Data" if any(
-            k in ds for k in ("FloatPixelData", "DoubleFloatPixelData")) else "no Pixel Data"
-        return f"{kind} (7FE0,0010): not an image this pipeline reads"
+        floats = any(k in ds for k in ("FloatPixelData", "DoubleFloatPixelData"))
+        return ("no Pixel Data (7FE0,0010)" + (" (float pixel data only)" if floats else "")
+                + ": not an image this pipeline reads")
     meta = getattr(ds, "file_meta", None)
     syntax = (meta.get("TransferSyntaxUID") if meta is not None else None) or ImplicitVRLittleEndian
     try:
