@@ -106,6 +106,17 @@ def read_info(path: str | Path) -> DicomInfo:
                      angles=angles, group=group, problem=_pixel_problem(ds))
 
 
+def header_angles(path: Path) -> tuple[float, float] | None:
+    """A DICOM image's C-arm angles from its header; None when `path` is not DICOM, has no
+    angles or cannot be parsed (`check` reports the last two)."""
+    if not is_dicom(path):
+        return None
+    try:
+        return read_info(path).angles
+    except DicomError:
+        return None
+
+
 def _pixel_problem(ds) -> str | None:
     """Why `ds`'s pixels cannot be decoded here (and what to install), or None."""
     from pydicom.pixels.decoders.base import get_decoder

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.dicom import DicomError, is_dicom, read_info, view_label
+from pipeline.dicom import header_angles, view_label
 from pipeline.images import is_image_file
 from pipeline.manifest import write_manifest
 
@@ -79,7 +79,7 @@ def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
                  from_subfolder: bool) -> dict:
     """The `view` and angle columns of one image (angle columns only when the name has them)."""
     fields: dict = {}
-    angles, header = parse_angles(path.name), _dicom_angles(path)
+    angles, header = parse_angles(path.name), header_angles(path)
     if angles is not None or header is not None:
         fields["primary_angle"], fields["secondary_angle"] = angles or header
     if from_subfolder:
@@ -92,16 +92,6 @@ def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
         fields["view"] = _angle_label(path.name)
     return fields
 
-
-def _dicom_angles(path: Path) -> tuple[float, float] | None:
-    """A DICOM image's C-arm angles from its header (None: not DICOM, none, or unreadable:
-    `check` reports the last two)."""
-    if not is_dicom(path):
-        return None
-    try:
-        return read_info(path).angles
-    except DicomError:
-        return None
 
 
 def encode_angles(primary_deg: float, secondary_deg: float) -> np.ndarray:
