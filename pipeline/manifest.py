@@ -16,6 +16,9 @@ from pathlib import Path
 COLUMNS = ("image", "mask", "view", "split")
 # Optional: C-arm primary (LAO+/RAO-) and secondary (CRA+/CAU-) angles in degrees.
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
+# Optional: a field-of-view mask per row (DRIVE, CHASE_DB1 and HRF ship them); scores count
+# only the pixels inside it.
+FOV_COLUMN = "fov"
 UNKNOWN_VIEW = "<unknown>"
 
 
@@ -33,6 +36,8 @@ class Sample:
     split: str | None
     angles: tuple[float, float] | None = None
     """(primary, secondary) C-arm angles in degrees, when the manifest has them."""
+    fov: Path | None = None
+    """Field-of-view mask (optional column `fov`): every score counts only pixels inside it."""
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -57,6 +62,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 view=record.get("view") or None,
                 split=record.get("split") or None,
                 angles=_angles(path, number, record),
+                fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
             ))
     if not samples:
         raise ManifestError(f"{path}: no rows")
@@ -64,18 +70,20 @@ def read_manifest(path: str | Path) -> list[Sample]:
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with the COLUMNS) as a manifest; paths made relative where possible."""
+    """Write rows (dicts with the COLUMNS, optionally angles and `fov`) as a manifest; paths
+    made relative where possible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
         columns = COLUMNS + tuple(c for c in ANGLE_COLUMNS if any(c in r for r in rows))
+        columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask"):
-                if out[column]:
+            for column in ("image", "mask", FOV_COLUMN):
+                if out.get(column):
                     out[column] = _relative(path.parent, Path(out[column]))
             writer.writerow(out)
     tmp.replace(path)
