@@ -33,7 +33,7 @@ from pipeline.images import read_image
 from pipeline.manifest import UNKNOWN_VIEW, Sample, read_manifest
 from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_image
 from pipeline.reporting import save_overlays, write_report
-from pipeline.scoring import NativeTargets, native_logits, scoring_note
+from pipeline.scoring import NativeTargets, native_logits, scoring_note, signed_image
 from pipeline.segmenter import build_segmenter
 from pipeline.training import resume_config
 
@@ -134,9 +134,8 @@ class _Outputs:
             scores = score_image(pred, mask, prob=torch.sigmoid(full).numpy(), fov=fov)
             self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
             self.scored.append(sample)
-        if overlay:  # (3, H, W) in [-1, 1], as save_overlays shows it
-            scale = 65535.0 if image.dtype == torch.uint16 else 255.0
-            self.overlays[sample.row] = (image.float() / (scale / 2) - 1, mask, pred,
+        if overlay:
+            self.overlays[sample.row] = (signed_image(image), mask, pred,
                                          sample.image.name, sample.view or UNKNOWN_VIEW, scores)
         return {"row": sample.row, "image": str(sample.image), "mask": str(path),
                 "view": sample.view or "", "features": "cached" if cached else "live",

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.images import read_mask
-from pipeline.manifest import Sample
+from pipeline.images import read_image, read_mask
+from pipeline.manifest import UNKNOWN_VIEW, Sample
 from pipeline.metrics import SCORES, score_image
+from pipeline.reporting import save_overlays
 
 
 def native_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -96,3 +97,22 @@ def scoring_note(samples: list[Sample]) -> dict:
                 "undefined scores (NaN, written null) are skipped",
         "auc": "per-image AUC-ROC of the sigmoid probabilities (exact, ties as mid-ranks)",
     }
+
+
+def signed_image(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 or uint16 as `read_image` gives it -> float32 in [-1, 1] (for overlays)."""
+    scale = 65535.0 if image.dtype == torch.uint16 else 255.0
+    return image.float() / (scale / 2) - 1
+
+
+def save_native_overlays(out_dir, samples: list[Sample], logits: torch.Tensor,
+                         targets: list[tuple[np.ndarray, np.ndarray | None]]) -> list:
+    """`pipeline.reporting.save_overlays` at each image's own size: the image as stored, its
+    mask, and the (B, 1, R, R) `logits` resized back; titles give the native Dice (in the FOV).
+    `targets`: each sample's (mask, fov) as `NativeTargets.get` returns them."""
+    parts = []
+    for sample, item, (mask, fov) in zip(samples, logits, targets, strict=True):
+        scores, pred = score_native(item, mask, fov, centreline=False)
+        parts.append((signed_image(read_image(sample.image)), mask, pred, sample.image.name,
+                      sample.view or UNKNOWN_VIEW, scores))
+    return save_overlays(out_dir, *zip(*parts, strict=True)) if parts else []

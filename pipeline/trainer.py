@@ -20,12 +20,11 @@ from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
-from pipeline.images import normalize
 from pipeline.losses import dice_bce_loss
 from pipeline.manifest import UNKNOWN_VIEW
 from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_batch
-from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
-from pipeline.scoring import NativeTargets, scoring_note
+from pipeline.reporting import MetricsLog, plot_curves, write_json, write_report
+from pipeline.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.segmenter import build_segmenter
 from pipeline.training import Prepared, ensure_cache, seed_everything
 
@@ -348,12 +347,9 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         batch = to_device(batch, device)
         model.eval()
         with torch.no_grad():
-            pred = (model(batch, live=live) > 0).squeeze(1).cpu()
-        image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
-            [data.val_live[i]["image"] for i in chosen]))
-        save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
-                      [prepared.val[i].image.name for i in chosen],
-                      [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
+            logits = model(batch, live=live).cpu()
+        save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
+                             [data.val_targets.get(i) for i in chosen])
     write_json(run_dir / "caches.json", caches)
     print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)

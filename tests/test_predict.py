@@ -88,8 +88,9 @@ def test_validation_and_predict_score_each_image_at_its_own_size(tmp_path, capsy
     data = _non_square_dataset(tmp_path / "data")
     run = train(TrainConfig(data=str(data), backbone="tiny", cache_dir=str(tmp_path / "c"),
                             run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
-                            extract_missing=True, loader_workers=0, overlays=0, device="cpu",
+                            extract_missing=True, loader_workers=0, overlays=2, device="cpu",
                             lr=1e-2))
+    assert len(list((run / "overlays").glob("*.png"))) == 2
     printed = capsys.readouterr().out
     assert "validation scores of the best epoch" in printed
     assert all(f" {name} " in printed for name in SCORES)
