@@ -54,7 +54,7 @@ def _logits(run: Path, data: Path):
     logits, masks = [], []
     with torch.no_grad():
         for batch in FeatureBatches(loader, cache_path=cache.path, rows=rows[:, None],
-                                    levels=config.levels, samples=samples):
+                                    levels=config.levels, samples=samples, pin_memory=False):
             logits.append(model(to_device(batch, torch.device("cpu"))))
             masks.append(batch["mask"] > 0.5)
     return samples, torch.cat(logits), torch.cat(masks), config
@@ -98,7 +98,8 @@ def main() -> None:
     args.backbone, args.batch_size = config.backbone, config.batch_size
     meters = _scores(samples, logits, masks)
     summaries = {way: meter.summary() for way, meter in meters.items()}
-    reported = json.loads((args.run / "report.json").read_text())["val"]
+    report_file = args.run / "report.json"  # absent while the run is still training
+    reported = json.loads(report_file.read_text())["val"] if report_file.is_file() else {}
     rows = [[way, *[summaries[way][name] for name in SCORES]] for way in WAYS]
     rows.append(["report.json of the run", *[reported.get(name) for name in SCORES]])
     old, new = (np.array(meters[w].scores["dice"]) for w in (WAYS[0], WAYS[2]))

@@ -95,7 +95,7 @@ def scoring_note(samples: list[Sample]) -> dict:
         "fov": f"{fovs} of {len(samples)} images scored inside their field of view",
         "mean": "every score is the mean over images of per-image scores (AUC included); "
                 "undefined scores (NaN, written null) are skipped",
-        "auc": "per-image AUC-ROC of the sigmoid probabilities (exact, ties as mid-ranks)",
+        "auc": "per-image AUC-ROC of the sigmoid probabilities (exact, a tie counts 1/2)",
     }
 
 
