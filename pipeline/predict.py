@@ -29,11 +29,11 @@ from pipeline.checkpoint import read_checkpoint, restore
 from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
-from pipeline.images import read_image
+from pipeline.images import read_image, read_mask
 from pipeline.manifest import UNKNOWN_VIEW, Sample, read_manifest
 from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_image
 from pipeline.reporting import save_overlays, write_report
-from pipeline.scoring import NativeTargets, native_logits, scoring_note, signed_image
+from pipeline.scoring import native_logits, scoring_note, signed_image
 from pipeline.segmenter import build_segmenter
 from pipeline.training import resume_config
 
@@ -113,8 +113,6 @@ class _Outputs:
 
     def __init__(self, samples: list[Sample], out: Path, overlays: int):
         self.out, self.meter, self.scored = out, SegmentationMeter(), []
-        self.targets = NativeTargets(samples)
-        self.position = {sample.row: i for i, sample in enumerate(samples)}
         self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
         self.overlays: dict[int, tuple] = {}
 
@@ -122,8 +120,9 @@ class _Outputs:
         """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W), and its scores."""
         overlay = sample.row in self.overlay_rows
         image = read_image(sample.image) if overlay or sample.mask is None else None
-        mask, fov = (None, None) if sample.mask is None else \
-            self.targets.get(self.position[sample.row])
+        # Each row is scored once: decoded here, not kept (validation keeps its masks).
+        mask = read_mask(sample.mask)[0] if sample.mask is not None else None
+        fov = read_mask(sample.fov)[0] if sample.mask is not None and sample.fov else None
         size = tuple(image.shape[-2:]) if mask is None else mask.shape  # equal: `check` says so
         full = native_logits(logits.detach().cpu(), size)
         pred = (full > 0).numpy()
