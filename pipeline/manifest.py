@@ -16,6 +16,8 @@ from pathlib import Path
 COLUMNS = ("image", "mask", "view", "split")
 # Optional: C-arm primary (LAO+/RAO-) and secondary (CRA+/CAU-) angles in degrees.
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
+# Optional: the DICOM file and frame (from 1) a row's image was written from (`import dicom`).
+SOURCE_COLUMNS = ("source", "frame")
 # Optional: a field-of-view mask per row (DRIVE, CHASE_DB1 and HRF ship them); scores count
 # only the pixels inside it.
 FOV_COLUMN = "fov"
@@ -36,6 +38,10 @@ class Sample:
     split: str | None
     angles: tuple[float, float] | None = None
     """(primary, secondary) C-arm angles in degrees, when the manifest has them."""
+    source: Path | None = None
+    """The DICOM file the image is a frame of, when the manifest says so."""
+    frame: int | None = None
+    """That frame's number in `source`, from 1 as in DICOM."""
     fov: Path | None = None
     """Field-of-view mask (optional column `fov`): every score counts only pixels inside it."""
 
@@ -62,6 +68,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 view=record.get("view") or None,
                 split=record.get("split") or None,
                 angles=_angles(path, number, record),
+                **_source(path, number, record),
                 fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
             ))
     if not samples:
@@ -76,13 +83,14 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
-        columns = COLUMNS + tuple(c for c in ANGLE_COLUMNS if any(c in r for r in rows))
+        optional = ANGLE_COLUMNS + SOURCE_COLUMNS
+        columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
         columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask", FOV_COLUMN):
+            for column in ("image", "mask", "source", FOV_COLUMN):
                 if out.get(column):
                     out[column] = _relative(path.parent, Path(out[column]))
             writer.writerow(out)
@@ -98,6 +106,16 @@ def _angles(path: Path, number: int, record: dict) -> tuple[float, float] | None
         return float(values[0] or 0.0), float(values[1] or 0.0)
     except ValueError as err:
         raise ManifestError(f"{path}: row {number} has a non-numeric angle ({err})") from err
+
+
+def _source(path: Path, number: int, record: dict) -> dict:
+    if not record.get("source"):
+        return {}
+    try:
+        frame = int(record.get("frame") or 1)
+    except ValueError as err:
+        raise ManifestError(f"{path}: row {number} has a non-integer frame ({err})") from err
+    return {"source": _resolve(path.parent, record["source"]), "frame": frame}
 
 
 def _resolve(folder: Path, value: str) -> Path:
