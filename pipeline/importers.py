@@ -265,7 +265,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     if fov_root is not None and fov_root != images_dir:  # FOV masks may sit under the images
         images = [(key, path) for key, path in images if not path.is_relative_to(fov_root)]
     pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks)
-    fovs = _folder_fovs(images, images_dir, fov_root, fov_regex)
+    fovs = _folder_masks(images, images_dir, fov_root, fov_regex, False,
+                         kind="field-of-view mask", remedy="check --fov-regex")
     view = _compile(view_regex, "view regex")
     rows = [{"image": path, "mask": pairs.get(path), "fov": fovs.get(path),
              **_view_fields(path, images_dir, view, view_from_subfolder)} for _, path in images]
@@ -275,41 +276,24 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
 
 
 def _folder_masks(images: list[tuple[str, Path]], images_dir: Path, masks_dir: Path | None,
-                  mask_regex: str | None, allow_missing: bool) -> dict[Path, Path]:
-    """The mask of each image (none without `masks_dir`); errors on ambiguous or missing masks."""
+                  mask_regex: str | None, allow_missing: bool, kind: str = "mask",
+                  remedy: str = "allow_missing_masks keeps them") -> dict[Path, Path]:
+    """The mask (or, `kind` "field-of-view mask", FOV) of each image, none without `masks_dir`;
+    errors on ambiguous or (unless `allow_missing`) missing ones."""
     if masks_dir is None:
         return {}
-    masks = _keyed(_list_images(masks_dir), _compile(mask_regex, "mask regex"))
+    option = "mask regex" if kind == "mask" else "fov regex"
+    masks = _keyed(_list_images(masks_dir), _compile(mask_regex, option))
     if not masks:
-        raise DatasetImportError(f"{masks_dir}: no mask files"
+        raise DatasetImportError(f"{masks_dir}: no {kind} files"
                                  + (f" matching {mask_regex!r}" if mask_regex else ""))
     pairs, problems = _pair_masks(images, masks, images_dir, masks_dir)
     if problems:
-        raise DatasetImportError(_list_problems("ambiguous masks", problems))
+        raise DatasetImportError(_list_problems(f"ambiguous {kind}s", problems))
     missing = [f"{path} (key {key!r})" for key, path in images if path not in pairs]
     if missing and not allow_missing:
         raise DatasetImportError(_list_problems(
-            f"images without a mask in {masks_dir}; allow_missing_masks keeps them",
-            missing))
-    return pairs
-
-
-def _folder_fovs(images: list[tuple[str, Path]], images_dir: Path, fov_dir: Path | None,
-                 fov_regex: str | None) -> dict[Path, Path]:
-    """The FOV mask of each image (none without `fov_dir`); errors on ambiguous or missing ones."""
-    if fov_dir is None:
-        return {}
-    fovs = _keyed(_list_images(fov_dir), _compile(fov_regex, "fov regex"))
-    if not fovs:
-        raise DatasetImportError(f"{fov_dir}: no field-of-view files"
-                                 + (f" matching {fov_regex!r}" if fov_regex else ""))
-    pairs, problems = _pair_masks(images, fovs, images_dir, fov_dir)
-    if problems:
-        raise DatasetImportError(_list_problems("ambiguous field-of-view masks", problems))
-    missing = [f"{path} (key {key!r})" for key, path in images if path not in pairs]
-    if missing:
-        raise DatasetImportError(_list_problems(
-            f"images without a field-of-view mask in {fov_dir} (check --fov-regex)", missing))
+            f"images without a {kind} in {masks_dir}; {remedy}", missing))
     return pairs
 
 
