@@ -81,7 +81,8 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
                              num_workers=loader_workers, pin_memory=pin)
         if use_cache:
             batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
-                                     levels=config.levels, samples=subset, pin_memory=pin)
+                                     levels=config.cache_levels, samples=subset,
+                                     pin_memory=pin)
         for batch in batches:
             with torch.no_grad():
                 logits = model(to_device(batch, device), live=not use_cache)

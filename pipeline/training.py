@@ -88,6 +88,8 @@ def _extract_command(extract) -> str:
               f"--cache-dir {extract.cache_dir}"]
     if extract.augment_copies:
         parts.append(f"--augment-copies {extract.augment_copies}")
+    if extract.cache_block is not None:
+        parts.append(f"--cache-block {extract.cache_block}")
     if extract.device == "cpu":
         parts.append("--device cpu")
     return " ".join(parts)
