@@ -4,7 +4,9 @@
 
 Features come from the cache when it holds them for the run's adapter (the cache the run trained
 on while its adapter had not moved, or the cache of the run's saved adapter); every other image
-goes through the backbone. Masks are written as 0/255 PNG at each image's own size.
+goes through the backbone. From a split cache (`--cache-block K`) the stored tokens go through
+the rest of the trunk with the run's adapter. Masks are written as 0/255 PNG at each image's own
+size.
 """
 
 from __future__ import annotations

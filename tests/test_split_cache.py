@@ -124,6 +124,9 @@ def test_experiments_with_other_lora_after_k_share_one_cache(dataset, tmp_path):
     again = _extract(dataset, tmp_path / "cache", cache_block=K, adapter=str(a / "adapter"))
     assert (again.cache_id, again.extracted) == (first.cache_id, 0)
     assert _files(first.path) == before
+    # Without a split the same adapter feeds Stage A as any adapter does.
+    levels = _extract(dataset, tmp_path / "cache", adapter=str(a / "adapter"))
+    assert levels.extracted == 6 and FeatureCache.open(levels.path).signature["adapter_sha256"]
 
 
 def test_split_cache_and_level_cache_of_the_same_images_coexist(dataset, tmp_path):
