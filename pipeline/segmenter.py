@@ -27,7 +27,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class VesselSegmenter(nn.Module):
-    """`backbone` (a peft LoRA model around SAM 3's vision backbone) + `decoder`."""
+    """`backbone` (a peft LoRA model around SAM 3's vision backbone, or the plain backbone of
+    an exported checkpoint) + `decoder`."""
 
     def __init__(self, *, backbone: nn.Module, decoder: ViewConditionedDecoder, amp: str,
                  cache_block: int | None = None):
@@ -37,7 +38,8 @@ class VesselSegmenter(nn.Module):
         self.amp = amp
         self.cache_block = cache_block
         """K of a split cache: batch["features"] holds the trunk's tokens after block K."""
-        self.resolution = backbone.get_base_model().preset.resolution
+        base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        self.resolution = base.preset.resolution
 
     def autocast(self, device: torch.device):
         dtype = AMP_DTYPES[self.amp]
