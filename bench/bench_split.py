@@ -132,7 +132,9 @@ def steps_table(args) -> str:
         run = subprocess.run([sys.executable, __file__, *args.argv, "--step", mode],
                              capture_output=True, text=True)
         if run.returncode:
-            tail = (run.stderr.strip().splitlines() or [""])[-1][:200]
+            tail = (run.stderr.strip().splitlines() or [""])[-1][:200] or (
+                "killed by SIGKILL (on Linux usually the kernel's out-of-memory killer)"
+                if run.returncode == -9 else "no message")
             rows.append([mode, f"failed (exit {run.returncode})", "", "", "", ""])
             notes.append(f"{mode}: {tail}")
             continue

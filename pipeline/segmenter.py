@@ -94,6 +94,11 @@ class VesselSegmenter(nn.Module):
 
 def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmenter:
     """A fresh model for `config` (a TrainConfig): LoRA on the trunk, a new decoder."""
+    # The decoder first: its initial weights then depend on the seed alone, not on how many
+    # LoRA matrices were drawn before it (--cache-block K puts LoRA in fewer blocks).
+    decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
+                                     use_angles=use_angles, image_branch=config.image_branch,
+                                     width=config.width)
     backbone = build_backbone(config.backbone, config.checkpoint)
     if config.adapter:
         peft_model = load_adapter(backbone, config.adapter, trainable=True)
@@ -101,9 +106,6 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
         peft_model = attach_lora(backbone, r=config.lora_r, alpha=config.lora_alpha,
                                  dropout=config.lora_dropout,
                                  after_block=config.lora_after_block)
-    decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
-                                     use_angles=use_angles, image_branch=config.image_branch,
-                                     width=config.width)
     # SAM 3's ViT checkpoints its blocks whenever it is in train mode and this is set.
     peft_model.get_base_model().vision_backbone.trunk.use_act_checkpoint = (
         config.activation_checkpointing)
