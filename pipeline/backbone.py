@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils import checkpoint
 
 with warnings.catch_warnings():
     # sam3 imports modules that warn about CUDA autocast on CPU-only machines at import time.
     warnings.simplefilter("ignore")
     from sam3.model.necks import Sam3DualViTDetNeck
     from sam3.model.position_encoding import PositionEmbeddingSine
-    from sam3.model.vitdet import ViT
+    from sam3.model.vitdet import ViT, get_abs_pos
     from sam3.model.vl_combiner import SAM3VLBackbone
 
 HF_REPO = "facebook/sam3"
@@ -63,7 +64,10 @@ class BackbonePreset:
         return self.resolution // self.patch_size
 
     def level_shape(self, level: str) -> tuple[int, int, int]:
-        """(C, h, w) of one sample's features at `level` ("1x", "2x" or "4x")."""
+        """(C, h, w) of one sample's features at `level` ("1x", "2x" or "4x"); for a trunk
+        token level (`token_level(K)`) the trunk's own channels-last (h, w, embed_dim)."""
+        if token_block(level) is not None:
+            return (self.feature_size, self.feature_size, self.embed_dim)
         side = self.feature_size * int(level.rstrip("x"))
         return (256, side, side)
 
@@ -81,6 +85,25 @@ PRESETS: dict[str, BackbonePreset] = {
 
 # `backbone_fpn` levels after SAM 3's `scalp=1`, named by their scale relative to vision_features.
 LEVELS = {"4x": 0, "2x": 1, "1x": 2}
+# A split cache (`--cache-block K`) stores one level instead: the trunk's tokens after block K.
+TOKEN_PREFIX = "block"
+
+
+def token_level(block: int) -> str:
+    """The cache level holding the trunk's tokens after block `block` ("block23")."""
+    return f"{TOKEN_PREFIX}{block}"
+
+
+def token_block(level: str) -> int | None:
+    """K for a token level "block<K>", None for a feature level."""
+    rest = level[len(TOKEN_PREFIX):] if level.startswith(TOKEN_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def cache_levels(levels: tuple[str, ...], cache_block: int | None) -> tuple[str, ...]:
+    """The levels a cache stores: the decoder's `levels`, or with a split at block K only the
+    tokens after K (the neck's branches of `levels` then run at every step)."""
+    return tuple(levels) if cache_block is None else (token_level(cache_block),)
 
 
 class MissingWeightsError(RuntimeError):
@@ -233,9 +256,51 @@ def image_features(backbone: nn.Module, images: torch.Tensor,
     5.61 TFLOP per image (bench_backbone.py). `backbone`: a SAM3VLBackbone, or a peft model
     around one (its LoRA layers sit inside the trunk). images: (B, 3, R, R) normalised.
     """
-    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-    neck = base.vision_backbone
+    neck = _neck(backbone)
     top = neck.trunk(images)[-1]  # what the neck's branches read (SAM 3's "simpleFPN")
+    return {lvl: neck.convs[LEVELS[lvl]](top) for lvl in levels}
+
+
+def _neck(backbone: nn.Module) -> nn.Module:
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    return base.vision_backbone
+
+
+def _run_blocks(trunk: nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
+    """SAM 3's block loop (`ViT.forward`): each block checkpointed in train mode when the trunk's
+    `use_act_checkpoint` is set, as an end-to-end step runs it."""
+    for block in blocks:
+        if trunk.use_act_checkpoint and trunk.training:
+            x = checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x
+
+
+def trunk_tokens(backbone: nn.Module, images: torch.Tensor, block: int) -> torch.Tensor:
+    """The trunk's tokens after block `block`: (B, h, w, embed_dim), h = w = R / 14.
+
+    The first part of SAM 3's `ViT.forward` with its own modules: patch embedding, the tiled
+    absolute position embedding, `ln_pre`, blocks 0..block (window or global attention, RoPE
+    inside each block). images: (B, 3, R, R) normalised. `backbone`: as for `image_features`.
+    """
+    trunk = _neck(backbone).trunk
+    x = trunk.patch_embed(images)
+    if trunk.pos_embed is not None:
+        x = x + get_abs_pos(trunk.pos_embed, trunk.pretrain_use_cls_token, (x.shape[1], x.shape[2]),
+                            trunk.retain_cls_token, tiling=trunk.tile_abs_pos)
+    return _run_blocks(trunk, trunk.ln_pre(x), trunk.blocks[: block + 1])
+
+
+def features_from_tokens(backbone: nn.Module, tokens: torch.Tensor, block: int,
+                         levels: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{level: (B, 256, h', w')} from `tokens` (B, h, w, embed_dim) after block `block`: the
+    rest of the trunk (blocks block+1.., `ln_post`, which follows the last block, a global one)
+    and the neck's branches of `levels`. `trunk_tokens` then this equals `image_features`."""
+    neck = _neck(backbone)
+    trunk = neck.trunk
+    x = _run_blocks(trunk, tokens, trunk.blocks[block + 1:])
+    top = trunk.ln_post(x).permute(0, 3, 1, 2)
     return {lvl: neck.convs[LEVELS[lvl]](top) for lvl in levels}
 
 

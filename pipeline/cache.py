@@ -8,6 +8,9 @@ project::
     features/1x   (N, 256, h, w)  float16  `vision_features`
     features/2x   (N, 256, 2h, 2w)         optional `backbone_fpn` levels
     features/4x   (N, 256, 4h, 4w)
+    features/block<K>  (N, h, w, C)  float16  instead, with --cache-block K: the trunk's
+                                           tokens after block K (each level's shape is the
+                                           array's; readers never re-declare it)
 
 Group attributes: `signature` (what the features depend on), `signature_sha256`, `cache_id`,
 `layout_version`, `created`, `codec`. Every sample is its own chunk, and `done` has one chunk per

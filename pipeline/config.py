@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.augment import CopyPlan
-from pipeline.backbone import LEVELS, PRESETS
+from pipeline.backbone import LEVELS, PRESETS, cache_levels
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -129,9 +129,16 @@ class FeatureSource:
     """auto, cuda or cpu."""
     workers: int = 1
     """Processes on the CPU (with --device cpu), through the same multi-process path."""
+    cache_block: int | None = None
+    """Split cache: store the trunk's tokens after block K instead of the levels; Stage B runs
+    blocks K+1.. (LoRA there trains at every step), the neck and the decoder. Default: no split."""
 
     def __post_init__(self):
         _check_backbone(self.backbone, self.levels, self.amp)
+        depth = PRESETS[self.backbone].depth
+        if self.cache_block is not None and not 0 <= self.cache_block <= depth - 2:
+            raise ValueError(f"--cache-block must be in 0..{depth - 2} for {self.backbone} "
+                             f"(blocks 0..{depth - 1}; at least one block after it)")
         device, gpus = _resolve_devices(self.gpus, self.device)
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "gpus", gpus)
@@ -148,6 +155,11 @@ class FeatureSource:
     def copy_plan(self) -> CopyPlan:
         """The augmented copies of each training image (`pipeline.augment`)."""
         return CopyPlan(self.augment, self.augment_copies, self.augment_seed)
+
+    @property
+    def cache_levels(self) -> tuple[str, ...]:
+        """The levels the cache stores (`levels`, or the trunk's tokens with --cache-block)."""
+        return cache_levels(self.levels, self.cache_block)
 
 
 @dataclass(frozen=True)
@@ -248,6 +260,13 @@ class TrainConfig(FeatureSource):
         if self.world_size > self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than the "
                              f"{self.world_size} processes")
+
+    @property
+    def lora_after_block(self) -> int | None:
+        """With --cache-block K and no end-to-end epochs, LoRA sits in blocks after K only (the
+        cache never goes stale); with --e2e-every it sits in every block, and those up to K learn
+        in the end-to-end epochs only."""
+        return self.cache_block if self.cache_block is not None and not self.e2e_every else None
 
     @property
     def world_size(self) -> int:

@@ -4,8 +4,9 @@ One writer run per cache (an flock) prepares the cache: new image keys get rows,
 not yet `done` are split between worker processes, one per listed GPU (or `--workers` CPU
 processes), or between torchrun ranks. Each worker decodes in DataLoader processes, runs the
 backbone under autocast (`image_features`: SAM 3's `forward_image`, computing only the cached
-levels) and hands finished samples to writer threads, so writing overlaps
-the next batch's forward. A sample is marked done only after its chunks are on disk.
+levels; with `--cache-block K` only the trunk up to block K, whose tokens are stored) and hands
+finished samples to writer threads, so writing overlaps the next batch's forward. A sample is
+marked done only after its chunks are on disk.
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.augment import extraction_jobs, transform_image
-from pipeline.backbone import PRESETS, build_backbone, image_features, resolve_checkpoint
+from pipeline.backbone import (
+    PRESETS,
+    build_backbone,
+    image_features,
+    resolve_checkpoint,
+    token_level,
+    trunk_tokens,
+)
 from pipeline.cache import FeatureCache, cache_path, writer_lock
 from pipeline.config import ExtractConfig
 from pipeline.distributed import DistributedContext, die_with_parent
 from pipeline.images import normalize, read_image, sam3_resize
+from pipeline.lora import adapter_changes_tokens
 from pipeline.manifest import Sample
 from pipeline.signature import build_signature
 
@@ -76,7 +85,8 @@ def cache_signature(config: ExtractConfig) -> dict:
     """Signature of the features `config` produces (fetches sam3.pt from the hub if needed)."""
     checkpoint = resolve_checkpoint(config.backbone, config.checkpoint)
     return build_signature(backbone=config.backbone, checkpoint=checkpoint,
-                           adapter=config.adapter, amp=config.amp, levels=config.levels)
+                           adapter=config.adapter, amp=config.amp, levels=config.levels,
+                           cache_block=config.cache_block)
 
 
 def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:
@@ -94,7 +104,7 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     with context.leader_lock(lambda: writer_lock(path, wait=config.wait)):
         if context.is_leader:
             preset = PRESETS[config.backbone]
-            shapes = {lvl: preset.level_shape(lvl) for lvl in config.levels}
+            shapes = {lvl: preset.level_shape(lvl) for lvl in config.cache_levels}
             cache = FeatureCache.create_or_open(config.cache_dir, signature, shapes,
                                                 codec=config.codec)
             cache.add_keys(unique)
@@ -176,7 +186,9 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backbone = build_backbone(config.backbone, config.checkpoint, config.adapter).to(device)
+    # An adapter that lives only after the split block cannot change the stored tokens.
+    adapter = config.adapter if adapter_changes_tokens(config.adapter, config.cache_block) else None
+    backbone = build_backbone(config.backbone, config.checkpoint, adapter).to(device)
     cache = FeatureCache.open(path, mode="r+")
     loader = DataLoader(
         _PreprocessedImages(share, backbone.preset.resolution),
@@ -191,8 +203,8 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
             autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
                                       enabled=dtype is not None)
             with autocast:
-                out = image_features(backbone, normalize(images.to(device, non_blocking=True)),
-                                     config.levels)
+                out = _cached_outputs(backbone, normalize(images.to(device, non_blocking=True)),
+                                      config)
             features, finite = stored_features(out)
             host = {lvl: f.cpu().numpy() for lvl, f in features.items()}
             for i, row in enumerate(batch_rows.tolist()):
@@ -206,10 +218,19 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
         _drain(pending, keep=0, on_done=on_done)
 
 
+def _cached_outputs(backbone, images: torch.Tensor, config: ExtractConfig) -> dict:
+    """{level: (B, ...)} of what the cache stores: the levels (`image_features`), or the trunk's
+    tokens after --cache-block K, (B, h, w, embed_dim)."""
+    if config.cache_block is None:
+        return image_features(backbone, images, config.levels)
+    return {token_level(config.cache_block): trunk_tokens(backbone, images, config.cache_block)}
+
+
 def stored_features(out: dict[str, torch.Tensor]
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """{level: (B, C, h, w)} backbone outputs -> (the same in float16 and C-contiguous, as the
-    cache stores them; (B,) bool: every value of the sample finite at every level after the cast).
+    """{level: (B, C, h, w)} backbone outputs (or trunk tokens (B, h, w, C)) -> (the same in
+    float16 and C-contiguous, as the cache stores them; (B,) bool: every value of the sample
+    finite at every level after the cast).
 
     One pass casts and lays out (CPU convolutions return channels-last maps, which would
     otherwise be copied again per sample). NaN and Inf (a value beyond float16's 65504 becomes

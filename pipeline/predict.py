@@ -4,7 +4,9 @@
 
 Features come from the cache when it holds them for the run's adapter (the cache the run trained
 on while its adapter had not moved, or the cache of the run's saved adapter); every other image
-goes through the backbone. Masks are written as 0/255 PNG at each image's own size.
+goes through the backbone. From a split cache (`--cache-block K`) the stored tokens go through
+the rest of the trunk with the run's adapter. Masks are written as 0/255 PNG at each image's own
+size.
 
 Rows with a mask are scored as validation is (`pipeline.scoring`: at the image's own size, inside
 its `fov` when given): every score per row in predictions.csv, the means overall and per view in
@@ -90,7 +92,8 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
                              num_workers=loader_workers, pin_memory=pin)
         if use_cache:
             batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
-                                     levels=config.levels, samples=subset, pin_memory=pin)
+                                     levels=config.cache_levels, samples=subset,
+                                     pin_memory=pin)
         for batch in batches:
             with torch.no_grad():
                 logits = model(to_device(batch, device), live=not use_cache)

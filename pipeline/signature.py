@@ -45,24 +45,33 @@ def checkpoint_digest(path: Path | None) -> str | None:
 
 def build_signature(
     *, backbone: str, checkpoint: Path | None, adapter: str | Path | None, amp: str,
-    levels: tuple[str, ...],
+    levels: tuple[str, ...], cache_block: int | None = None,
 ) -> dict:
-    """The signature dict of features made by this backbone, adapter and preprocessing."""
+    """The signature dict of features made by this backbone, adapter and preprocessing.
+
+    With `cache_block` K (a split cache of the trunk's tokens after block K) the signature holds
+    K, and the adapter only if it reaches block K or earlier: experiments whose adapter lives
+    after K share one cache whatever its rank, weights or seed. Without a split there is no
+    `cache_block` key, so caches made before splits existed keep their ids.
+    """
     import torch  # here, so that reading caches (`python -m pipeline.cache`) stays light
 
-    from pipeline.backbone import PRESETS
+    from pipeline.backbone import PRESETS, cache_levels
     from pipeline.images import preprocessing_signature
-    from pipeline.lora import adapter_digest
+    from pipeline.lora import adapter_changes_tokens, adapter_digest
 
     preset = PRESETS[backbone]
+    split = {} if cache_block is None else {"cache_block": cache_block}
     return {
         "backbone": backbone,
         "checkpoint_sha256": checkpoint_digest(checkpoint),
-        "adapter_sha256": adapter_digest(adapter),
+        "adapter_sha256": adapter_digest(adapter) if adapter_changes_tokens(adapter, cache_block)
+        else None,
+        **split,
         "resolution": preset.resolution,
         "preprocessing": preprocessing_signature(),
         "amp": amp,
-        "levels": sorted(levels),
+        "levels": sorted(cache_levels(levels, cache_block)),
         "versions": {
             "sam3": package_version("sam3"),
             "torch": torch.__version__.split("+")[0],

@@ -101,13 +101,13 @@ class _Data:
             return loader
         samples = self.prepared.train if cached_split == "train" else self.prepared.val
         return FeatureBatches(loader, cache_path=self.cache, rows=self.rows[cached_split],
-                              levels=cfg.levels, samples=samples, pin_memory=pin)
+                              levels=cfg.cache_levels, samples=samples, pin_memory=pin)
 
     def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        """{level: (len(indices), 256, h, w) float16} of the original images (not copies)."""
+        """{stored level: (len(indices), ...) float16} of the original images (not copies)."""
         store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
         return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl])[lvl]) for r in rows])
-                for lvl in self.prepared.config.levels}
+                for lvl in self.prepared.config.cache_levels}
 
 
 def _resolution(backbone: str) -> int:
@@ -200,12 +200,14 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
 
 @torch.no_grad()
 def feature_drift(model, data: _Data, device, probe: int) -> float:
-    """Mean cosine similarity of cached and live 1x features on the first `probe` train images."""
+    """Mean cosine similarity of cached and live features (1x, or a split cache's tokens) on the
+    first `probe` train images."""
     model.eval()
     indices = list(range(min(probe, len(data.train_cached))))
-    cached = data.cached_features("train", indices)["1x"]
+    level = data.prepared.config.cache_levels[0]  # 1x is always the first of sorted levels
+    cached = data.cached_features("train", indices)[level]
     images = torch.stack([data.train_live.item(i, 0)["image"] for i in indices]).to(device)
-    live = model.live_features(images)["1x"].float().cpu()
+    live = model.cache_features(images)[level].float().cpu()
     model.train()
     similarity = torch.nn.functional.cosine_similarity(cached.float().flatten(1), live.flatten(1))
     return float(similarity.mean())

@@ -92,6 +92,8 @@ def _extract_command(extract) -> str:
             parts.append(f"--augment {extract.augment}")
         if extract.augment_seed:
             parts.append(f"--augment-seed {extract.augment_seed}")
+    if extract.cache_block is not None:
+        parts.append(f"--cache-block {extract.cache_block}")
     if extract.device == "cpu":
         parts.append("--device cpu")
     return " ".join(parts)

@@ -5,7 +5,9 @@ from pipeline.backbone import (
     CheckpointMismatchError,
     MissingWeightsError,
     build_backbone,
+    features_from_tokens,
     image_features,
+    trunk_tokens,
     write_official_checkpoint,
 )
 from pipeline.lora import attach_lora
@@ -143,3 +145,56 @@ def test_adapter_directory_without_weights_is_named(tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         build_backbone("tiny", adapter=tmp_path / "adapter")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("block", [0, 1, 2])
+@pytest.mark.parametrize("lora_after", [False, True])
+def test_tokens_after_a_block_through_the_rest_equal_forward_image(block, lora_after):
+    """trunk_tokens(K) then features_from_tokens(K) is forward_image split in two (fp32)."""
+    backbone = build_backbone("tiny")
+    _randomise(backbone, seed=3)
+    model = backbone
+    if lora_after:
+        model = attach_lora(backbone, r=4, alpha=8, dropout=0.0, after_block=block)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # a trained adapter after K
+    x = torch.randn(2, 3, 252, 252)
+    with torch.inference_mode():
+        out = model.forward_image(x)
+        tokens = trunk_tokens(model, x, block)
+        split = features_from_tokens(model, tokens, block, ("1x", "2x", "4x"))
+        if lora_after:
+            with model.disable_adapter():
+                frozen = model.forward_image(x)["vision_features"]
+    assert tokens.shape == (2, 18, 18, 64)
+    assert _relative(split["1x"], out["vision_features"]) < 1e-5
+    for level, expected in zip(("4x", "2x", "1x"), out["backbone_fpn"], strict=True):
+        assert _relative(split[level], expected) < 1e-5, level
+    if lora_after:  # the adapter after K does act on the output
+        assert _relative(frozen, out["vision_features"]) > 1e-3
+
+
+def test_lora_after_a_block_targets_only_the_later_blocks(tmp_path):
+    from peft import PeftModel
+
+    from pipeline.lora import adapter_changes_tokens, first_adapted_block
+
+    model = attach_lora(build_backbone("tiny"), r=4, after_block=1)
+    blocks = {int(n.split("trunk.blocks.")[1].split(".")[0]) for n, _ in model.named_parameters()
+              if "lora_A" in n}
+    assert blocks == {2, 3}
+    model.save_pretrained(tmp_path / "adapter")
+    assert first_adapted_block(tmp_path / "adapter") == 2
+    assert not adapter_changes_tokens(tmp_path / "adapter", 1)
+    assert adapter_changes_tokens(tmp_path / "adapter", 2)
+    assert adapter_changes_tokens(tmp_path / "adapter", None)
+    plain = PeftModel.from_pretrained(build_backbone("tiny"), str(tmp_path / "adapter"))
+    assert {n for n, _ in plain.named_parameters() if "lora_" in n} == {
+        n for n, _ in model.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="after_block must be in 0..2"):
+        attach_lora(build_backbone("tiny"), after_block=3)
