@@ -27,7 +27,7 @@ from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import read_image
-from pipeline.manifest import read_manifest
+from pipeline.manifest import resolve_data
 from pipeline.segmenter import build_segmenter
 from pipeline.training import resume_config
 
@@ -57,7 +57,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`."""
     device = torch.device(device)
     model, state, config, views = load_run(run_dir, device)
-    samples = read_manifest(data)
+    samples = resolve_data(str(data), config.cache_dir)  # `demo`: the run's demo set
     report = check_manifest(samples, require_masks=False)
     report.raise_if_errors()
     views.warn_unseen(samples, str(data))
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
-    parser.add_argument("--data", required=True, type=Path, help="a manifest CSV (image, view)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="a manifest CSV (image, view), or `demo` (the synthetic set)")
     parser.add_argument("--out", required=True, type=Path, help="where the masks go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)

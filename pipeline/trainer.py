@@ -93,7 +93,8 @@ class _Data:
     def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         """{level: (len(indices), 256, h, w) float16} of the original images (not copies)."""
         store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
-        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl])[lvl]) for r in rows])
+        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl], strict=True)[lvl])
+                                  for r in rows])
                 for lvl in self.prepared.config.levels}
 
 
@@ -210,7 +211,7 @@ def train_process(prepared: Prepared, context) -> None:
     log = MetricsLog(run_dir / "metrics.jsonl")
     if leader and config.resume:
         log.truncate_after(state["epoch"])
-    data = _Data(prepared, Path(state["cache"]), context)
+    data = _Data(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
     net = model
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
@@ -255,6 +256,13 @@ def train_process(prepared: Prepared, context) -> None:
         context.barrier()
     if leader:
         _finish(model, prepared, data, device, log, state["caches"])
+
+
+def _cache_under(recorded: Path, cache_dir: str) -> Path:
+    """The cache a checkpoint recorded, in `cache_dir` when it moved there (resume with
+    --cache-dir): caches are named by their signature, so the name finds it."""
+    moved = Path(cache_dir) / recorded.name
+    return moved if not (recorded / "zarr.json").is_file() or moved.is_dir() else recorded
 
 
 def _scores(summary: dict) -> dict:

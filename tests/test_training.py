@@ -278,6 +278,9 @@ def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
     manifest = write_manifest(tmp_path / "train_only.csv", [
         {"image": s.image, "mask": s.mask, "view": s.view, "split": "train"}
         for s in read_manifest(source)])
-    run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
+    with pytest.raises(ManifestError, match="no validation rows.*--allow-empty-val"):
+        train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
+    run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0,
+                        allow_empty_val=True))
     assert [r["split"] for r in _metrics(run)] == ["train", "train"]
     assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["epoch"] == 2
