@@ -143,3 +143,19 @@ def test_adapter_directory_without_weights_is_named(tmp_path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         build_backbone("tiny", adapter=tmp_path / "adapter")
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_message(monkeypatch, caplog):
+    import time
+
+    import huggingface_hub.constants as hub
+
+    from pipeline.backbone import MissingWeightsError, resolve_checkpoint
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(MissingWeightsError, match=r"(?s)127.0.0.1:9 unreachable.*--checkpoint"):
+        resolve_checkpoint("sam3", None)
+    assert time.perf_counter() - start < 10  # today: 29 s of retries
+    assert "Retrying" not in caplog.text

@@ -12,7 +12,7 @@ from conftest import REPO, make_dataset, subprocess_env
 from pipeline.backbone import build_backbone
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.extraction import run_extraction
-from pipeline.manifest import read_manifest, sample_keys
+from pipeline.manifest import ManifestError, read_manifest, sample_keys
 from pipeline.training import MissingFeaturesError, train
 
 FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "seconds"}
