@@ -46,8 +46,8 @@ def _extraction_seconds(folder: Path, durable: bool, repeat: int) -> float:
 
     samples = resolve_data("demo", folder / "demo")
     keys = sample_keys(samples)
-    config = ExtractConfig(data="demo", backbone="tiny", cache_dir=str(folder / f"c{durable}{repeat}"),
-                           device="cpu", loader_workers=1)
+    config = ExtractConfig(data="demo", backbone="tiny", device="cpu", loader_workers=1,
+                           cache_dir=str(folder / f"c{durable}{repeat}"))
     real = os.fsync
     if not durable:
         os.fsync = lambda fd: None
