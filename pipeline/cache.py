@@ -395,7 +395,9 @@ class FeatureCache:
         freed = [r for r in range(n) if not keys[r]]
         if lines:
             array[:] = keys
-        bad_flags = [r for r in range(n) if r not in set(freed) and _unreadable(done, r)]
+        kept = sorted(set(range(n)) - set(freed))
+        bad_flags = [] if not _unreadable(done, slice(0, n)) else [
+            r for r in kept if _unreadable(done, r)]  # one by one only when some are damaged
         for row in bad_flags:
             lines.append(f"row {row}: done flag damaged; cleared, extraction redoes the sample")
         for row in freed + bad_flags:
@@ -417,7 +419,7 @@ class FeatureCache:
         }
 
 
-def _unreadable(array: zarr.Array, row: int) -> bool:
+def _unreadable(array: zarr.Array, row: int | slice) -> bool:
     try:
         array[row]
     except Exception:  # noqa: BLE001 - any decode failure is damage

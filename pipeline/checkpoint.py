@@ -56,9 +56,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, prepar
     torch.save(payload, buffer)
     run_dir = path.parent
     write_atomically(path, buffer.getvalue(), hint=(
-        f"then continue with `python train_head.py --resume {run_dir}`"
-        + (" (last.pt holds the last finished epoch)" if (run_dir / "last.pt").is_file()
-           else "")))
+        f"then continue with `python train_head.py --resume {run_dir}` (last.pt holds the last "
+        "finished epoch)" if (run_dir / "last.pt").is_file() else
+        "then start the run again with the same flags and --overwrite (no epoch was saved)"))
 
 
 def read_checkpoint(path: Path) -> dict:

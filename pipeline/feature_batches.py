@@ -129,7 +129,6 @@ class FeatureBatches:
             self._cache.read_into(row, level, out, strict=True)
         except Exception as err:
             raise CacheError(
-                f"{self.cache_path}: features of {self.samples[i].image} (manifest row "
-                f"{self.samples[i].row}, cache row {row}) are unreadable ({type(err).__name__}: "
-                f"{err}); run `{repair_command(self.cache_path)}`, then extract_features.py again"
+                f"{self.cache_path}: features of {self.samples[i].image} (row {row}), manifest "
+                f"row {self.samples[i].row}, are unreadable ({type(err).__name__}: {err}); run `{repair_command(self.cache_path)}`, then extract_features.py again"
             ) from err
