@@ -130,5 +130,6 @@ class FeatureBatches:
         except Exception as err:
             raise CacheError(
                 f"{self.cache_path}: features of {self.samples[i].image} (row {row}), manifest "
-                f"row {self.samples[i].row}, are unreadable ({type(err).__name__}: {err}); run `{repair_command(self.cache_path)}`, then extract_features.py again"
+                f"row {self.samples[i].row}, are unreadable ({type(err).__name__}: {err}); run "
+                f"`{repair_command(self.cache_path)}`, then extract_features.py again"
             ) from err
