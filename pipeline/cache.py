@@ -72,7 +72,7 @@ class DamagedCacheError(CacheError):
 def repair_command(path: Path) -> str:
     """The command that finds and repairs the damage of the cache at `path`."""
     path = Path(path)
-    return (f"python -m pipeline.cache --cache-dir {path.parent} verify {path.stem} --repair")
+    return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
 
 
 @dataclass(frozen=True)
@@ -272,13 +272,13 @@ class FeatureCache:
         """Fill `out` ((C, h, w) float16, C-contiguous: a new array, or a slice of a batch
         tensor) with one level of one sample: straight from its chunk file where the layout
         allows (see `ChunkFiles`), else through zarr (another layout, or a chunk without a
-        file, which zarr reads as zeros). `strict` (the readers of done samples): a chunk
-        without a file is lost data and raises `DamagedCacheError`. Safe from several
-        threads."""
+        file, which zarr reads as zeros). `strict` (the readers of training and predict): a
+        chunk without a file of a sample flagged done is lost data and raises
+        `DamagedCacheError`. Safe from several threads."""
         files = self._files(level)
         if files is not None and files.read_into(row, out):
             return
-        if files is None or not strict:
+        if files is None or not strict or not self._array("done")[row]:
             out[...] = self.level(level)[row]
         else:
             raise DamagedCacheError(f"{files.path(row)}: the {level} chunk of row {row} is "

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("verify", "re-read every done sample")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("cache", help="cache id (as `list` prints it) or path")
+        sub.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                         help="where the caches live (also accepted before the command)")
         if name == "verify":
             sub.add_argument("--repair", action="store_true",
                              help="mark bad samples not done, so extraction redoes them")

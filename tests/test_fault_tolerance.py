@@ -237,9 +237,12 @@ def test_a_corrupted_chunk_is_found_repaired_and_redone(tmp_path, capsys):
     with pytest.raises(CacheError) as info:  # training meets the damaged sample
         train(_train_config(manifest, tmp_path))
     assert str(victim.image) in str(info.value) and f"(row {row})" in str(info.value)
-    assert (f"pipeline.cache --cache-dir {summary.path.parent} verify {summary.cache_id} "
-            "--repair") in str(info.value)
+    assert (f"pipeline.cache verify {summary.cache_id} --repair --cache-dir "
+            f"{summary.path.parent}") in str(info.value)  # the folder too: run as printed
+    printed = re.search(r"`python -m pipeline\.cache (.*?)`", str(info.value)).group(1)
     capsys.readouterr()
+    assert cache_cli(shlex.split(printed.replace(" --repair", ""))) == 1  # today: "0 bad"
+    assert "1 bad" in capsys.readouterr().out
     assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "verify", summary.cache_id]) == 1
     out = capsys.readouterr().out
     assert f"row {row} key {key}: 1x unreadable" in out and "1 bad" in out
@@ -398,7 +401,7 @@ def test_lost_keys_are_named_repaired_and_never_reused(tmp_path, capsys):
     with pytest.raises(CacheError) as info:  # today: "reused 6", every row the wrong image
         _extract(reordered, tmp_path / "cache")
     assert "keys/c/0: keys chunk lost" in str(info.value)
-    assert f"--cache-dir {summary.path.parent} verify {summary.cache_id} --repair" in str(
+    assert f"verify {summary.cache_id} --repair --cache-dir {summary.path.parent}" in str(
         info.value)
     capsys.readouterr()
     assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "list"]) == 1
