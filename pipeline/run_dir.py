@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 
 RUN_FILES = ("config.json", "manifest.json", "metrics.jsonl", "last.pt", "best.pt",
-             "report.json", "curves.png", "caches.json", "adapter", "adapters", "overlays")
+             "report.json", "curves.png", "caches.json", "adapter", "adapters", "overlays",
+             "tensorboard")
 """Everything train_head.py writes into a run directory (`--overwrite` removes only these)."""
 SHOWN = 3
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from pipeline.manifest import UNKNOWN_VIEW
 from pipeline.metrics import SegmentationMeter, score_batch
 from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
 from pipeline.segmenter import build_segmenter
+from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.training import Prepared, ensure_cache, seed_everything
 
 
@@ -61,6 +64,13 @@ class _Data:
         self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views,
                                               augment=augment, seed=cfg.seed)
         self.val_live = SegmentationSamples(p.val, resolution=self.resolution, views=p.views)
+
+    def epoch_steps(self, live: bool) -> int:
+        """Optimizer steps of one training epoch (DistributedSampler pads to equal shares)."""
+        cfg = self.prepared.config
+        share = math.ceil(len(self.prepared.train) / self.context.world_size)
+        steps = math.ceil(share / self.per_rank_batch)
+        return min(steps, cfg.e2e_steps) if live and cfg.e2e_steps else steps
 
     def train_loader(self, epoch: int, live: bool):
         dataset = self.train_live if live else self.train_cached
@@ -124,11 +134,12 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 
 
 def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_steps=0,
-              show=True, desc="", centrelines: int | None = None
+              show=True, desc="", centrelines: int | None = None, bar: tqdm | None = None
               ) -> tuple[SegmentationMeter, float, int, float]:
     """One pass; trains when `optimizer` is given. Returns (meter, loss sum, samples, wait s).
 
     Every image gets Dice and IoU; clDice only the first `centrelines` images (None: all).
+    Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     """
     training = optimizer is not None
     meter, loss_sum, count, wait = SegmentationMeter(), 0.0, 0, 0.0
@@ -136,7 +147,9 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
     # next steps; results join the meter in step order.
     scoring, scored, joined = ThreadPoolExecutor(min(4, os.cpu_count() or 1)), [], 0
     steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
     iterator, start = iter(loader), time.perf_counter()
     try:
         for _ in range(steps):
@@ -161,14 +174,16 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
                 meter.add(scored[joined][0].result(), scored[joined][1])
                 joined += 1
             rate = count / (time.perf_counter() - start)
-            dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
-                            samples_s=f"{rate:.1f}")
+            postfix = {"loss": f"{loss_sum / count:.4f}"}
+            if meter.scores["dice"]:  # scores join a few steps late: no dice until then
+                postfix["dice"] = f"{np.mean(meter.scores['dice']):.3f}"
+            bar.set_postfix(postfix | {"samples_s": f"{rate:.1f}"}, refresh=False)
             bar.update()
     finally:
         if hasattr(iterator, "close"):  # FeatureBatches: stop its producer thread now
             iterator.close()
-    bar.close()
+    if own_bar:
+        bar.close()
     for future, labels in scored[joined:]:
         meter.add(future.result(), labels)
     scoring.shutdown()
@@ -212,6 +227,10 @@ def train_process(prepared: Prepared, context) -> None:
     if leader and config.resume:
         log.truncate_after(state["epoch"])
     data = _Data(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
+    tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["epoch"] + 1) if (
+        leader and config.tensorboard) else None
+    bar = _run_bar(config, data, state["epoch"], leader)
+    chosen = _spread_over_views(prepared.val, config.overlays)
     net = model
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
@@ -220,10 +239,10 @@ def train_process(prepared: Prepared, context) -> None:
         e2e = bool(config.e2e_every) and epoch % config.e2e_every == 0
         model.train()
         start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        bar.set_description(f"epoch {epoch}/{config.epochs}{' e2e' if e2e else ''}")
         meter, loss_sum, count, wait = run_epoch(
             net, data.train_loader(epoch, e2e), device, prepared.views, optimizer=optimizer,
-            live=e2e, max_steps=config.e2e_steps if e2e else 0, show=leader,
-            desc=f"epoch {epoch}/{config.epochs}{' e2e' if e2e else ''}",
+            live=e2e, max_steps=config.e2e_steps if e2e else 0, bar=bar,
             centrelines=config.train_cldice)
         seconds = time.perf_counter() - start
         train_record = {"epoch": epoch, "split": "train", "lr": lr, "e2e": e2e,
@@ -243,7 +262,8 @@ def train_process(prepared: Prepared, context) -> None:
         # The unwrapped model: ranks may hold different numbers of validation batches, and a
         # DDP forward is a collective (it broadcasts buffers).
         vmeter, vloss, vcount, _ = run_epoch(model, data.val_loader(live_val), device,
-                                             prepared.views, live=live_val, show=False)
+                                             prepared.views, live=live_val, show=leader,
+                                             desc="  validation")
         val = _gather_meter(vmeter, context).summary()
         val_record = {"epoch": epoch, "split": "val", "lr": lr, "e2e": live_val,
                       "loss": _mean_across(vloss, vcount, context, device),
@@ -251,11 +271,15 @@ def train_process(prepared: Prepared, context) -> None:
         scheduler.step()
         state["epoch"] = epoch
         if leader:
-            _record(log, train_record, val_record if val["n"] else None)
+            _record(log, train_record, val_record if val["n"] else None, tb)
+            if tb and chosen:
+                tb.overlays(epoch, *_overlay_inputs(model, prepared, data, device, chosen,
+                                                    live_val))
             _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
+    bar.close()
     if leader:
-        _finish(model, prepared, data, device, log, state["caches"])
+        _finish(model, prepared, data, device, log, state["caches"], tb)
 
 
 def _cache_under(recorded: Path, cache_dir: str) -> Path:
@@ -270,15 +294,28 @@ def _scores(summary: dict) -> dict:
     return {k: summary[k] for k in keep if k in summary}
 
 
-def _record(log: MetricsLog, train_record: dict, val_record: dict | None) -> None:
-    log.append(train_record)
-    if val_record:
-        log.append(val_record)
+def _run_bar(config, data: _Data, done_epochs: int, show: bool) -> tqdm:
+    """One bar over every optimizer step of the run; time left at the run's average pace
+    (smoothing 0), validation included."""
+    steps = [data.epoch_steps(bool(config.e2e_every) and e % config.e2e_every == 0)
+             for e in range(1, config.epochs + 1)]
+    return tqdm(total=sum(steps), initial=sum(steps[:done_epochs]), unit="step",
+                smoothing=0, disable=not show, dynamic_ncols=True)
+
+
+def _record(log: MetricsLog, train_record: dict, val_record: dict | None,
+            tb: TensorBoardLog | None = None) -> None:
+    for record in [train_record] + ([val_record] if val_record else []):
+        log.append(record)
+        if tb:
+            tb.record(record)
     v = val_record or {}
-    print(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
-          f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
-          f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
-          f"{' (end to end)' if train_record['e2e'] else ''}", flush=True)
+    # tqdm.write: the line goes above the run's bar instead of through it.
+    tqdm.write(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
+               f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
+               f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
+               f"{' (end to end)' if train_record['e2e'] else ''}")
+    sys.stdout.flush()  # a log file sees each epoch as it ends
 
 
 def _save(model, optimizer, scheduler, state, prepared, val, live_val) -> None:
@@ -328,7 +365,28 @@ def _spread_over_views(samples, count: int) -> list[int]:
     return chosen
 
 
-def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches) -> None:
+def _overlay_inputs(model, prepared: Prepared, data: _Data, device, chosen: list[int],
+                    live: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Validation samples `chosen` through the model: images (N, 3, R, R) in [-1, 1], masks and
+    predictions (N, R, R) bool, on the CPU, and the image names."""
+    dataset = data.val_live if live else data.val_cached
+    batch = collate_samples([dataset[i] for i in chosen])
+    if not live:
+        batch["features"] = data.cached_features("val", chosen)
+    batch = to_device(batch, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = (model(batch, live=live) > 0).squeeze(1).cpu()
+    model.train(was_training)
+    image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
+        [data.val_live[i]["image"] for i in chosen]))
+    return (image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
+            [prepared.val[i].image.name for i in chosen])
+
+
+def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches,
+            tb: TensorBoardLog | None = None) -> None:
     """report.json, curves.png and overlays/ for the best checkpoint."""
     run_dir, config = prepared.run_dir, prepared.config
     best_state = load_checkpoint(run_dir / "best.pt", model)
@@ -340,20 +398,12 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        dataset = data.val_live if live else data.val_cached
-        batch = collate_samples([dataset[i] for i in chosen])
-        if not live:
-            batch["features"] = data.cached_features("val", chosen)
-        batch = to_device(batch, device)
-        model.eval()
-        with torch.no_grad():
-            pred = (model(batch, live=live) > 0).squeeze(1).cpu()
-        image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
-            [data.val_live[i]["image"] for i in chosen]))
-        save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
-                      [prepared.val[i].image.name for i in chosen],
+        save_overlays(run_dir / "overlays",
+                      *_overlay_inputs(model, prepared, data, device, chosen, live),
                       [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
     write_json(run_dir / "caches.json", caches)
+    if tb:
+        tb.hparams(best["val"])
+        tb.close()
     print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
-
