@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write this split on every row instead of a random split")
     folder.add_argument("--allow-missing-masks", action="store_true",
                         help="keep images without a mask (empty mask column)")
+    folder.add_argument("--fov", help="folder of field-of-view masks (the `fov` column), "
+                        "paired with images by key; scores count only pixels inside them")
+    folder.add_argument("--fov-regex", help="FOV mask key: first capture group of this regex")
     _split_options(folder)
 
     coco = kinds.add_parser("coco", help="a COCO annotation file (e.g. ARCADE)")
@@ -105,7 +108,8 @@ def _import(args: argparse.Namespace) -> int:
                             image_regex=args.image_regex, mask_regex=args.mask_regex,
                             view_from_subfolder=args.view_from_subfolder,
                             split_column=args.fixed_split,
-                            allow_missing_masks=args.allow_missing_masks, **common)
+                            allow_missing_masks=args.allow_missing_masks,
+                            fov_dir=args.fov, fov_regex=args.fov_regex, **common)
     else:
         categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
         out = import_coco(args.annotations, args.images, args.out, masks_out_dir=args.masks_out,
@@ -118,7 +122,9 @@ def _summary(out) -> int:
     splits = Counter(s.split or "-" for s in samples)
     views = Counter(s.view or UNKNOWN_VIEW for s in samples)
     masks = sum(s.mask is not None for s in samples)
-    print(f"wrote {out}: {len(samples)} rows, {masks} with masks; "
+    fovs = sum(s.fov is not None for s in samples)
+    print(f"wrote {out}: {len(samples)} rows, {masks} with masks"
+          f"{f', {fovs} with a field of view' if fovs else ''}; "
           f"splits {dict(sorted(splits.items()))}; views {dict(sorted(views.items()))}")
     return 0
 

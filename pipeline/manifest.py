@@ -24,8 +24,11 @@ COLUMNS = ("image", "mask", "view", "split")
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
 # Optional: the DICOM file and frame (from 1) a row's image was written from (`import dicom`).
 SOURCE_COLUMNS = ("source", "frame")
-KNOWN_COLUMNS = COLUMNS + ANGLE_COLUMNS + SOURCE_COLUMNS + ("fov",)
-"""Every column a manifest may have (`fov`: a field-of-view mask); any other is an error."""
+# Optional: a field-of-view mask per row (DRIVE, CHASE_DB1 and HRF ship them); scores count
+# only the pixels inside it.
+FOV_COLUMN = "fov"
+KNOWN_COLUMNS = COLUMNS + ANGLE_COLUMNS + SOURCE_COLUMNS + (FOV_COLUMN,)
+"""Every column a manifest may have; any other is an error."""
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val",
           "validation": "val", "test": "test"}
 """Accepted `split` values (case and surrounding spaces ignored) -> what they mean. An empty
@@ -51,6 +54,8 @@ class Sample:
     """The DICOM file the image is a frame of, when the manifest says so."""
     frame: int | None = None
     """That frame's number in `source`, from 1 as in DICOM."""
+    fov: Path | None = None
+    """Field-of-view mask (optional column `fov`): every score counts only pixels inside it."""
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -77,6 +82,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
             split=_split(path, number, record.get("split", "")),
             angles=_angles(path, number, record),
             **_source(path, number, record),
+            fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
         ))
     if not samples:
         raise ManifestError(f"{path}: no rows")
@@ -123,18 +129,20 @@ def _split(path: Path, number: int, value: str) -> str | None:
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with the COLUMNS) as a manifest; paths made relative where possible."""
+    """Write rows (dicts with the COLUMNS, optionally angles and `fov`) as a manifest; paths
+    made relative where possible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
         optional = ANGLE_COLUMNS + SOURCE_COLUMNS
         columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
+        columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask", "source"):
+            for column in ("image", "mask", "source", FOV_COLUMN):
                 if out.get(column):
                     out[column] = _relative(path.parent, Path(out[column]))
             writer.writerow(out)

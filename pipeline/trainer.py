@@ -25,8 +25,9 @@ from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
 from pipeline.losses import dice_bce_loss
 from pipeline.manifest import UNKNOWN_VIEW
-from pipeline.metrics import SegmentationMeter, score_batch
-from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
+from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_batch
+from pipeline.reporting import MetricsLog, plot_curves, write_json, write_report
+from pipeline.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.segmenter import build_segmenter
 from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.training import Prepared, ensure_cache, seed_everything
@@ -40,6 +41,7 @@ class _Data:
         config = prepared.config
         self.resolution = _resolution(config.backbone)
         self.per_rank_batch = max(1, config.batch_size // context.world_size)
+        self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
         self.point_at(cache)
 
     def point_at(self, cache: Path) -> None:
@@ -134,11 +136,14 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 
 
 def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_steps=0,
-              show=True, desc="", centrelines: int | None = None, bar: tqdm | None = None
+              show=True, desc="", centrelines: int | None = None, bar: tqdm | None = None,
+              targets: NativeTargets | None = None
               ) -> tuple[SegmentationMeter, float, int, float]:
     """One pass; trains when `optimizer` is given. Returns (meter, loss sum, samples, wait s).
 
-    Every image gets Dice and IoU; clDice only the first `centrelines` images (None: all).
+    Without `targets` (training) images are scored at the model's resolution against the
+    resized masks, without AUC, and clDice only for the first `centrelines` images (None: all);
+    with `targets` (validation) every score of every image at its own size (pipeline.scoring).
     Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     """
     training = optimizer is not None
@@ -165,11 +170,14 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
                 optimizer.step()
             n = len(batch["mask"])
             loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
-            pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
-            scored.append((scoring.submit(
-                score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
-                centrelines=None if centrelines is None else max(0, centrelines - (count - n))),
-                [views.label(i) for i in batch["view"].tolist()]))
+            if targets is None:
+                pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
+                job = scoring.submit(
+                    score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
+                    centrelines=None if centrelines is None else max(0, centrelines - (count - n)))
+            else:
+                job = scoring.submit(targets.score, logits.detach().cpu(), batch["index"].tolist())
+            scored.append((job, [views.label(i) for i in batch["view"].tolist()]))
             while joined < len(scored) and scored[joined][0].done():
                 meter.add(scored[joined][0].result(), scored[joined][1])
                 joined += 1
@@ -263,7 +271,7 @@ def train_process(prepared: Prepared, context) -> None:
         # DDP forward is a collective (it broadcasts buffers).
         vmeter, vloss, vcount, _ = run_epoch(model, data.val_loader(live_val), device,
                                              prepared.views, live=live_val, show=leader,
-                                             desc="  validation")
+                                             desc="  validation", targets=data.val_targets)
         val = _gather_meter(vmeter, context).summary()
         val_record = {"epoch": epoch, "split": "val", "lr": lr, "e2e": live_val,
                       "loss": _mean_across(vloss, vcount, context, device),
@@ -290,7 +298,7 @@ def _cache_under(recorded: Path, cache_dir: str) -> Path:
 
 
 def _scores(summary: dict) -> dict:
-    keep = ("dice", "iou", "cldice", "per_view")
+    keep = (*SCORES, "per_view")
     return {k: summary[k] for k in keep if k in summary}
 
 
@@ -391,19 +399,30 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
     run_dir, config = prepared.run_dir, prepared.config
     best_state = load_checkpoint(run_dir / "best.pt", model)
     best = best_state["best"]
-    write_report(run_dir / "report.json", best["val"])
+    write_report(run_dir / "report.json", best["val"], scoring=scoring_note(prepared.val))
     plot_curves(log.read(), run_dir / "curves.png")
     chosen = _spread_over_views(prepared.val, config.overlays)
     if chosen:
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        save_overlays(run_dir / "overlays",
-                      *_overlay_inputs(model, prepared, data, device, chosen, live),
-                      [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
+        dataset = data.val_live if live else data.val_cached
+        batch = collate_samples([dataset[i] for i in chosen])
+        if not live:
+            batch["features"] = data.cached_features("val", chosen)
+        batch = to_device(batch, device)
+        model.eval()
+        with torch.no_grad():
+            logits = model(batch, live=live).cpu()
+        save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
+                             [data.val_targets.get(i) for i in chosen])
     write_json(run_dir / "caches.json", caches)
     if tb:
         tb.hparams(best["val"])
         tb.close()
     print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
+    if best["val"].get("n"):
+        print("validation scores of the best epoch (each image at its own size):\n"
+              + format_summary(best["val"]), flush=True)
+
