@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from pipeline.augment import augmented_key, copies
+from pipeline.augment import augmented_key
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import SegmentationSamples, collate_samples, to_device
@@ -46,8 +46,9 @@ class _Data:
 
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
-        store, augment = FeatureCache.open(cache), copies(cfg.augment_copies)
-        train_keys = [[k] + [augmented_key(k, a) for a in augment] for k in p.train_keys]
+        store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
+        train_keys = [[k] + [augmented_key(k, a) for a in names]
+                      for k, names in zip(p.train_keys, augment, strict=True)]
         train_rows, val_rows = store.rows_for(sum(train_keys, [])), store.rows_for(p.val_keys)
         done = store.done()
         for rows in (train_rows, val_rows):
