@@ -163,9 +163,7 @@ def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path | None:
     if name != "sam3":
         return None
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo_id=HF_REPO, filename=HF_FILENAME))
+        return _fetch_from_hub()
     except Exception as err:  # offline, gated without a token, or no licence accepted
         raise MissingWeightsError(
             f"No SAM 3 weights: could not fetch {HF_FILENAME} from the Hugging Face hub "
@@ -175,6 +173,36 @@ def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path | None:
             "licence there and log in with `hf auth login` (or set HF_TOKEN) so it is fetched "
             "automatically. For a demo without weights use --backbone tiny."
         ) from err
+
+
+def _fetch_from_hub() -> Path:
+    """sam3.pt from the local hub cache, else from the hub. An unreachable hub fails at once:
+    the hub client would retry five times over about 30 s, logging each retry (twice, once
+    per handler) before the one message that says what to do."""
+    import logging
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=HF_REPO, filename=HF_FILENAME, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: fetch it
+        if constants.HF_HUB_OFFLINE:
+            raise
+    try:
+        urllib.request.urlopen(constants.ENDPOINT, timeout=10).close()
+    except urllib.error.HTTPError:
+        pass  # an answer, whatever its status: the hub is reachable
+    except OSError as err:
+        raise ConnectionError(f"{constants.ENDPOINT} unreachable ({err})") from None
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return Path(hf_hub_download(repo_id=HF_REPO, filename=HF_FILENAME))
+    finally:
+        hub_log.setLevel(level)
 
 
 def load_vision_state(backbone: nn.Module, path: Path) -> None:

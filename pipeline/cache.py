@@ -5,6 +5,7 @@ project::
 
     keys          (N,)            str      hex sha256 of each sample's image file
     done          (N,)            bool     set only after that sample's features are on disk
+                                           (fsynced: data before the flag)
     features/1x   (N, 256, h, w)  float16  `vision_features`
     features/2x   (N, 256, 2h, 2w)         optional `backbone_fpn` levels
     features/4x   (N, 256, 4h, 4w)
@@ -17,28 +18,37 @@ Group attributes: `signature` (what the features depend on), `signature_sha256`,
 sample, so concurrent writers (processes, GPUs, machines) never touch the same storage object,
 and zarr's LocalStore writes each object through a rename: a killed writer leaves no half chunk.
 One writer run holds ``<cache-id>.lock`` (an flock, released by the kernel if the run dies).
+
+Every chunk, `keys` and `done` included, ends with a crc32c. A done sample whose feature chunk
+file is gone counts as not done (extraction redoes it; a reader raises); a lost or damaged `keys`
+or `done` chunk is a `DamagedCacheError` naming the file and `verify --repair`, which rebuilds
+what can be derived and says what cannot.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import socket
-import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
-from numcodecs import Blosc, Zstd
-from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ZstdCodec
-from zarr.storage import LocalStore
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
+from pipeline.cache_lock import (  # noqa: F401 - the cache's public names live here too
+    RELEASED,
+    CacheError,
+    CacheLockedError,
+    remove_partial_writes,
+    writer_lock,
+)
+from pipeline.chunk_files import (  # noqa: F401
+    ChunkChecksumError,
+    ChunkFiles,
+    numcodecs_compressor,
+)
 from pipeline.signature import cache_id as derive_cache_id
 from pipeline.signature import signature_digest
 
@@ -58,12 +68,14 @@ CODECS = {
 DEFAULT_CODEC = "none"
 
 
-class CacheError(RuntimeError):
-    """A cache that is missing, locked, stale or damaged; the message says what to do."""
+class DamagedCacheError(CacheError):
+    """A `keys` or `done` chunk, or a done sample's feature chunk, that is lost or damaged."""
 
 
-class CacheLockedError(CacheError):
-    pass
+def repair_command(path: Path) -> str:
+    """The command that finds and repairs the damage of the cache at `path`."""
+    path = Path(path)
+    return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
 
 
 @dataclass(frozen=True)
@@ -75,192 +87,6 @@ class SampleProblem:
 
 def cache_path(cache_dir: str | Path, signature: dict) -> Path:
     return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
-
-
-RELEASED = "released"
-
-
-def remove_partial_writes(path: Path) -> None:
-    """Delete the `<chunk>.<uuid>.partial` files a killed writer left in the cache at `path`.
-    Chunks are written to such a file and renamed into place (by zarr and by `ChunkFiles.write`),
-    so they are never read; they only hold disk (up to 42 MB each at sam3's 4x level). Safe under
-    `writer_lock` only."""
-    for leftover in Path(path).rglob("*.partial"):
-        leftover.unlink(missing_ok=True)
-
-
-def numcodecs_compressor(codec, typesize: int | None = None):
-    """The numcodecs codec that compresses as zarr's `codec` (a ZstdCodec or BloscCodec) does,
-    configured as zarr configures it; `typesize` overrides a BloscCodec's (zarr sets it from the
-    array's dtype when it creates the array)."""
-    if isinstance(codec, ZstdCodec):
-        return Zstd.from_config({"level": codec.level, "checksum": codec.checksum})
-    if isinstance(codec, BloscCodec):
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
-        return Blosc.from_config({"cname": codec.cname.name, "clevel": codec.clevel,
-                                  "shuffle": shuffle, "blocksize": codec.blocksize,
-                                  "typesize": typesize or codec.typesize})
-    raise TypeError(f"no numcodecs equivalent for {codec!r}")
-
-
-@contextmanager
-def writer_lock(path: Path, *, wait: bool = False):
-    """Hold the single-writer lock of the cache at `path` (an flock on `<path>.lock` sibling).
-
-    The lock file names its holder; a holder that ends (even by an exception) appends
-    "released". A lock taken over from a holder that never did (it was killed) first removes
-    the partial chunk files that holder may have left (`remove_partial_writes`): only then,
-    because that walk visits every chunk of the cache."""
-    lock_path = path.with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, held = open(lock_path, "a+"), False
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise CacheLockedError(
-                f"cache {path.name} is being written by {holder}; wait for that run to finish "
-                "(or pass --wait to queue behind it)"
-            ) from None
-        held = True
-        handle.seek(0)
-        previous = handle.read().strip()
-        if previous and not previous.endswith(RELEASED):
-            remove_partial_writes(path)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
-        handle.flush()
-        yield
-    finally:
-        if held:
-            handle.write(f"; {RELEASED}")
-            handle.flush()
-        handle.close()  # closing releases the flock
-
-
-class ChunkChecksumError(ValueError):
-    """A chunk whose bytes no longer match the crc32c stored with them."""
-
-
-class ChunkFiles:
-    """Reads and writes one sample's chunk of a level straight in its file, without zarr's
-    machinery.
-
-    Through zarr, `Array[row]` costs about 0.7 ms of fixed overhead per call (its async codec
-    pipeline), more than reading and decoding a 166 KB chunk. The layout here is simple enough to
-    handle directly: one chunk per sample at `<array>/c/<row>/0/0/0`, holding little-endian bytes,
-    then at most one compressor of `CODECS` (each decodes its own frame), then optionally a
-    crc32c of what came before (zarr's `Crc32cCodec`: 4 bytes, little-endian), checked here as
-    zarr checks it. `for_array` returns None for an array whose metadata differs from that, and
-    `read` returns None for a chunk without a file (zarr writes none for a chunk that holds only
-    the fill value); callers then read through zarr.
-    """
-
-    def __init__(self, folder: Path, shape: tuple[int, ...], dtype: np.dtype, compressor,
-                 checksum: bool):
-        self.folder, self.shape, self.dtype = folder, shape, dtype
-        self._compressor, self._checksum = compressor, checksum
-        self.nbytes = int(np.prod(shape)) * dtype.itemsize
-
-    @classmethod
-    def for_array(cls, array: zarr.Array) -> ChunkFiles | None:
-        meta, store = array.metadata, array.store_path.store
-        if (getattr(meta, "zarr_format", None) != 3 or not isinstance(store, LocalStore)
-                or len(array.shape) != 4
-                or meta.chunk_key_encoding.encode_chunk_key((7, 0, 0, 0)) != "c/7/0/0/0"
-                or tuple(meta.chunk_grid.chunk_shape) != (1, *array.shape[1:])):
-            return None
-        codecs = list(meta.codecs)
-        if (sys.byteorder != "little" or not codecs or not isinstance(codecs[0], BytesCodec)
-                or codecs[0].endian is None or codecs[0].endian.value != "little"):
-            return None
-        rest = codecs[1:]
-        checksum = bool(rest) and isinstance(rest[-1], Crc32cCodec)
-        rest = rest[:-1] if checksum else rest
-        if not rest:
-            compressor = None
-        elif len(rest) == 1 and isinstance(rest[0], ZstdCodec | BloscCodec):
-            compressor = numcodecs_compressor(rest[0])
-        else:
-            return None
-        folder = Path(store.root) / array.store_path.path / "c"
-        return cls(folder, tuple(array.shape[1:]), np.dtype(array.dtype), compressor, checksum)
-
-    def path(self, row: int) -> Path:
-        """The chunk file of row `row` (it may not exist)."""
-        return self.folder / str(row) / "0" / "0" / "0"
-
-    def write(self, row: int, value: np.ndarray) -> None:
-        """Store `value` ((C, h, w)) as row `row`'s chunk: the bytes zarr would write for it, put
-        in place by a rename (a `<chunk>.<uuid>.partial` file first), as zarr's LocalStore does.
-        Every chunk gets a file, including an all-zero one (zarr would skip it; both read back
-        the same)."""
-        value = np.ascontiguousarray(value, dtype=self.dtype)
-        if value.shape != self.shape:
-            raise ValueError(f"row {row}: expected {self.shape}, got {value.shape}")
-        data = value.reshape(-1).view(np.uint8)
-        if self._compressor is not None:
-            data = np.frombuffer(self._compressor.encode(data), np.uint8)
-        parts = [data]
-        if self._checksum:
-            parts.append(np.uint32(google_crc32c.value(data)).reshape(1).view(np.uint8))
-        path = self.path(row)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            with open(partial, "wb") as file:
-                for part in parts:
-                    file.write(part)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    def read(self, row: int) -> np.ndarray | None:
-        """(C, h, w) in the array's dtype, or None if the chunk has no file."""
-        out = np.empty(self.shape, self.dtype)
-        return out if self.read_into(row, out) else None
-
-    def read_into(self, row: int, out: np.ndarray) -> bool:
-        """Fill `out` ((C, h, w), the array's dtype, C-contiguous: for example a slice of a
-        pinned batch tensor) with row `row`; False (and `out` untouched) if the chunk has no
-        file. Uncompressed chunks are read straight into `out`."""
-        if out.shape != self.shape or out.dtype != self.dtype or not out.flags.c_contiguous:
-            raise ValueError(f"read_into needs a C-contiguous {self.shape} {self.dtype} array, "
-                             f"got {out.shape} {out.dtype}")
-        try:
-            file = open(self.path(row), "rb", buffering=0)
-        except FileNotFoundError:
-            return False
-        with file:
-            size, crc = os.fstat(file.fileno()).st_size, 4 * self._checksum
-            if self._compressor is None:
-                if size - crc != self.nbytes:
-                    raise ValueError(f"chunk of row {row} holds {size - crc} bytes, "
-                                     f"not {self.nbytes}")
-                payload = out.reshape(-1).view(np.uint8)  # a view: `out` itself is filled
-            else:
-                payload = np.empty(size - crc, np.uint8)
-            stored = np.empty(crc, np.uint8)
-            for part in (payload, stored):
-                view, got = memoryview(part), 0
-                while got < len(view):  # a read may return less (network filesystems, signals)
-                    step = file.readinto(view[got:])
-                    if not step:
-                        raise ValueError(f"chunk of row {row} changed size while being read")
-                    got += step
-        if self._checksum and google_crc32c.value(payload).to_bytes(4, "little") != bytes(stored):
-            raise ChunkChecksumError(f"chunk of row {row} fails its crc32c checksum")
-        if self._compressor is not None:
-            decoded = self._compressor.decode(payload)  # decoding into `out` would not see a
-            if len(decoded) != self.nbytes:            # frame shorter than the chunk
-                raise ValueError(f"chunk of row {row} decodes to {len(decoded)} bytes, "
-                                 f"not {self.nbytes}")
-            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(decoded, np.uint8)
-        return True
-
 
 class FeatureCache:
     """A feature cache on disk. Open with `create_or_open` (writer) or `open` (reader)."""
@@ -275,7 +101,10 @@ class FeatureCache:
         """One handle per array: opening one re-reads its metadata (about 0.4 ms), and a resize
         through the handle updates it in place."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            array = self.group[name]
+            if name == "keys":  # a runtime setting, not stored: see `keys`
+                array = array.with_config({"write_empty_chunks": True})
+            self._arrays[name] = array
         return self._arrays[name]
 
     # ---------------------------------------------------------------- opening
@@ -294,11 +123,15 @@ class FeatureCache:
             cache = cls(zarr.open_group(path, mode="r+"), path)
             cache.check_signature(signature)
             return cache
+        for leftover in path.parent.glob(f".{path.name}.creating-*"):  # a killed creation's
+            shutil.rmtree(leftover, ignore_errors=True)  # (safe: we hold this cache's lock)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(tmp, mode="w")
-        group.create_array("keys", shape=(0,), chunks=(KEY_CHUNK,), dtype=str)
-        group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False)
+        # keys: every chunk written, even an all-empty one, so a missing file means lost keys.
+        group.create_array("keys", shape=(0,), chunks=(KEY_CHUNK,), dtype=str,
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+        group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False,
+                           compressors=[Crc32cCodec()])
         for level, shape in sorted(level_shapes.items()):
             group.create_array(
                 f"features/{level}", shape=(0, *shape), chunks=(1, *shape),
@@ -364,34 +197,95 @@ class FeatureCache:
         return tuple(self.level(name).shape[1:])
 
     def keys(self) -> np.ndarray:
-        """(N,) str; empty strings mark rows reserved by an interrupted extension."""
-        return np.asarray(self._array("keys")[:], dtype=object)
+        """(N,) str; empty strings mark rows reserved by an interrupted extension.
+
+        Raises `DamagedCacheError` for a lost or damaged keys chunk (zarr would read a lost one
+        as empty keys, and every row would look free) or a key on two rows."""
+        array = self._array("keys")
+        folder = self.path / "keys" / "c"
+        lost = [str(folder / str(c)) for c in range(-(-array.shape[0] // KEY_CHUNK))
+                if not (folder / str(c)).is_file()]
+        if lost:
+            raise DamagedCacheError(f"{lost[0]}: keys chunk lost (which image each row holds is "
+                                    f"unknown); run `{repair_command(self.path)}`")
+        try:
+            keys = np.asarray(array[:], dtype=object)
+        except Exception as err:
+            raise DamagedCacheError(f"{folder}: keys unreadable ({type(err).__name__}: "
+                                    f"{str(err)[:100]}); run `{repair_command(self.path)}`"
+                                    ) from None
+        named = keys[keys != ""]
+        if len(set(named)) != len(named):
+            raise DamagedCacheError(f"{folder}: a key is on two rows; run "
+                                    f"`{repair_command(self.path)}`")
+        return keys
+
+    def flagged(self) -> np.ndarray:
+        """(N,) bool: the `done` flags as stored (clipped to the rows that have a key); see
+        `done`. Raises `DamagedCacheError` naming the damaged flag chunks."""
+        n, array = len(self.keys()), self._array("done")
+        try:
+            return np.asarray(array[:n], dtype=bool)
+        except Exception:
+            bad = self.damaged_flags()
+            raise DamagedCacheError(
+                f"{self.path / 'done' / 'c'}: done flags of {len(bad)} row(s) unreadable (rows "
+                f"{bad[:10]}); run `{repair_command(self.path)}`") from None
+
+    def damaged_flags(self) -> list[int]:
+        """Rows whose `done` chunk fails its checksum (read one by one: slow, for repairs)."""
+        array = self._array("done")
+        return [row for row in range(len(self.keys())) if _unreadable(array, row)]
+
+    def missing_chunks(self, rows) -> dict[int, str]:
+        """row -> level, for those of `rows` with a level whose chunk file is gone (every chunk
+        this version writes has one; zarr would read a missing one as zeros)."""
+        missing = {}
+        for level in self.levels:
+            files = self._files(level)
+            if files is None:
+                continue
+            for row in rows:
+                if int(row) not in missing and not files.path(int(row)).is_file():
+                    missing[int(row)] = level
+        return missing
 
     def done(self) -> np.ndarray:
-        """(N,) bool, clipped to the rows that have a key."""
-        return np.asarray(self._array("done")[: len(self.keys())], dtype=bool)
+        """(N,) bool: flagged done and every level's chunk file present (one stat per row and
+        level), clipped to the rows that have a key."""
+        done = self.flagged()
+        done[list(self.missing_chunks(np.flatnonzero(done)))] = False
+        return done
 
     def rows_for(self, keys: list[str]) -> np.ndarray:
         """(len(keys),) int64 row of each key, -1 where the cache has none."""
         index = {k: i for i, k in enumerate(self.keys()) if k}
         return np.array([index.get(k, -1) for k in keys], dtype=np.int64)
 
-    def read(self, row: int, levels: list[str] | None = None) -> dict[str, np.ndarray]:
+    def read(self, row: int, levels: list[str] | None = None, *,
+             strict: bool = False) -> dict[str, np.ndarray]:
         """One sample's features: level -> (C, h, w) float16 (see `read_into`)."""
         out = {}
         for lvl in levels or self.levels:
             out[lvl] = np.empty(self.level_shape(lvl), FEATURE_DTYPE)
-            self.read_into(row, lvl, out[lvl])
+            self.read_into(row, lvl, out[lvl], strict=strict)
         return out
 
-    def read_into(self, row: int, level: str, out: np.ndarray) -> None:
+    def read_into(self, row: int, level: str, out: np.ndarray, *, strict: bool = False) -> None:
         """Fill `out` ((C, h, w) float16, C-contiguous: a new array, or a slice of a batch
         tensor) with one level of one sample: straight from its chunk file where the layout
-        allows (see `ChunkFiles`), else through zarr (another layout, or a chunk of fill values,
-        which has no file). Safe from several threads."""
+        allows (see `ChunkFiles`), else through zarr (another layout, or a chunk without a
+        file, which zarr reads as zeros). `strict` (the readers of training and predict): a
+        chunk without a file of a sample flagged done is lost data and raises
+        `DamagedCacheError`. Safe from several threads."""
         files = self._files(level)
-        if files is None or not files.read_into(row, out):
+        if files is not None and files.read_into(row, out):
+            return
+        if files is None or not strict or not self._array("done")[row]:
             out[...] = self.level(level)[row]
+        else:
+            raise DamagedCacheError(f"{files.path(row)}: the {level} chunk of row {row} is "
+                                    "missing (zarr would read zeros)")
 
     def _files(self, level: str) -> ChunkFiles | None:
         if level not in self._chunk_files:
@@ -424,15 +318,18 @@ class FeatureCache:
             if array.shape[0] < size:
                 array.resize((size, *array.shape[1:]))
         current += [""] * (size - len(current))
+        done, reused = self._array("done"), set(free)
         for slot, key in zip(slots, new, strict=True):
             current[slot] = key
+            if slot in reused and done[slot]:  # a free row flagged done: not this key's data
+                done[slot] = False
         self._array("keys")[:] = np.array(current, dtype=object)
         return self.rows_for(keys)
 
     def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
-        """Write one sample's features (level -> (C, h, w)), then mark it done. Feature chunks
-        go straight to their files where the layout allows (`ChunkFiles.write`: zarr's own
-        bytes, without its ~3 ms per-call overhead), else through zarr."""
+        """Write one sample's features (level -> (C, h, w)), durably, then mark it done.
+        Feature chunks go straight to their files where the layout allows (`ChunkFiles.write`:
+        zarr's own bytes, without its ~3 ms per-call overhead), else through zarr."""
         for level, value in features.items():
             files = self._files(level)
             if files is not None:
@@ -447,29 +344,68 @@ class FeatureCache:
 
     # ---------------------------------------------------------------- checking
     def verify(self) -> list[SampleProblem]:
-        """Re-read every done sample as training reads it; report those unreadable (a damaged
-        chunk fails its checksum or its codec), without a chunk file (every chunk this version
-        writes has one: a missing file is lost data, which zarr would read as zeros) or not
-        finite."""
-        keys, done = self.keys(), self.done()
+        """Re-read every sample flagged done as training reads it; report those unreadable (a
+        damaged chunk fails its checksum or its codec), without a chunk file (lost data) or not
+        finite. A damaged `keys` or `done` raises `DamagedCacheError` (see `repair_index`)."""
+        keys, done = self.keys(), self.flagged()
         problems = []
+        missing = self.missing_chunks(np.flatnonzero(done))
         for row in np.flatnonzero(done):
+            row = int(row)
+            if row in missing:
+                problems.append(SampleProblem(row, keys[row], f"{missing[row]} chunk file missing"))
+                continue
             for level in self.levels:
-                files = self._files(level)
-                if files is not None and not files.path(int(row)).is_file():
-                    problems.append(SampleProblem(int(row), keys[row],
-                                                  f"{level} chunk file missing"))
-                    break
                 try:
-                    value = self.read(int(row), [level])[level]
+                    value = self.read(row, [level])[level]
                 except Exception as err:
-                    problems.append(SampleProblem(int(row), keys[row], f"{level} unreadable: "
+                    problems.append(SampleProblem(row, keys[row], f"{level} unreadable: "
                                                   f"{type(err).__name__}: {str(err)[:120]}"))
                     break
                 if not np.isfinite(value).all():
-                    problems.append(SampleProblem(int(row), keys[row], f"{level} not finite"))
+                    problems.append(SampleProblem(row, keys[row], f"{level} not finite"))
                     break
         return problems
+
+    def repair_index(self) -> list[str]:
+        """Rebuild damaged `keys` and `done` chunks (call under `writer_lock`, mode "r+").
+
+        A damaged done flag is derivable: it is cleared and extraction redoes that sample. Lost
+        or damaged keys are not (which image a row holds is known only from its key): those rows
+        lose their key and their flag, and extraction gives their images rows again. Returns
+        one line per repair."""
+        array, done, lines = self._array("keys"), self._array("done"), []
+        n, folder = array.shape[0], self.path / "keys" / "c"
+        keys = np.full(n, "", dtype=object)
+        for c in range(-(-n // KEY_CHUNK)):
+            lo, hi = c * KEY_CHUNK, min(n, (c + 1) * KEY_CHUNK)
+            try:
+                if not (folder / str(c)).is_file():
+                    raise FileNotFoundError(folder / str(c))
+                keys[lo:hi] = np.asarray(array[lo:hi], dtype=object)
+            except Exception as err:  # noqa: BLE001 - lost or damaged: these keys are gone
+                lines.append(f"rows {lo}-{hi - 1}: keys chunk {folder / str(c)} "
+                             f"{'lost' if isinstance(err, FileNotFoundError) else 'damaged'}; "
+                             "which image each row held cannot be derived: the rows are freed "
+                             "and their images will be extracted again")
+        seen: dict[str, int] = {}
+        for row, key in enumerate(keys):
+            if key and key in seen:
+                lines.append(f"rows {seen[key]} and {row}: the same key; both freed")
+                keys[[seen[key], row]] = ""
+            elif key:
+                seen[key] = row
+        freed = [r for r in range(n) if not keys[r]]
+        if lines:
+            array[:] = keys
+        kept = sorted(set(range(n)) - set(freed))
+        bad_flags = [] if not _unreadable(done, slice(0, n)) else [
+            r for r in kept if _unreadable(done, r)]  # one by one only when some are damaged
+        for row in bad_flags:
+            lines.append(f"row {row}: done flag damaged; cleared, extraction redoes the sample")
+        for row in freed + bad_flags:
+            done[row] = False
+        return lines
 
     def summary(self) -> dict:
         keys = self.keys()
@@ -484,6 +420,14 @@ class FeatureCache:
             "created": self.group.attrs.get("created"),
             "signature": self.signature,
         }
+
+
+def _unreadable(array: zarr.Array, row: int | slice) -> bool:
+    try:
+        array[row]
+    except Exception:  # noqa: BLE001 - any decode failure is damage
+        return True
+    return False
 
 
 def list_caches(cache_dir: str | Path) -> list[FeatureCache]:

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.cache import CacheError, FeatureCache, list_caches, writer_lock
+from pipeline.cache import CacheError, DamagedCacheError, FeatureCache, writer_lock
 from pipeline.signature import describe
 
 
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("verify", "re-read every done sample")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("cache", help="cache id (as `list` prints it) or path")
+        sub.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                         help="where the caches live (also accepted before the command)")
         if name == "verify":
             sub.add_argument("--repair", action="store_true",
                              help="mark bad samples not done, so extraction redoes them")
@@ -50,16 +52,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args) -> int:
-    if args.command == "list":
-        caches = list_caches(args.cache_dir)
-        if not caches:
-            print(f"no caches under {args.cache_dir}")
-        for cache in caches:
+def _list(cache_dir: str) -> int:
+    """One line per cache; a damaged one is named and the others still listed."""
+    paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if (p / "zarr.json").is_file())
+    if not paths:
+        print(f"no caches under {cache_dir}")
+    damaged = 0
+    for path in paths:
+        try:
+            cache = FeatureCache.open(path)
             done = cache.done()
             print(f"{cache.cache_id}  {int(done.sum())}/{len(done)} done  "
                   f"{_size(cache.size_on_disk())}  {describe(cache.signature)}")
-        return 0
+        except CacheError as err:
+            damaged += 1
+            print(f"{path.stem}  DAMAGED: {err}")
+    return 1 if damaged else 0
+
+
+def _verify(path: Path, repair: bool) -> int:
+    cache = FeatureCache.open(path, mode="r+" if repair else "r")
+    if repair:
+        with writer_lock(path):
+            for line in cache.repair_index():
+                print(line)
+    try:
+        problems = cache.verify()
+    except DamagedCacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for p in problems:
+        print(f"row {p.row} key {p.key}: {p.problem}")
+    if problems and repair:
+        with writer_lock(path):
+            cache.mark_undone([p.row for p in problems])
+        print(f"{len(problems)} sample(s) marked not done; rerun extract_features.py to redo them")
+    print(f"{int(cache.flagged().sum())} done samples checked, {len(problems)} bad")
+    return 1 if problems and not repair else 0
+
+
+def _run(args) -> int:
+    if args.command == "list":
+        return _list(args.cache_dir)
     path = _resolve(args.cache_dir, args.cache)
     if args.command == "info":
         print(json.dumps(FeatureCache.open(path).summary(), indent=2))
@@ -70,13 +104,4 @@ def _run(args) -> int:
         path.with_suffix(".lock").unlink(missing_ok=True)
         print(f"removed {path}")
         return 0
-    cache = FeatureCache.open(path, mode="r+" if args.repair else "r")
-    problems = cache.verify()
-    for p in problems:
-        print(f"row {p.row} key {p.key}: {p.problem}")
-    if problems and args.repair:
-        with writer_lock(path):
-            cache.mark_undone([p.row for p in problems])
-        print(f"{len(problems)} sample(s) marked not done; rerun extract_features.py to redo them")
-    print(f"{int(cache.done().sum())} done samples checked, {len(problems)} bad")
-    return 1 if problems and not args.repair else 0
+    return _verify(path, args.repair)

@@ -2,12 +2,14 @@
 
 A checkpoint holds the decoder, the LoRA weights, optimizer, scheduler, epoch, every RNG state,
 the resolved config, the views, and the cache (with its signature) the run was training on.
-Files are written beside their target and renamed over it: a crash leaves the previous one.
+Files are written beside their target, fsynced and renamed over it (`write_atomically`): a crash
+or a full disk leaves the previous one, and no temporary file.
 """
 
 from __future__ import annotations
 
-import os
+import errno
+import io
 import random
 import shutil
 from dataclasses import asdict
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.durable import disk_full, write_atomically
 from pipeline.segmenter import load_lora_state, lora_state
 
 
@@ -49,9 +52,13 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, prepar
         "use_angles": model.decoder.use_angles,
         "signature": prepared.signature,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # torch.save into a file reports a full disk as a RuntimeError
+    torch.save(payload, buffer)
+    run_dir = path.parent
+    write_atomically(path, buffer.getvalue(), hint=(
+        f"then continue with `python train_head.py --resume {run_dir}` (last.pt holds the last "
+        "finished epoch)" if (run_dir / "last.pt").is_file() else
+        "then start the run again with the same flags and --overwrite (no epoch was saved)"))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -82,7 +89,15 @@ def save_adapter(model, directory: Path) -> None:
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.backbone.save_pretrained(str(tmp))
+    try:
+        model.backbone.save_pretrained(str(tmp))
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(err):
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {directory}; "
+                          f"free space in {directory.parent}, then continue with "
+                          f"`python train_head.py --resume {directory.parent}`") from err
+        raise
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)

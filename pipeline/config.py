@@ -41,8 +41,16 @@ def _parse_tuple(kind):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one `--flag` per field of dataclass `cls`."""
+def given_fields(cls, argv: list[str] | None) -> set[str]:
+    """The fields of `cls` whose flags `argv` sets explicitly (defaults do not count)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_arguments(probe, cls, suppress_defaults=True)
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, suppress_defaults=False) -> None:
+    """Add one `--flag` per field of dataclass `cls` (`suppress_defaults`: flags not given are
+    absent from the namespace, see `given_fields`)."""
     hints = typing.get_type_hints(cls)
     docs = {name: doc.replace("%", "%%") for name, doc in _field_docs(cls).items()}  # argparse
     for f in dataclasses.fields(cls):
@@ -50,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = argparse.SUPPRESS if suppress_defaults else default
         text = docs.get(f.name, "") + f" (default: {default})".replace("%", "%%")
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
@@ -237,7 +246,12 @@ class TrainConfig(FeatureSource):
     run_dir: str | None = None
     """Where the run's files go; default runs/<timestamp>."""
     resume: str | None = None
-    """A run directory to continue from its last.pt."""
+    """A run directory to continue from its last.pt, with its own data, cache and settings;
+    only --epochs, --cache-dir, --loader-workers and --extract-missing may differ."""
+    overwrite: bool = False
+    """Replace the run already in --run-dir (its files only) instead of refusing."""
+    allow_empty_val: bool = False
+    """Train without validation rows (the last epoch is kept as best) instead of refusing."""
     overlays: int = 6
     """Validation samples drawn as image / truth / prediction overlays."""
     probe_size: int = 4

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, default_collate
 from pipeline.augment import transform_image, transform_mask
 from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.importers import encode_angles
-from pipeline.manifest import UNKNOWN_VIEW, Sample
+from pipeline.manifest import UNKNOWN_VIEW, ManifestError, Sample
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,24 @@ class ViewVocabulary:
                           "unknown-view embedding", stacklevel=2)
 
 
-def split_samples(samples: list[Sample]) -> tuple[list[Sample], list[Sample]]:
-    """(train, val) by the manifest's `split`; rows without one train."""
+def split_samples(samples: list[Sample], *, allow_empty_val: bool = False,
+                  where: str = "the manifest") -> tuple[list[Sample], list[Sample]]:
+    """(train, val) by the manifest's `split` (normalised by `read_manifest`); rows without one
+    train, `test` rows are held out (neither list). No val rows is an error unless
+    `allow_empty_val`."""
     train = [s for s in samples if (s.split or "train") == "train"]
     val = [s for s in samples if s.split == "val"]
     if not train:
-        raise ValueError("the manifest has no training rows (split column `train` or empty)")
+        raise ManifestError(f"{where} has no training rows (split `train` or empty)")
+    if not val and not allow_empty_val:
+        raise ManifestError(f"{where} has no validation rows (split `val`): nothing would "
+                            "score the model; give some rows split `val`, or pass "
+                            "--allow-empty-val to train without validation (the last epoch "
+                            "is then kept as best)")
+    held = len(samples) - len(train) - len(val)
+    if held:
+        print(f"{where}: {held} `test` row(s) held out (not trained on, not validated)",
+              flush=True)
     return train, val
 
 

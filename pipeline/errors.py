@@ -9,10 +9,11 @@ from pipeline.checks import ManifestCheckError
 from pipeline.extraction import NonFiniteFeaturesError, WorkerError
 from pipeline.images import ImageError
 from pipeline.manifest import ManifestError
+from pipeline.run_dir import RunDirError
 from pipeline.training import MissingFeaturesError
 
 USER_ERRORS = (
     CacheError, CheckpointMismatchError, ImageError, ManifestCheckError, ManifestError,
-    MissingFeaturesError, MissingWeightsError, NonFiniteFeaturesError, WorkerError,
+    MissingFeaturesError, MissingWeightsError, NonFiniteFeaturesError, RunDirError, WorkerError,
     FileNotFoundError, OSError,
 )

@@ -25,7 +25,7 @@ from queue import Full, Queue
 import numpy as np
 import torch
 
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import CacheError, FeatureCache, repair_command
 
 _END = object()
 
@@ -126,10 +126,10 @@ class FeatureBatches:
 
     def _read(self, i: int, row: int, level: str, out: np.ndarray) -> None:
         try:
-            self._cache.read_into(row, level, out)
+            self._cache.read_into(row, level, out, strict=True)
         except Exception as err:
             raise CacheError(
-                f"{self.cache_path}: features of {self.samples[i].image} (row {row}) are "
-                f"unreadable ({type(err).__name__}: {err}); run `python -m pipeline.cache "
-                f"verify {self.cache_path.stem} --repair`, then extract_features.py again"
+                f"{self.cache_path}: features of {self.samples[i].image} (row {row}), manifest "
+                f"row {self.samples[i].row}, are unreadable ({type(err).__name__}: {err}); run "
+                f"`{repair_command(self.cache_path)}`, then extract_features.py again"
             ) from err

@@ -3,12 +3,18 @@
 `mask`, `view` and `split` may be empty (extraction needs only images). Paths are absolute or
 relative to the manifest's folder. A sample's key is the hex sha256 of its image file's bytes, so
 an image replaced on disk gets a new key and never inherits old features.
+
+Nothing is dropped silently: a column outside `KNOWN_COLUMNS` is an error naming the closest
+known one (`Split`, `masks`, `veiw`), as is a split value outside `SPLITS`. The file is UTF-8
+(a spreadsheet's byte-order mark is fine) or UTF-16 with its byte-order mark.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,12 @@ SOURCE_COLUMNS = ("source", "frame")
 # Optional: a field-of-view mask per row (DRIVE, CHASE_DB1 and HRF ship them); scores count
 # only the pixels inside it.
 FOV_COLUMN = "fov"
+KNOWN_COLUMNS = COLUMNS + ANGLE_COLUMNS + SOURCE_COLUMNS + (FOV_COLUMN,)
+"""Every column a manifest may have; any other is an error."""
+SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+          "validation": "val", "test": "test"}
+"""Accepted `split` values (case and surrounding spaces ignored) -> what they mean. An empty
+split trains; `test` rows are held out: neither trained on nor validated."""
 UNKNOWN_VIEW = "<unknown>"
 
 
@@ -47,33 +59,73 @@ class Sample:
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
-    """Parse a manifest CSV; paths resolved against its folder."""
+    """Parse a manifest CSV; paths resolved against its folder, splits as `SPLITS` maps them."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        if "image" not in header:
-            raise ManifestError(f"{path}: no `image` column (header: {header}; expected {COLUMNS})")
-        samples = []
-        for number, raw in enumerate(reader, start=1):
-            record = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
-            if not record.get("image"):
-                raise ManifestError(f"{path}: row {number} has an empty `image`")
-            samples.append(Sample(
-                row=number,
-                image=_resolve(path.parent, record["image"]),
-                mask=_resolve(path.parent, record["mask"]) if record.get("mask") else None,
-                view=record.get("view") or None,
-                split=record.get("split") or None,
-                angles=_angles(path, number, record),
-                **_source(path, number, record),
-                fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
-            ))
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    _check_header(path, header)
+    samples = []
+    for number, raw in enumerate(reader, start=1):
+        if None in raw:
+            raise ManifestError(f"{path}: row {number} has more fields than the header "
+                                f"({len(header)}); quote values that hold commas")
+        record = {k.strip(): (v or "").strip() for k, v in raw.items()}
+        if not record.get("image"):
+            raise ManifestError(f"{path}: row {number} has an empty `image`")
+        samples.append(Sample(
+            row=number,
+            image=_resolve(path.parent, record["image"]),
+            mask=_resolve(path.parent, record["mask"]) if record.get("mask") else None,
+            view=record.get("view") or None,
+            split=_split(path, number, record.get("split", "")),
+            angles=_angles(path, number, record),
+            **_source(path, number, record),
+            fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
+        ))
     if not samples:
         raise ManifestError(f"{path}: no rows")
     return samples
+
+
+def _decode(path: Path) -> str:
+    """The manifest's text: UTF-8 (with or without a BOM) or UTF-16 with a BOM."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save it as "
+            "UTF-8 (\"CSV UTF-8\" in spreadsheet programs)") from None
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    unknown = [h for h in header if h not in KNOWN_COLUMNS]
+    if unknown:
+        hints = []
+        for column in unknown:
+            near = [k for k in KNOWN_COLUMNS if k == column.lower() or k == column.lower()
+                    .rstrip("s")] or difflib.get_close_matches(column.lower(), KNOWN_COLUMNS, 1)
+            hints.append(f"{column!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        raise ManifestError(f"{path}: unknown column {', '.join(hints)}; the known columns are "
+                            f"{', '.join(KNOWN_COLUMNS)}")
+    if "image" not in header:
+        raise ManifestError(f"{path}: no `image` column (header: {header}; expected {COLUMNS})")
+    if len(set(header)) != len(header):
+        raise ManifestError(f"{path}: a column appears twice (header: {header})")
+
+
+def _split(path: Path, number: int, value: str) -> str | None:
+    if not value:
+        return None
+    if value.lower() not in SPLITS:
+        raise ManifestError(f"{path}: row {number} has split {value!r}; use one of "
+                            f"{', '.join(sorted(SPLITS))} (any case) or leave it empty (train)")
+    return SPLITS[value.lower()]
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
@@ -146,8 +198,13 @@ def sample_keys(samples: list[Sample], threads: int = 8) -> list[str]:
 
 def resolve_data(data: str, cache_dir: str | Path) -> list[Sample]:
     """`--data`: a manifest path, or `demo` (made under `<cache-dir>/demo-data` on first use)."""
+    return read_manifest(data_manifest(data, cache_dir))
+
+
+def data_manifest(data: str, cache_dir: str | Path) -> Path:
+    """The absolute manifest path that `--data` names (`demo`: made on first use)."""
     if data == "demo":
         from pipeline.demo import ensure_demo
 
-        return read_manifest(ensure_demo(Path(cache_dir) / "demo-data"))
-    return read_manifest(data)
+        return Path(ensure_demo(Path(cache_dir) / "demo-data")).resolve()
+    return Path(data).resolve()

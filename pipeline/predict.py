@@ -32,7 +32,7 @@ from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import read_image, read_mask
-from pipeline.manifest import UNKNOWN_VIEW, Sample, read_manifest
+from pipeline.manifest import UNKNOWN_VIEW, Sample, resolve_data
 from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_image
 from pipeline.reporting import save_overlays, write_report
 from pipeline.scoring import native_logits, scoring_note, signed_image
@@ -68,7 +68,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     Rows with masks are scored (report.json); the first `overlays` rows get an overlay PNG."""
     device = torch.device(device)
     model, state, config, views = load_run(run_dir, device)
-    samples = read_manifest(data)
+    samples = resolve_data(str(data), config.cache_dir)  # `demo`: the run's demo set
     report = check_manifest(samples, require_masks=False)
     report.raise_if_errors()
     views.warn_unseen(samples, str(data))
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
-    parser.add_argument("--data", required=True, type=Path, help="a manifest CSV (image, view)")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="a manifest CSV (image, view), or `demo` (the synthetic set)")
     parser.add_argument("--out", required=True, type=Path, help="where the masks go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -7,6 +7,7 @@ metrics.jsonl) are written to a temporary file beside the target and renamed ove
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.durable import disk_full, write_atomically  # noqa: E402
 from pipeline.metrics import SCORES  # noqa: E402
 
 E2E_COLOUR = "orange"
@@ -44,15 +46,9 @@ def _clean(value):
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` through a fsynced temporary file and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write `text` to `path` through a fsynced temporary file and os.replace (no temporary
+    file is left, whatever fails)."""
+    write_atomically(Path(path), text.encode())
 
 
 def write_json(path: Path, obj) -> None:
@@ -83,13 +79,23 @@ class MetricsLog:
         line = json.dumps(_clean(record), allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as handle:
-            if handle.tell() > 0:  # a torn last line must not swallow this record
+            size = handle.tell()
+            if size > 0:  # a torn last line must not swallow this record
                 handle.seek(-1, os.SEEK_END)
                 if handle.read(1) != b"\n":
                     line = "\n" + line
-            handle.write(line.encode())
-            handle.flush()
-            os.fsync(handle.fileno())
+            try:
+                handle.write(line.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as err:
+                handle.truncate(size)  # no half record
+                if disk_full(err):
+                    raise OSError(err.errno, f"No space left on device while appending to "
+                                  f"{self.path}; free space in {self.path.parent}, then continue "
+                                  f"with `python train_head.py --resume {self.path.parent}`"
+                                  ) from err
+                raise
 
     def read(self) -> list[dict]:
         """Every complete record in file order; torn or non-object lines are skipped."""
@@ -187,7 +193,7 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
         panels.append(_plot_wait)
     rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
-    e2e = sorted({r["epoch"] for r in records if r.get("e2e") and "epoch" in r})
+    e2e = e2e_epochs(records)
     epochs = sorted({r["epoch"] for r in records if "epoch" in r}) or [1]
     for ax, draw in zip(axes.flat, panels, strict=True):
         for epoch in e2e:
@@ -208,9 +214,18 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
             ax.legend(handles, labels, fontsize=8, loc="best")
     fig.suptitle(f"Training curves ({len(epochs)} epoch{'s' if len(epochs) != 1 else ''})")
     fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
+    write_atomically(Path(out_png), png.getvalue())
+
+
+def e2e_epochs(records: list[dict]) -> list[int]:
+    """The epochs whose training ran end to end (the train records' `e2e`; a val record's
+    `e2e` says its features were live, which stays true after an end-to-end epoch until the
+    cache is refreshed)."""
+    return sorted({r["epoch"] for r in records
+                   if r.get("split") == "train" and r.get("e2e") and "epoch" in r})
 
 
 def error_overlay(image_rgb: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> np.ndarray:

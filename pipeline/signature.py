@@ -26,11 +26,14 @@ def package_version(name: str) -> str:
 
 
 def checkpoint_digest(path: Path | None) -> str | None:
-    """sha256 of a checkpoint file, memoised by (path, size, mtime): sam3.pt is 3.4 GB."""
+    """sha256 of a checkpoint file (sam3.pt is 3.4 GB: BENCHMARKS.md times the hash),
+    memoised by path, device, inode, size, mtime and ctime. A copy over the file that keeps
+    the timestamps (`cp -p`, rsync -t) cannot set its ctime, so it is hashed again."""
     if path is None:
         return None
     stat = path.stat()
-    memo_key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_key = (f"{path.resolve()}:{stat.st_dev}:{stat.st_ino}:{stat.st_size}:"
+                f"{stat.st_mtime_ns}:{stat.st_ctime_ns}")
     memo = DIGEST_MEMO / (hashlib.sha256(memo_key.encode()).hexdigest()[:32] + ".sha256")
     if memo.is_file():
         return memo.read_text().strip()

@@ -106,7 +106,8 @@ class _Data:
     def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         """{stored level: (len(indices), ...) float16} of the original images (not copies)."""
         store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
-        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl])[lvl]) for r in rows])
+        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl], strict=True)[lvl])
+                                  for r in rows])
                 for lvl in self.prepared.config.cache_levels}
 
 
@@ -236,7 +237,7 @@ def train_process(prepared: Prepared, context) -> None:
     log = MetricsLog(run_dir / "metrics.jsonl")
     if leader and config.resume:
         log.truncate_after(state["epoch"])
-    data = _Data(prepared, Path(state["cache"]), context)
+    data = _Data(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
     tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["epoch"] + 1) if (
         leader and config.tensorboard) else None
     bar = _run_bar(config, data, state["epoch"], leader)
@@ -290,6 +291,13 @@ def train_process(prepared: Prepared, context) -> None:
     bar.close()
     if leader:
         _finish(model, prepared, data, device, log, state["caches"], tb)
+
+
+def _cache_under(recorded: Path, cache_dir: str) -> Path:
+    """The cache a checkpoint recorded, in `cache_dir` when it moved there (resume with
+    --cache-dir): caches are named by their signature, so the name finds it."""
+    moved = Path(cache_dir) / recorded.name
+    return moved if not (recorded / "zarr.json").is_file() or moved.is_dir() else recorded
 
 
 def _scores(summary: dict) -> dict:

@@ -19,18 +19,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.augment import VERSION, extraction_jobs
-from pipeline.cache import FeatureCache, cache_path
+from pipeline.cache import CacheLockedError, FeatureCache, cache_path
 from pipeline.checks import check_manifest
 from pipeline.config import TrainConfig
 from pipeline.datasets import ViewVocabulary, split_samples
 from pipeline.distributed import DistributedContext, die_with_parent, free_port, spawned_group_env
 from pipeline.extraction import cache_signature, run_extraction
-from pipeline.manifest import Sample, resolve_data
+from pipeline.manifest import Sample, data_manifest, read_manifest
 from pipeline.reporting import write_json
+from pipeline.run_dir import check_resumable_manifest, claim_run_dir, manifest_record
 
 
 class MissingFeaturesError(RuntimeError):
     """The cache of this model, adapter and preprocessing lacks images of the manifest."""
+
+
+RESUMABLE = frozenset({"epochs", "cache_dir", "loader_workers", "extract_missing"})
+"""The only flags that `--resume` lets differ from the run's own: more (or fewer) epochs (the
+cosine schedule stretches to the new total), a cache folder that moved, loader processes, and
+whether missing features are extracted. Any other differing flag is refused, by name."""
 
 
 @dataclass
@@ -60,13 +67,21 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
     path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
     cache = FeatureCache.find(config.cache_dir, signature)
     wanted = list(extraction_jobs(samples, keys, config.copy_plan))
-    missing = len(wanted) if cache is None else int(
-        sum(1 for r, d in _rows_done(cache, wanted) if r < 0 or not d))
-    if missing and config.extract_missing:
-        run_extraction(extract, samples, keys)
-    elif missing:
+    lacking = wanted if cache is None else [
+        k for k, (r, d) in zip(wanted, _rows_done(cache, wanted), strict=True) if r < 0 or not d]
+    if lacking and config.extract_missing:
+        try:
+            run_extraction(extract, samples, keys)
+        except CacheLockedError as err:
+            raise CacheLockedError(f"{str(err).split(';')[0]}; wait for that run to finish and "
+                                   "run this command again") from None
+    elif lacking:
         command = _extract_command(extract)
-        state = "does not exist" if cache is None else f"lacks {missing} of {len(wanted)} images"
+        image_of = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
+        named = [image_of.get(k.split(":")[0], k) for k in lacking[:3]]
+        state = "does not exist" if cache is None else (
+            f"lacks {len(lacking)} of {len(wanted)} images ({', '.join(named)}"
+            f"{', ...' if len(lacking) > 3 else ''})")
         raise MissingFeaturesError(
             f"the feature cache {path} {state}. Extract them first:\n  {command}\n"
             "or rerun with --extract-missing.")
@@ -103,15 +118,23 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
     """Check the manifest, find the cache and create the run directory (no GPU work).
 
     Under torchrun every rank calls this (extraction, if needed, is shared); rank 0 writes.
+    A new run records absolute paths and the manifest's rows (manifest.json) so that `--resume`
+    reads the same data from anywhere; a resume refuses a manifest that changed.
     """
     context = context or DistributedContext()
-    samples = resolve_data(config.data, config.cache_dir)
+    manifest = data_manifest(config.data, config.cache_dir)
+    config = replace(config, data=str(manifest), cache_dir=str(Path(config.cache_dir).resolve()))
+    samples = read_manifest(manifest)
     report = check_manifest(samples, require_masks=True)
     if report.warnings and context.is_leader:
         print(report.format(), flush=True)
     report.raise_if_errors()
+    record = manifest_record(samples, report.keys)
+    if config.resume:
+        check_resumable_manifest(Path(config.resume), manifest, record)
     key_of = dict(zip(samples, report.keys, strict=True))
-    train, val = split_samples(samples)
+    train, val = split_samples(samples, allow_empty_val=config.allow_empty_val,
+                               where=str(manifest))
     views = ViewVocabulary.from_samples(train)
     if context.is_leader:
         views.warn_unseen(val, "validation")
@@ -121,26 +144,28 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
         dist.broadcast_object_list(run_dir, src=0)  # ranks may disagree on the timestamp
     run_dir = Path(run_dir[0])
     config = replace(config, run_dir=str(run_dir))
-    if context.is_leader:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume:
-            write_json(run_dir / "config.json", {
-                "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
-                                                    "signature": signature},
-                "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
-                "augment_version": VERSION,
-            })
+    if context.is_leader and not config.resume:
+        claim_run_dir(run_dir, overwrite=config.overwrite)
+        write_json(run_dir / "manifest.json", record)
+        write_json(run_dir / "config.json", {
+            "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
+                                                "signature": signature},
+            "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
+            "manifest_sha256": record["sha256"], "augment_version": VERSION,
+        })
     context.barrier()
     return Prepared(config, run_dir, train, val, [key_of[s] for s in train],
                     [key_of[s] for s in val], views, cache, signature)
 
 
-def train(config: TrainConfig) -> Path:
-    """Run Stage B; returns the run directory."""
+def train(config: TrainConfig, given: dict | None = None) -> Path:
+    """Run Stage B; returns the run directory. With `config.resume`, `given` holds the flags
+    the user set (default: every field that differs from TrainConfig's defaults)."""
     from pipeline.trainer import train_process
 
     if config.resume:
-        config = resume_config(config.resume)
+        config = resume_config(config.resume, requested_fields(config) if given is None
+                               else given)
     if "WORLD_SIZE" in os.environ:  # torchrun: one process per device, across machines
         context = DistributedContext.from_env(backend=_backend(config))
         if context.is_leader:
@@ -166,15 +191,35 @@ def _backend(config: TrainConfig) -> str:
     return "nccl" if config.device == "cuda" else "gloo"
 
 
-def resume_config(run_dir: str | Path) -> TrainConfig:
-    """The saved configuration of a run, to continue it."""
+def requested_fields(config: TrainConfig) -> dict:
+    """The fields of `config` that differ from TrainConfig's defaults (for in-process callers,
+    which pass a whole config)."""
+    default = TrainConfig()
+    return {f: getattr(config, f) for f in asdict(config)
+            if getattr(config, f) != getattr(default, f)}
+
+
+def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainConfig:
+    """The saved configuration of a run, to continue it, with the `requested` values of the
+    `RESUMABLE` fields; any other requested field that differs raises `RunDirError`."""
     import json
 
-    saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+    from pipeline.run_dir import RunDirError, resume_changes
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"{run_dir}: no config.json, so not a run directory train_head.py "
+                          "made; check the path given to --resume")
+    if not (run_dir / "last.pt").is_file():
+        raise RunDirError(f"{run_dir}/last.pt does not exist: the run stopped before it saved its "
+                          "first epoch, so there is nothing to resume; start it again with the "
+                          f"same flags and --run-dir {run_dir} --overwrite")
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
     for name in ("levels", "gpus"):
         saved[name] = tuple(saved[name])
+    saved.update(resume_changes(run_dir, saved, requested or {}, RESUMABLE))
     saved.update(resume=str(run_dir), run_dir=str(run_dir))
-    return TrainConfig(**saved)
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 
 def _spawn(prepared: Prepared) -> None:

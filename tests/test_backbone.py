@@ -198,3 +198,19 @@ def test_lora_after_a_block_targets_only_the_later_blocks(tmp_path):
         n for n, _ in model.named_parameters() if "lora_" in n}
     with pytest.raises(ValueError, match="after_block must be in 0..2"):
         attach_lora(build_backbone("tiny"), after_block=3)
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_message(monkeypatch, caplog):
+    import time
+
+    import huggingface_hub.constants as hub
+
+    from pipeline.backbone import MissingWeightsError, resolve_checkpoint
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(MissingWeightsError, match=r"(?s)127.0.0.1:9 unreachable.*--checkpoint"):
+        resolve_checkpoint("sam3", None)
+    assert time.perf_counter() - start < 10  # today: 29 s of retries
+    assert "Retrying" not in caplog.text

@@ -64,3 +64,10 @@ def test_training_config_names_the_cache_it_needs():
     assert (extract.backbone, extract.levels, extract.amp, extract.adapter,
             extract.augment_copies) == ("tiny", ("1x", "2x"), "off", "runs/x/adapter", 1)
     assert config.extract_config(adapter="other").adapter == "other"
+
+
+def test_given_fields_are_only_the_flags_on_the_command_line():
+    from pipeline.config import given_fields
+
+    assert given_fields(TrainConfig, ["--resume", "runs/x", "--epochs", "30", "--lr", "1e-4"]) == {
+        "resume", "epochs", "lr"}  # 30 and 1e-4 are the defaults: still given, still checked

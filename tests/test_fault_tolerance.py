@@ -33,7 +33,7 @@ from pipeline.extraction import run_extraction
 from pipeline.images import load_preprocessed
 from pipeline.lora import attach_lora
 from pipeline.manifest import read_manifest, sample_keys
-from pipeline.training import ensure_cache, train
+from pipeline.training import MissingFeaturesError, ensure_cache, train
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,8 @@ def test_a_second_extraction_is_refused_and_wait_queues_behind_the_first(tmp_pat
         _until(lambda: queued.poll() is not None or _flocks(lock).get(queued.pid) == "waits",
                "--wait waits on the lock")
         assert queued.poll() is None, (logs / "queued.err").read_text()[-2000:]
+        _until(lambda: "waiting for cache" in (logs / "queued.err").read_text(),
+               "--wait says whom it waits for")
         assert _flocks(lock) == {first.pid: "holds", queued.pid: "waits"}
         assert _files(path) == held  # neither of them wrote into the cache
         os.kill(first.pid, signal.SIGCONT)
@@ -235,8 +237,12 @@ def test_a_corrupted_chunk_is_found_repaired_and_redone(tmp_path, capsys):
     with pytest.raises(CacheError) as info:  # training meets the damaged sample
         train(_train_config(manifest, tmp_path))
     assert str(victim.image) in str(info.value) and f"(row {row})" in str(info.value)
-    assert f"pipeline.cache verify {summary.cache_id} --repair" in str(info.value)
+    assert (f"pipeline.cache verify {summary.cache_id} --repair --cache-dir "
+            f"{summary.path.parent}") in str(info.value)  # the folder too: run as printed
+    printed = re.search(r"`python -m pipeline\.cache (.*?)`", str(info.value)).group(1)
     capsys.readouterr()
+    assert cache_cli(shlex.split(printed.replace(" --repair", ""))) == 1  # today: "0 bad"
+    assert "1 bad" in capsys.readouterr().out
     assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "verify", summary.cache_id]) == 1
     out = capsys.readouterr().out
     assert f"row {row} key {key}: 1x unreadable" in out and "1 bad" in out
@@ -350,3 +356,116 @@ def test_a_cache_with_a_tampered_signature_is_not_read(tmp_path):
     with pytest.raises(CacheError, match=r"1\.0\.0.*will not be used"):
         _extract(manifest, tmp_path / "cache")
     assert _files(summary.path) == files
+
+
+# ------------------------------------------------------------------ lost chunks, keys and flags
+
+
+def test_a_deleted_chunk_is_not_done_a_read_error_and_extracted_again(tmp_path):
+    manifest = make_dataset(tmp_path / "d", 6, size=32)
+    summary = _extract(manifest, tmp_path / "cache")
+    cache = FeatureCache.open(summary.path)
+    before = _features_by_key(cache)
+    victim = read_manifest(manifest)[1]
+    key = sample_keys([victim])[0]
+    row = int(cache.rows_for([key])[0])
+    (summary.path / f"features/1x/c/{row}/0/0/0").unlink()
+    assert not FeatureCache.open(summary.path).done()[row]
+    with pytest.raises(CacheError, match=rf"chunk of row {row} is missing"):
+        FeatureCache.open(summary.path).read(row, strict=True)
+    with pytest.raises(MissingFeaturesError) as info:  # training names the image, not zeros
+        train(_train_config(manifest, tmp_path))
+    assert f"lacks 1 of 6 images ({victim.image})" in str(info.value)
+    redo = _extract(manifest, tmp_path / "cache")
+    assert (redo.extracted, redo.reused) == (1, 5)  # today: extracted 0, reused 6
+    after = _features_by_key(FeatureCache.open(summary.path))
+    for k, value in after.items():
+        np.testing.assert_array_equal(value, before[k])
+
+
+def _other_order(manifest, tmp_path):
+    from pipeline.manifest import write_manifest
+
+    rows = read_manifest(manifest)[::-1]
+    return write_manifest(tmp_path / "reversed.csv", [
+        {"image": s.image, "mask": s.mask, "view": s.view, "split": s.split} for s in rows])
+
+
+def test_lost_keys_are_named_repaired_and_never_reused(tmp_path, capsys):
+    manifest = make_dataset(tmp_path / "d", 6, size=32)
+    summary = _extract(manifest, tmp_path / "cache")
+    other = make_dataset(tmp_path / "e", 2, size=32, seed=5)
+    _extract(other, tmp_path / "cache", levels=("1x", "2x"))  # a second, healthy cache
+    (summary.path / "keys/c/0").unlink()
+    reordered = _other_order(manifest, tmp_path)
+    with pytest.raises(CacheError) as info:  # today: "reused 6", every row the wrong image
+        _extract(reordered, tmp_path / "cache")
+    assert "keys/c/0: keys chunk lost" in str(info.value)
+    assert f"verify {summary.cache_id} --repair --cache-dir {summary.path.parent}" in str(
+        info.value)
+    capsys.readouterr()
+    assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "list"]) == 1
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and any("DAMAGED" in line and summary.cache_id in line
+                                    for line in listed)
+    assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "verify", summary.cache_id,
+                      "--repair"]) == 0
+    assert "keys chunk" in capsys.readouterr().out
+    redo = _extract(reordered, tmp_path / "cache")
+    assert (redo.extracted, redo.reused) == (6, 0)
+    cache, samples = FeatureCache.open(summary.path), read_manifest(manifest)
+    with torch.inference_mode():
+        backbone = build_backbone("tiny")
+        for sample, key in zip(samples, sample_keys(samples), strict=True):
+            live = backbone.forward_image(load_preprocessed(sample.image, 252)[None])
+            np.testing.assert_allclose(cache.read(int(cache.rows_for([key])[0]))["1x"],
+                                       live["vision_features"][0].numpy(), rtol=1e-3, atol=2e-3)
+
+
+def test_a_truncated_keys_or_done_chunk_is_named_and_repaired(tmp_path, capsys):
+    manifest = make_dataset(tmp_path / "d", 4, size=32)
+    summary = _extract(manifest, tmp_path / "cache")
+    done_chunk = summary.path / "done/c/2"
+    done_chunk.write_bytes(done_chunk.read_bytes()[:-2])
+    with pytest.raises(CacheError, match=r"done flags of 1 row\(s\) unreadable \(rows \[2\]\)"):
+        _extract(manifest, tmp_path / "cache")
+    keys = summary.path / "keys/c/0"
+    keys.write_bytes(keys.read_bytes()[:-3])
+    with pytest.raises(CacheError, match=r"keys unreadable .*--repair"):
+        _extract(manifest, tmp_path / "cache")
+    capsys.readouterr()
+    assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "verify", summary.cache_id,
+                      "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert "keys chunk" in out and "damaged" in out
+    redo = _extract(manifest, tmp_path / "cache")
+    assert (redo.extracted, redo.reused) == (4, 0)
+    assert cache_cli(["--cache-dir", str(tmp_path / "cache"), "verify", summary.cache_id]) == 0
+
+
+def test_a_killed_cache_creation_leaves_nothing_behind(tmp_path):
+    manifest = make_dataset(tmp_path / "d", 2, size=32)
+    from pipeline.extraction import cache_signature
+
+    config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                           device="cpu")
+    name = f"{cache_signature(config).get('backbone')}"
+    from pipeline.cache import cache_path
+
+    path = cache_path(tmp_path / "c", cache_signature(config))
+    leftover = path.with_name(f".{path.name}.creating-4242")  # what a SIGKILL there leaves
+    (leftover / "keys").mkdir(parents=True)
+    _extract(manifest, tmp_path / "c")
+    assert not leftover.exists() and name in path.name and path.is_dir()
+
+
+def test_training_while_another_run_extracts_offers_no_missing_flag(tmp_path):
+    from pipeline.cache import cache_path, writer_lock
+    from pipeline.extraction import cache_signature
+
+    manifest = make_dataset(tmp_path / "d", 4, size=32)
+    config = _train_config(manifest, tmp_path, extract_missing=True)
+    path = cache_path(config.cache_dir, cache_signature(config.extract_config()))
+    with writer_lock(path), pytest.raises(CacheError) as info:
+        ensure_cache(config, sample_keys(read_manifest(manifest)), read_manifest(manifest))
+    assert "--wait" not in str(info.value) and "run this command again" in str(info.value)

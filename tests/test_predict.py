@@ -42,6 +42,10 @@ def test_new_images_go_through_the_backbone_and_masks_keep_their_size(dataset, t
                          "--loader-workers", "0"]) == 0
     for a, b in zip(_rows(tmp_path / "again"), _rows(tmp_path / "inline"), strict=True):
         assert Path(a["mask"]).read_bytes() == Path(b["mask"]).read_bytes()
+    # `demo` names the synthetic set, made in the run's cache folder (today: "not found").
+    assert predict_main(["--run", str(run), "--data", "demo", "--out", str(tmp_path / "demo"),
+                         "--device", "cpu", "--loader-workers", "0"]) == 0
+    assert len(_rows(tmp_path / "demo")) == 96
 
 
 def test_after_end_to_end_epochs_the_stale_cache_is_not_used(dataset, tmp_path):

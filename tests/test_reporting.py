@@ -235,3 +235,15 @@ def test_plot_curves_drift_without_data_wait(tmp_path):
     plot_curves(records, tmp_path / "drift.png")
     width, height = _open_png(tmp_path / "drift.png").size
     assert width > 2.5 * height  # loss, quality and drift panels side by side
+
+
+def test_curves_shade_exactly_the_end_to_end_epochs(tmp_path):
+    from pipeline.reporting import e2e_epochs
+
+    # Epoch 2 trained end to end; val stays live (e2e) until the cache is refreshed.
+    records = [{"epoch": e, "split": split, "loss": 1.0, "dice": 0.5,
+                "e2e": (e == 2) if split == "train" else e >= 2}
+               for e in range(1, 5) for split in ("train", "val")]
+    assert e2e_epochs(records) == [2]  # today every epoch from 2 on was shaded
+    plot_curves(records, tmp_path / "curves.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -12,7 +12,7 @@ from conftest import REPO, make_dataset, subprocess_env
 from pipeline.backbone import build_backbone
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.extraction import run_extraction
-from pipeline.manifest import read_manifest, sample_keys
+from pipeline.manifest import ManifestError, read_manifest, sample_keys
 from pipeline.training import MissingFeaturesError, train
 
 FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "seconds"}
@@ -279,6 +279,9 @@ def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
     manifest = write_manifest(tmp_path / "train_only.csv", [
         {"image": s.image, "mask": s.mask, "view": s.view, "split": "train"}
         for s in read_manifest(source)])
-    run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
+    with pytest.raises(ManifestError, match="no validation rows.*--allow-empty-val"):
+        train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
+    run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0,
+                        allow_empty_val=True))
     assert [r["split"] for r in _metrics(run)] == ["train", "train"]
     assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["epoch"] == 2

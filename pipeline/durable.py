@@ -1,0 +1,55 @@
+"""Writes whose loss would lose results: whole or not at all, on disk before they count.
+
+`write_atomically` writes a temporary file beside the target, fsyncs it, renames it over the
+target and fsyncs the folder, so a crash or power cut leaves the old file or the new one, and a
+failure (a full disk above all) leaves no temporary file and says which file and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename into `folder` durable (POSIX: fsync the directory)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, *, hint: str = "then run the same command again"
+                     ) -> None:
+    """Replace `path` by `data`, durably (see the module docstring). A full disk raises
+    OSError(ENOSPC) naming `path`, followed by `hint` (what the user does next)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, f"No space left on device while writing {path} "
+                          f"({len(data)} bytes); free space in {path.parent}, {hint}") from err
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is a full disk (libraries such as torch
+    and safetensors wrap the OSError in their own)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
