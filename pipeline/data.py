@@ -12,8 +12,10 @@ clean message naming the file, without a traceback.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from collections import Counter
+from pathlib import Path
 
 from pipeline.checks import check_manifest
 from pipeline.importers import import_coco, import_folder
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write this split on every row instead of a random split")
     folder.add_argument("--allow-missing-masks", action="store_true",
                         help="keep images without a mask (empty mask column)")
+    folder.add_argument("--append", action="store_true",
+                        help="add the rows to an existing --out manifest instead of replacing "
+                        "it (e.g. a dataset's training/ and test/ folders, each with --split)")
     _split_options(folder)
 
     coco = kinds.add_parser("coco", help="a COCO annotation file (e.g. ARCADE)")
@@ -71,11 +76,16 @@ def _import(args: argparse.Namespace) -> int:
     if args.source == "folder":
         if args.view_regex and args.view_from_subfolder:
             raise ValueError("give --view-regex or --view-from-subfolder, not both")
-        out = import_folder(args.images_dir, args.out, masks_dir=args.masks,
+        target = Path(args.out)
+        # Appending: import beside the manifest (same folder, so relative paths stay valid).
+        fresh = target.with_name(f".{target.stem}.append.csv") if args.append else target
+        out = import_folder(args.images_dir, fresh, masks_dir=args.masks,
                             image_regex=args.image_regex, mask_regex=args.mask_regex,
                             view_from_subfolder=args.view_from_subfolder,
                             split_column=args.fixed_split,
                             allow_missing_masks=args.allow_missing_masks, **common)
+        if args.append:
+            out = _append_rows(target, fresh)
     else:
         categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
         out = import_coco(args.annotations, args.images, args.out, masks_out_dir=args.masks_out,
@@ -87,6 +97,27 @@ def _import(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(samples)} rows, {masks} with masks; "
           f"splits {dict(sorted(splits.items()))}; views {dict(sorted(views.items()))}")
     return 0
+
+
+def _append_rows(target: Path, fresh: Path) -> Path:
+    """`target` with the rows of `fresh` (a manifest in the same folder) added; removes `fresh`."""
+    tables = []
+    for path in (target, fresh):
+        if not path.is_file():
+            continue
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            tables.append((list(reader.fieldnames or []), list(reader)))
+    columns = list(dict.fromkeys(c for header, _ in tables for c in header))
+    tmp = target.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for _, rows in tables:
+            writer.writerows(rows)
+    tmp.replace(target)
+    fresh.unlink()
+    return target
 
 
 def _check(args: argparse.Namespace) -> int:

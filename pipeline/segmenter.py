@@ -66,7 +66,8 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
                                  dropout=config.lora_dropout)
     decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
                                      use_angles=use_angles, image_branch=config.image_branch,
-                                     width=config.width)
+                                     width=config.width,
+                                     view_conditioning=config.view_conditioning)
     # SAM 3's ViT checkpoints its blocks whenever it is in train mode and this is set.
     peft_model.get_base_model().vision_backbone.trunk.use_act_checkpoint = (
         config.activation_checkpointing)
