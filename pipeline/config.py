@@ -84,9 +84,11 @@ def default_steps(train_samples: int, batch_size: int) -> int:
     """The budget without --steps or --epochs: DEFAULT_EPOCHS passes over the training set,
     clamped to [MIN_STEPS, MAX_STEPS].
 
-    The floor is what a small vessel set needs (on CHASE_DB1, 14 training images, val Dice rose
-    until about 400-600 steps at lr 1e-3, BENCHMARKS.md), however few steps an epoch has; the
-    ceiling keeps 50 000 images (3 125 steps an epoch at batch 16) to 6.4 epochs.
+    The floor is for small vessel sets, however few steps an epoch has: on CHASE_DB1 (14
+    training images, one step an epoch at batch 16) val Dice was still rising at step 120 of a
+    600-step run (0.29, 0.54, 0.62 at steps 40, 80, 120) and at step 200 of 200-step runs
+    (BENCHMARKS.md). The ceiling keeps 50 000 images (3 125 steps an epoch at batch 16) to
+    6.4 epochs.
     """
     wanted = DEFAULT_EPOCHS * steps_per_epoch(train_samples, batch_size)
     return min(MAX_STEPS, max(MIN_STEPS, wanted))
@@ -213,9 +215,10 @@ class TrainConfig(FeatureSource):
     """Alternative to --steps: this many passes over the training set (0 or unset: --steps)."""
     batch_size: int = 16
     """Samples per optimizer step, over all processes."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """AdamW learning rate of the decoder, the feature projection and the view embedding
-    (linear warm-up, then cosine decay to zero, per step)."""
+    (linear warm-up, then cosine decay to zero, per step); 3e-3 beat 1e-3 and 1e-4 on two
+    datasets at the same budget (BENCHMARKS.md)."""
     lora_lr: float = 1e-4
     """AdamW learning rate of the LoRA adapter (same schedule)."""
     warmup: float = 0.05

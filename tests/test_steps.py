@@ -127,9 +127,9 @@ def test_a_run_given_only_data_trains_the_rules_steps(tmp_path, monkeypatch):
     assert steps == list(range(1, 6))  # 5 // 15 -> a validation every step
     assert sum(r["steps"] for r in records if r["split"] == "train") == 5
     saved = json.loads((run / "config.json").read_text())["config"]
-    assert (saved["lr"], saved["lora_lr"]) == (1e-3, 1e-4)
+    assert (saved["lr"], saved["lora_lr"]) == (3e-3, 1e-4)
     payload = torch.load(run / "last.pt", weights_only=False)
     assert payload["state"]["step"] == 5 and payload["scheduler"]["last_epoch"] == 5
     assert [g["lr"] for g in payload["optimizer"]["param_groups"]] == pytest.approx(
-        [1e-3 * lr_factor(5, 5, 1), 1e-4 * lr_factor(5, 5, 1)])
+        [3e-3 * lr_factor(5, 5, 1), 1e-4 * lr_factor(5, 5, 1)])
     assert [r["e2e"] for r in records if r["split"] == "train"] == [False] * 4 + [True]

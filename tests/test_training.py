@@ -152,7 +152,7 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(data
 
 def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
-    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2))
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2, lora_lr=1e-2))
     records = _metrics(run)
     assert all(r["e2e"] for r in records if r["split"] == "train")
     assert all(0 < r["drift_cosine"] < 1 for r in records if r["split"] == "train")
@@ -179,7 +179,8 @@ def test_two_experiments_share_one_cache_without_rewriting(dataset, tmp_path):
 
 def test_refresh_cache_switches_to_the_new_adapters_cache(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
-    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, refresh_cache=True, lr=1e-2))
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, refresh_cache=True, lr=1e-2,
+                        lora_lr=1e-2))
     caches = json.loads((run / "caches.json").read_text())
     assert [c["step"] for c in caches] == [0, 1, 2]
     assert caches[0]["cache_id"] == first.cache_id and caches[0]["adapter_sha256"] is None
@@ -206,7 +207,8 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and not _has_step(killed, 3):
+    # last.pt is written (renamed into place) after the validation's metrics line.
+    while time.time() < deadline and not (_has_step(killed, 3) and (killed / "last.pt").exists()):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
