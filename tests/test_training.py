@@ -220,8 +220,9 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
     keep = ("step", "epoch", "split", "loss", "dice", "iou", "cldice", "lr", "lora_lr", "e2e",
             "e2e_steps")
     assert [r["step"] for r in _metrics(tmp_path / "clean")] == [3, 3, 6, 6, 8, 8]
-    clean = [{k: r[k] for k in keep} for r in _metrics(tmp_path / "clean")]
-    resumed = [{k: r[k] for k in keep} for r in _metrics(killed)]
+    clean = [{k: r.get(k) for k in keep} for r in _metrics(tmp_path / "clean")]
+    resumed = [{k: r.get(k) for k in keep} for r in _metrics(killed)]
+    assert clean[0]["lora_lr"] > 0 and clean[2]["e2e_steps"] == 1
     assert resumed == clean
 
 
