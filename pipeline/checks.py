@@ -2,7 +2,10 @@
 
 Errors (the manifest cannot be used as is): missing or unreadable files, images or masks that do
 not decode (e.g. truncated), image and mask of different sizes, duplicate images (same sha256),
-a required mask missing. Warnings: empty masks, views in val that train never saw. Infos: masks
+a required mask missing; for rows from DICOM (a `source` column, or a DICOM image): a source that
+is missing, has no pixel data or a transfer syntax without a handler (named), a frame number past
+its last frame. Warnings: empty masks, views in val that train never saw, a DICOM file without
+C-arm angles (once per file). Infos: masks
 that are not plain 0/1 or 0/255 binary, and how they were binarised.
 """
 
@@ -14,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.dicom import DicomError, is_dicom, mask_problems, read_info
 from pipeline.images import ImageError, read_image, read_mask
 from pipeline.manifest import UNKNOWN_VIEW, Sample, file_sha256
 
@@ -90,6 +94,9 @@ def check_manifest(samples: list[Sample], *, require_masks: bool,
         for level in _LEVELS:
             getattr(report, level).extend(result.found[level])
     report.errors.extend(_duplicates(samples, report.keys))
+    dicom_errors, dicom_warnings = _dicom_sources(samples)
+    report.errors.extend(dicom_errors)
+    report.warnings.extend(dicom_warnings)
     report.warnings.extend(_unseen_views(samples))
     for level in _LEVELS:
         getattr(report, level).sort(key=lambda problem: problem.row)
@@ -183,3 +190,37 @@ def _unseen_views(samples: list[Sample]) -> list[Problem]:
         problems.append(Problem(rows[0].row, rows[0].image, (
             f"view {view!r} is in {len(rows)} val row(s) ({listed}) but in no train row")))
     return problems
+
+
+def _dicom_sources(samples: list[Sample]) -> tuple[list[Problem], list[Problem]]:
+    """Errors and warnings of the DICOM files rows come from (`source`, or the image itself):
+    once per file a source missing or undecodable and missing C-arm angles; per row a frame past
+    the last. A DICOM image's own decoding errors are the row check's."""
+    by_file: dict[Path, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        if sample.source is not None:
+            by_file[sample.source].append(sample)
+        elif is_dicom(sample.image):
+            by_file[sample.image].append(sample)
+    errors, warnings = [], []
+    for path, rows in by_file.items():
+        first, direct = rows[0], rows[0].source is None
+        if not path.is_file():
+            errors.append(Problem(first.row, path, "DICOM source file not found"))
+            continue
+        try:
+            info = read_info(path)
+        except DicomError as err:
+            if not direct:
+                errors.append(Problem(first.row, path, _reason(err)))
+            continue
+        if info.problem is not None and not direct:
+            errors.append(Problem(first.row, path, info.problem))
+        for sample in rows:
+            errors += [Problem(sample.row, where, message) for where, message in
+                       mask_problems(info, sample.frame or 1, None)]
+        if info.angles is None and all(sample.angles is None for sample in rows):
+            warnings.append(Problem(first.row, path, (
+                f"no C-arm angles (0018,1510/1511): its {len(rows)} row(s) have no angles and "
+                "no view from them")))
+    return errors, warnings

@@ -274,6 +274,9 @@ class TrainConfig(FeatureSource):
     """Training images per validation interval and process that also get clDice (a skeleton
     costs 5-40 ms of CPU per 1008 px mask); Dice and IoU score every image, validation
     every score."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into <run-dir>/tensorboard/ (rank 0): scores, lr, data
+    wait, overlays at each validation, the config and hparams."""
 
     def __post_init__(self):
         super().__post_init__()

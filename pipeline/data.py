@@ -3,6 +3,8 @@
     python -m pipeline.data import folder IMAGES_DIR --out manifest.csv [--masks DIR] ...
     python -m pipeline.data import coco ANNOTATIONS.json --images DIR --out manifest.csv \\
         --masks-out DIR [--categories a,b] ...
+    python -m pipeline.data import dicom DICOM_DIR --frames-out DIR --out manifest.csv \\
+        [--masks DIR | --all-frames] ...
     python -m pipeline.data check MANIFEST [--no-masks]
 
 Exit status 0 on success, 1 when the import fails or the check finds errors; failures are one
@@ -18,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.checks import check_manifest
+from pipeline.dicom_import import MASK_PATTERN, import_dicom
 from pipeline.importers import import_coco, import_folder
 from pipeline.manifest import UNKNOWN_VIEW, read_manifest
 
@@ -62,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     coco.add_argument("--categories", help="comma-separated category names (default: all)")
     _split_options(coco)
 
+    dicom = kinds.add_parser("dicom", help="a folder of DICOM files (e.g. XA cine runs)")
+    dicom.add_argument("dicom_dir")
+    dicom.add_argument("--frames-out", required=True, help="folder to write the PNG frames to")
+    dicom.add_argument("--masks", help="folder of masks named <DICOM file stem>_<frame>.png "
+                       "(frames from 1)")
+    dicom.add_argument("--all-frames", action="store_true",
+                       help="a row for every frame, not only the frames with a mask")
+    dicom.add_argument("--image-regex", help="DICOM file key: first capture group of this "
+                       "regex on its name (default: the stem)")
+    dicom.add_argument("--mask-regex", help="groups (?P<key>...) and (?P<frame>...) on a "
+                       f"mask's name (default '{MASK_PATTERN}')")
+    dicom.add_argument("--split", dest="fixed_split",
+                       help="write this split on every row instead of the grouped split")
+    dicom.add_argument("--out", required=True, help="manifest CSV to write")
+    dicom.add_argument("--split-ratio", type=float, default=0.8,
+                       help="train share (0.8), whole patients (Patient ID, else study) at once")
+    dicom.add_argument("--seed", type=int, default=0, help="seed of the split (0)")
+
     check = commands.add_parser("check", help="read every row of a manifest and report problems")
     check.add_argument("manifest")
     check.add_argument("--no-masks", action="store_true", help="masks are not required")
@@ -71,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if args.source == "dicom":
+        result = import_dicom(args.dicom_dir, args.out, frames_dir=args.frames_out,
+                              masks_dir=args.masks, all_frames=args.all_frames,
+                              image_regex=args.image_regex, mask_regex=args.mask_regex,
+                              split_ratio=args.split_ratio, split_column=args.fixed_split,
+                              seed=args.seed)
+        for note in result.notes:
+            print(f"note: {note}")
+        return _summary(result.manifest)
     common = dict(view_regex=args.view_regex, split_ratio=args.split_ratio,
                   group_regex=args.group_regex, seed=args.seed)
     if args.source == "folder":
@@ -90,6 +120,10 @@ def _import(args: argparse.Namespace) -> int:
         categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
         out = import_coco(args.annotations, args.images, args.out, masks_out_dir=args.masks_out,
                           categories=categories, **common)
+    return _summary(out)
+
+
+def _summary(out) -> int:
     samples = read_manifest(out)
     splits = Counter(s.split or "-" for s in samples)
     views = Counter(s.view or UNKNOWN_VIEW for s in samples)

@@ -1,14 +1,19 @@
 """Reading images and masks of every accepted format, and SAM 3's own preprocessing.
 
-Accepted: PNG, JPEG, TIFF, GIF, BMP; 8- or 16-bit; grayscale, RGB or RGBA (alpha dropped),
-all turned into 3 channels. Preprocessing is `Sam3Processor`'s transform, applied verbatim, in
-two halves: `sam3_resize` (decode-side, in DataLoader workers, to uint8) and `normalize` (on the
-device the model runs on), so loaders, collation, pinned buffers and host-to-device copies move
-1 byte per pixel and channel instead of 4. The halves compose to exactly `sam3_transform`.
+Accepted: PNG, JPEG, TIFF (every compression tifffile + imagecodecs decode: LZW, Deflate,
+PackBits, JPEG, zstd, ...; striped or tiled; planar contig or separate), GIF, BMP, and
+single-frame DICOM (`.dcm`, or any file with the `DICM` preamble; see `pipeline.dicom`);
+8- or 16-bit; grayscale, RGB or RGBA (alpha dropped), all turned into 3 channels.
+
+Preprocessing is `Sam3Processor`'s transform, applied verbatim, in two halves: `sam3_resize`
+(decode-side, in DataLoader workers, to uint8) and `normalize` (on the device the model runs on),
+so loaders, collation, pinned buffers and host-to-device copies move 1 byte per pixel and channel
+instead of 4. The halves compose to exactly `sam3_transform`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +30,30 @@ class ImageError(ValueError):
     """An image or mask file that cannot be used; the message names the file."""
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether `path` is a file this module reads: an image suffix, or DICOM (`pipeline.dicom`)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return path.is_file()
+    from pipeline.dicom import is_dicom
+
+    return is_dicom(path)
+
+
 def _read_array(path: Path) -> np.ndarray:
     """Decode `path` to (H, W) or (H, W, C) numpy, keeping its bit depth."""
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise ImageError(f"{path}: unsupported format {suffix!r} (accepted: {IMAGE_SUFFIXES})")
+        from pipeline.dicom import is_dicom, read_dicom_image
+
+        if is_dicom(path):
+            return read_dicom_image(path)
+        raise ImageError(f"{path}: unsupported format {suffix!r} (accepted: {IMAGE_SUFFIXES}, "
+                         "and DICOM)")
     try:
         if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            array = tifffile.imread(path)
-            if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
-                array = np.moveaxis(array, 0, -1)  # planar (C, H, W) TIFF
+            array = _read_tiff(path)
         else:
             with Image.open(path) as image:
                 image.load()
@@ -53,13 +68,37 @@ def _read_array(path: Path) -> np.ndarray:
                 elif image.mode not in ("L", "RGB", "RGBA", "1", "LA"):
                     image = image.convert("RGB")
                 array = np.array(image)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageError(f"{path}: cannot be decoded ({err})") from err
+    except ImageError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, KeyError, RuntimeError) as err:
+        raise ImageError(f"{path}: cannot be decoded ({err}){_package_hint(err)}") from err
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
         raise ImageError(f"{path}: unsupported shape {array.shape} (expected H x W [x C])")
     return array
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """The first image of a TIFF as (H, W) or (H, W, C), planar (C, H, W) data moved last."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array, axes = series.asarray(), series.axes
+    if array.ndim == 3 and axes.startswith("S"):  # planar configuration "separate"
+        array = np.moveaxis(array, 0, -1)
+    elif array.ndim == 3 and not axes.endswith("S"):
+        raise ImageError(f"{path}: holds {array.shape[0]} pages or frames (axes {axes}); "
+                         "give one image per file")
+    return array
+
+
+def _package_hint(err: Exception) -> str:
+    """A hint naming the package a decoder asked for (tifffile: "requires the 'imagecodecs'
+    package"), else ""."""
+    match = re.search(r"requires the '([\w.-]+)' package", str(err))
+    return f"; pip install {match.group(1)}" if match else ""
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -133,4 +172,6 @@ def preprocessing_signature() -> dict:
         "scale": "[0, 1]",
         "mean": list(NORM_MEAN),
         "std": list(NORM_STD),
+        # DICOM pixels become 8-bit display values first (pipeline.dicom.display_frame)
+        "dicom": "stored bits, modality LUT, first VOI, its range to 0-255, MONOCHROME1 inverted",
     }

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.images import IMAGE_SUFFIXES
+from pipeline.dicom import header_angles, view_label
+from pipeline.images import is_image_file
 from pipeline.manifest import write_manifest
 
 TRAIN, VAL = "train", "val"
@@ -78,16 +79,19 @@ def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
                  from_subfolder: bool) -> dict:
     """The `view` and angle columns of one image (angle columns only when the name has them)."""
     fields: dict = {}
-    angles = parse_angles(path.name)
-    if angles is not None:
-        fields["primary_angle"], fields["secondary_angle"] = angles
+    angles, header = parse_angles(path.name), header_angles(path)
+    if angles is not None or header is not None:
+        fields["primary_angle"], fields["secondary_angle"] = angles or header
     if from_subfolder:
         fields["view"] = path.parent.name if path.parent != root else None
     elif view_regex is not None:
         fields["view"] = _first_group(view_regex, path.name)
+    elif angles is None and header is not None:
+        fields["view"] = view_label(*header)
     else:
         fields["view"] = _angle_label(path.name)
     return fields
+
 
 
 def encode_angles(primary_deg: float, secondary_deg: float) -> np.ndarray:
@@ -107,7 +111,7 @@ def _list_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     for path in sorted(folder.rglob("*")):
         if exclude is not None and path.is_relative_to(exclude):
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image_file(path):
             files.append(path)
     return files
 
@@ -233,7 +237,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     Masks in `masks_dir` pair with images by key: the file stem, or the first capture group of
     `image_regex` / `mask_regex` (files these regexes do not match are ignored). The view comes
     from the image's immediate subfolder, from `view_regex` on its file name, or else from C-arm
-    angles in its name (`LAO44_CRA29` -> view `LAO_CRA`, angles 44 and 29). `split_column`, when
+    angles in its name (`LAO44_CRA29` -> view `LAO_CRA`, angles 44 and 29) or, for a DICOM
+    image, in its header (angles, and view `pipeline.dicom.view_label`). `split_column`, when
     given, is written as every row's split (e.g. "test"; "" leaves it empty) instead of a seeded
     split by `split_ratio` (None: no split), grouped by `group_regex`'s first capture if given.
     """

@@ -16,6 +16,8 @@ from pathlib import Path
 COLUMNS = ("image", "mask", "view", "split")
 # Optional: C-arm primary (LAO+/RAO-) and secondary (CRA+/CAU-) angles in degrees.
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
+# Optional: the DICOM file and frame (from 1) a row's image was written from (`import dicom`).
+SOURCE_COLUMNS = ("source", "frame")
 UNKNOWN_VIEW = "<unknown>"
 
 
@@ -33,6 +35,10 @@ class Sample:
     split: str | None
     angles: tuple[float, float] | None = None
     """(primary, secondary) C-arm angles in degrees, when the manifest has them."""
+    source: Path | None = None
+    """The DICOM file the image is a frame of, when the manifest says so."""
+    frame: int | None = None
+    """That frame's number in `source`, from 1 as in DICOM."""
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -57,6 +63,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 view=record.get("view") or None,
                 split=record.get("split") or None,
                 angles=_angles(path, number, record),
+                **_source(path, number, record),
             ))
     if not samples:
         raise ManifestError(f"{path}: no rows")
@@ -69,13 +76,14 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
-        columns = COLUMNS + tuple(c for c in ANGLE_COLUMNS if any(c in r for r in rows))
+        optional = ANGLE_COLUMNS + SOURCE_COLUMNS
+        columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask"):
-                if out[column]:
+            for column in ("image", "mask", "source"):
+                if out.get(column):
                     out[column] = _relative(path.parent, Path(out[column]))
             writer.writerow(out)
     tmp.replace(path)
@@ -90,6 +98,16 @@ def _angles(path: Path, number: int, record: dict) -> tuple[float, float] | None
         return float(values[0] or 0.0), float(values[1] or 0.0)
     except ValueError as err:
         raise ManifestError(f"{path}: row {number} has a non-numeric angle ({err})") from err
+
+
+def _source(path: Path, number: int, record: dict) -> dict:
+    if not record.get("source"):
+        return {}
+    try:
+        frame = int(record.get("frame") or 1)
+    except ValueError as err:
+        raise ManifestError(f"{path}: row {number} has a non-integer frame ({err})") from err
+    return {"source": _resolve(path.parent, record["source"]), "frame": frame}
 
 
 def _resolve(folder: Path, value: str) -> Path:

@@ -19,14 +19,16 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class VesselSegmenter(nn.Module):
-    """`backbone` (a peft LoRA model around SAM 3's vision backbone) + `decoder`."""
+    """`backbone` (a peft LoRA model around SAM 3's vision backbone, or the plain backbone of
+    an exported checkpoint) + `decoder`."""
 
     def __init__(self, *, backbone: nn.Module, decoder: ViewConditionedDecoder, amp: str):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.amp = amp
-        self.resolution = backbone.get_base_model().preset.resolution
+        base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        self.resolution = base.preset.resolution
 
     def autocast(self, device: torch.device):
         dtype = AMP_DTYPES[self.amp]

@@ -4,8 +4,10 @@ and checkpoints every `--val-every` steps."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from pipeline.metrics import SegmentationMeter, score_batch
 from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
 from pipeline.segmenter import build_segmenter
 from pipeline.steps import BatchStream, EpochSampler, build_optimizer, build_scheduler, warmup_steps
+from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.training import Prepared, ensure_cache, seed_everything
 
 
@@ -142,13 +145,15 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 
 def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, live=False,
               max_steps=0, steps=None, show=True, desc="", centrelines: int | None = None,
-              loss_name: str = "dice_bce") -> tuple[SegmentationMeter, float, int, float, float]:
+              loss_name: str = "dice_bce", bar: tqdm | None = None
+              ) -> tuple[SegmentationMeter, float, int, float, float]:
     """One pass over `loader` (or its first `steps`/`max_steps` batches); trains when
     `optimizer` is given, stepping `scheduler` after each optimizer step.
 
     Returns (meter, loss sum, samples, wait s, compute s): wait is the time spent getting
     batches, compute the time in forward, loss, backward and the optimizer.
     Every image gets Dice and IoU; clDice only the first `centrelines` images (None: all).
+    Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     """
     training = optimizer is not None
     meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
@@ -157,7 +162,9 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
     scoring, scored, joined = ThreadPoolExecutor(min(4, os.cpu_count() or 1)), [], 0
     if steps is None:
         steps = len(loader) if not max_steps else min(max_steps, len(loader))
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
     iterator, start = iter(loader), time.perf_counter()
     try:
         for _ in range(steps):
@@ -186,14 +193,16 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
                 meter.add(scored[joined][0].result(), scored[joined][1])
                 joined += 1
             rate = count / (time.perf_counter() - start)
-            dice = np.mean(meter.scores["dice"]) if meter.scores["dice"] else float("nan")
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", dice=f"{dice:.3f}",
-                            samples_s=f"{rate:.1f}")
+            postfix = {"loss": f"{loss_sum / count:.4f}"}
+            if meter.scores["dice"]:  # scores join a few steps late: no dice until then
+                postfix["dice"] = f"{np.mean(meter.scores['dice']):.3f}"
+            bar.set_postfix(postfix | {"samples_s": f"{rate:.1f}"}, refresh=False)
             bar.update()
     finally:
         if hasattr(iterator, "close"):  # FeatureBatches, BatchStream: stop producers now
             iterator.close()
-    bar.close()
+    if own_bar:
+        bar.close()
     for future, labels in scored[joined:]:
         meter.add(future.result(), labels)
     scoring.shutdown()
@@ -232,13 +241,8 @@ def train_process(prepared: Prepared, context) -> None:
     interval = config.validation_interval(total, len(prepared.train))
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, total, warmup_steps(total, config.warmup))
-    state = {"step": 0, "stream": {"epoch": 0, "offset": 0}, "best": None,
-             "total_steps": total, "cache": str(prepared.cache), "cache_current": True,
-             "caches": [{"step": 0, "cache_id": prepared.cache.stem,
-                         "adapter": config.adapter,
-                         "adapter_sha256": prepared.signature["adapter_sha256"]}]}
-    if config.resume:
-        state = load_checkpoint(run_dir / "last.pt", model, optimizer, scheduler)
+    state = (load_checkpoint(run_dir / "last.pt", model, optimizer, scheduler) if config.resume
+             else _fresh_state(prepared, total))
     log = MetricsLog(run_dir / "metrics.jsonl")
     if leader and config.resume:
         log.truncate_after(state["step"], key="step")
@@ -248,6 +252,12 @@ def train_process(prepared: Prepared, context) -> None:
         per_epoch = data.stream.sampler.batches()
         print(f"training {total} steps ({total / per_epoch:.1f} epochs of {len(prepared.train)} "
               f"images), validating every {interval}", flush=True)
+    tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["step"] + 1) if (
+        leader and config.tensorboard) else None
+    # One bar over every optimizer step of the run; time left at the run's average pace.
+    bar = tqdm(total=total, initial=state["step"], unit="step", smoothing=0, disable=not leader,
+               dynamic_ncols=True)
+    chosen = _spread_over_views(prepared.val, config.overlays)
     net = model
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
@@ -256,15 +266,15 @@ def train_process(prepared: Prepared, context) -> None:
         first, steps = state["step"], min(interval, total - state["step"])
         e2e = bool(config.e2e_every) and (first // interval + 1) % config.e2e_every == 0
         train_record = _train_interval(net, model, data, prepared, state, steps, e2e, optimizer,
-                                       scheduler, device, context)
+                                       scheduler, device, context, bar)
         model.eval()
         live_val = not state["cache_current"]  # after end-to-end steps the cache lags the adapter
         vstart = time.perf_counter()
         # The unwrapped model: ranks may hold different numbers of validation batches, and a
         # DDP forward is a collective (it broadcasts buffers).
         vmeter, vloss, vcount, _, _ = run_epoch(model, data.val_loader(live_val), device,
-                                                prepared.views, live=live_val, show=False,
-                                                loss_name=config.loss)
+                                                prepared.views, live=live_val, show=leader,
+                                                desc="  validation", loss_name=config.loss)
         val = _gather_meter(vmeter, context).summary()
         val_record = {"step": state["step"], "epoch": train_record["epoch"], "split": "val",
                       "lr": train_record["lr"], "e2e": live_val,
@@ -272,15 +282,28 @@ def train_process(prepared: Prepared, context) -> None:
                       "seconds": time.perf_counter() - vstart, **_scores(val)}
         state["stream"] = data.stream.position
         if leader:
-            _record(log, train_record, val_record if val["n"] else None, total)
+            _record(log, train_record, val_record if val["n"] else None, total, tb)
+            if tb and chosen:
+                tb.overlays(state["step"], *_overlay_inputs(model, prepared, data, device,
+                                                            chosen, live_val))
             _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
+    bar.close()
     if leader:
-        _finish(model, prepared, data, device, log, state["caches"])
+        _finish(model, prepared, data, device, log, state["caches"], tb)
+
+
+def _fresh_state(prepared: Prepared, total: int) -> dict:
+    """The training state a checkpoint saves: step, data-order position, best, caches."""
+    return {"step": 0, "stream": {"epoch": 0, "offset": 0}, "best": None,
+            "total_steps": total, "cache": str(prepared.cache), "cache_current": True,
+            "caches": [{"step": 0, "cache_id": prepared.cache.stem,
+                        "adapter": prepared.config.adapter,
+                        "adapter_sha256": prepared.signature["adapter_sha256"]}]}
 
 
 def _train_interval(net, model, data: _Data, prepared: Prepared, state: dict, steps: int,
-                    e2e: bool, optimizer, scheduler, device, context) -> dict:
+                    e2e: bool, optimizer, scheduler, device, context, bar: tqdm) -> dict:
     """`steps` optimizer steps (the first `--e2e-steps` end to end when `e2e`); the train
     record of metrics.jsonl. Updates state["step"] (and the cache state after e2e steps)."""
     config, first = prepared.config, state["step"]
@@ -291,11 +314,10 @@ def _train_interval(net, model, data: _Data, prepared: Prepared, state: dict, st
     for live, n in ((True, live_steps), (False, steps - live_steps)):
         if not n:
             continue
+        bar.set_description(f"steps {first + 1}-{first + steps}{' e2e' if live else ''}")
         part = run_epoch(
             net, data.stream.take(n, live), device, prepared.views, optimizer=optimizer,
-            scheduler=scheduler, live=live, steps=n, show=context.is_leader,
-            desc=f"steps {first + 1}-{first + steps}/{state['total_steps']}"
-                 f"{' e2e' if live else ''}",
+            scheduler=scheduler, live=live, steps=n, bar=bar,
             centrelines=max(0, config.train_cldice - count), loss_name=config.loss)
         meter.merge(part[0])
         loss_sum, count = loss_sum + part[1], count + part[2]
@@ -326,15 +348,19 @@ def _scores(summary: dict) -> dict:
     return {k: summary[k] for k in keep if k in summary}
 
 
-def _record(log: MetricsLog, train_record: dict, val_record: dict | None, total: int) -> None:
-    log.append(train_record)
-    if val_record:
-        log.append(val_record)
+def _record(log: MetricsLog, train_record: dict, val_record: dict | None, total: int,
+            tb: TensorBoardLog | None = None) -> None:
+    for record in [train_record] + ([val_record] if val_record else []):
+        log.append(record)
+        if tb:
+            tb.record(record)
     v = val_record or {}
-    print(f"step {train_record['step']}/{total}: train loss {train_record['loss']:.4f} "
-          f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
-          f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
-          f"{' (end to end)' if train_record['e2e'] else ''}", flush=True)
+    # tqdm.write: the line goes above the run's bar instead of through it.
+    tqdm.write(f"step {train_record['step']}/{total}: train loss {train_record['loss']:.4f} "
+               f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
+               f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
+               f"{' (end to end)' if train_record['e2e'] else ''}")
+    sys.stdout.flush()  # a log file sees each interval as it ends
 
 
 def _save(model, optimizer, scheduler, state, prepared, val, live_val) -> None:
@@ -384,7 +410,28 @@ def _spread_over_views(samples, count: int) -> list[int]:
     return chosen
 
 
-def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches) -> None:
+def _overlay_inputs(model, prepared: Prepared, data: _Data, device, chosen: list[int],
+                    live: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Validation samples `chosen` through the model: images (N, 3, R, R) in [-1, 1], masks and
+    predictions (N, R, R) bool, on the CPU, and the image names."""
+    dataset = data.val_live if live else data.val_cached
+    batch = collate_samples([dataset[i] for i in chosen])
+    if not live:
+        batch["features"] = data.cached_features("val", chosen)
+    batch = to_device(batch, device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = (model(batch, live=live) > 0).squeeze(1).cpu()
+    model.train(was_training)
+    image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
+        [data.val_live[i]["image"] for i in chosen]))
+    return (image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
+            [prepared.val[i].image.name for i in chosen])
+
+
+def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches,
+            tb: TensorBoardLog | None = None) -> None:
     """report.json, curves.png and overlays/ for the best checkpoint."""
     run_dir, config = prepared.run_dir, prepared.config
     best_state = load_checkpoint(run_dir / "best.pt", model)
@@ -396,20 +443,12 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        dataset = data.val_live if live else data.val_cached
-        batch = collate_samples([dataset[i] for i in chosen])
-        if not live:
-            batch["features"] = data.cached_features("val", chosen)
-        batch = to_device(batch, device)
-        model.eval()
-        with torch.no_grad():
-            pred = (model(batch, live=live) > 0).squeeze(1).cpu()
-        image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
-            [data.val_live[i]["image"] for i in chosen]))
-        save_overlays(run_dir / "overlays", image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
-                      [prepared.val[i].image.name for i in chosen],
+        save_overlays(run_dir / "overlays",
+                      *_overlay_inputs(model, prepared, data, device, chosen, live),
                       [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
     write_json(run_dir / "caches.json", caches)
+    if tb:
+        tb.hparams(best["val"])
+        tb.close()
     print(f"run directory: {run_dir}  best step {best['step']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
-

@@ -111,3 +111,46 @@ def test_clean_manifest_without_masks(tmp_path):
     assert report.ok and not report.warnings and not report.infos
     report.raise_if_errors()
     assert check_manifest(samples, require_masks=True).errors[0].message.startswith("no mask")
+
+
+def test_dicom_sources_and_images_checked_once_per_file(tmp_path):
+    """Rows from DICOM: a source gone, shortened (frame past the last), without pixel data,
+    without angles (one warning per file), and DICOM images decoded by the row check."""
+    from dicom_files import write_xa
+    from pydicom.uid import MPEG4HP41
+
+    run = np.zeros((3, 16, 20), np.uint8)
+    short = write_xa(tmp_path / "short.dcm", run[:1])  # the run was replaced by 1 frame
+    flat = write_xa(tmp_path / "flat.dcm", run, angles=None)
+    nopix = write_xa(tmp_path / "nopix.dcm", run, pixels=False)
+    video = write_xa(tmp_path / "video.dcm", run[0], syntax=MPEG4HP41,
+                     encapsulated=[b"\0\0\1\xb3" + b"\0" * 8])
+    single = write_xa(tmp_path / "single.dcm", run[0], angles=None)
+    frames = [_image(tmp_path / "frames" / f"f{i}.png", i) for i in range(6)]
+    mask = _mask(tmp_path / "mask.png")
+    rows = [
+        {"image": frames[0], "mask": mask, "source": short, "frame": 1},
+        {"image": frames[1], "mask": mask, "source": short, "frame": 3},  # row 2: past the end
+        {"image": frames[2], "mask": mask, "source": flat, "frame": 1},   # row 3: warn once
+        {"image": frames[3], "mask": mask, "source": flat, "frame": 2},
+        {"image": frames[4], "mask": mask, "source": nopix, "frame": 1},  # row 5
+        {"image": frames[5], "mask": mask, "source": tmp_path / "gone.dcm", "frame": 1},  # 6
+        {"image": video, "mask": mask},                                   # row 7
+        {"image": single, "mask": _mask(tmp_path / "m2.png", size=(16, 21))},  # row 8
+    ]
+    report = check_manifest(_manifest(tmp_path, rows), require_masks=True)
+    errors = [str(p) for p in report.errors]
+    assert errors[0] == (f"row 2: {short}: frame 3 is past the last frame of {short} "
+                         "(frames 1-1)")
+    assert errors[1].startswith(f"row 5: {nopix}: no Pixel Data")
+    assert errors[2] == f"row 6: {tmp_path / 'gone.dcm'}: DICOM source file not found"
+    assert errors[3].startswith(f"row 7: {video}: transfer syntax MPEG-4")
+    assert "has no pydicom decoder" in errors[3]
+    assert errors[4].startswith(f"row 8: {tmp_path / 'm2.png'}: mask is 16x21")
+    assert len(errors) == 5
+    warnings = [str(p) for p in report.warnings if "C-arm angles" in str(p)]
+    assert warnings == [
+        f"row 3: {flat}: no C-arm angles (0018,1510/1511): its 2 row(s) have no angles and no "
+        "view from them",
+        f"row 8: {single}: no C-arm angles (0018,1510/1511): its 1 row(s) have no angles and no "
+        "view from them"]

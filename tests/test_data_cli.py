@@ -109,3 +109,40 @@ def test_import_append_adds_a_second_folder_with_its_own_split(dataset, capsys):
     assert samples[0].angles == (30.0, 10.0) and samples[4].angles is None
     assert sorted(p.name for p in dataset.iterdir() if p.suffix == ".csv") == ["manifest.csv"]
     assert main(["check", str(out)]) == 0
+
+
+def test_import_dicom_then_check(tmp_path, capsys):
+    from dicom_files import write_xa
+
+    rng = np.random.default_rng(0)
+    runs = (("a", "P1", (30, 20)), ("b", "P2", None), ("c", "P2", (-30, 0)))
+    for name, patient, angles in runs:
+        write_xa(tmp_path / "runs" / f"{name}.dcm",
+                 rng.integers(0, 4096, (3, 8, 10)).astype(np.uint16), bits_stored=12,
+                 patient=patient, angles=angles)
+        for frame in (1, 3):
+            _png(tmp_path / "masks" / f"{name}_{frame}.png", 0)
+    out = tmp_path / "angio.csv"
+    assert main(["import", "dicom", str(tmp_path / "runs"), "--masks", str(tmp_path / "masks"),
+                 "--frames-out", str(tmp_path / "frames"), "--out", str(out),
+                 "--split-ratio", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {tmp_path / 'runs' / 'b.dcm'}: no Positioner Primary/Secondary" in printed
+    assert "6 rows, 6 with masks" in printed and "'LAO30_CRA20': 2" in printed
+    samples = read_manifest(out)
+    assert {s.split for s in samples if s.source.name != "a.dcm"} != {
+        s.split for s in samples if s.source.name == "a.dcm"}  # P2's runs together, apart
+    assert main(["check", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 errors" in printed and printed.count("no C-arm angles") == 1
+    assert f"{tmp_path / 'runs' / 'b.dcm'}: no C-arm angles" in printed
+    write_xa(tmp_path / "runs" / "c.dcm", np.zeros((2, 8, 10), np.uint16), bits_stored=12)
+    assert main(["check", str(out)]) == 1
+    assert "c.dcm: frame 3 is past the last frame" in capsys.readouterr().out
+    (tmp_path / "masks" / "c_3.png").unlink()
+    _png(tmp_path / "masks" / "c_3.png", 0).rename(tmp_path / "masks" / "c_9.png")
+    assert main(["import", "dicom", str(tmp_path / "runs"), "--masks", str(tmp_path / "masks"),
+                 "--frames-out", str(tmp_path / "frames"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: DICOM problems (nothing was written) (1)")
+    assert "c_9.png: frame 9 is past the last frame" in err and "Traceback" not in err

@@ -207,3 +207,17 @@ def test_coco_errors_name_the_file(tmp_path):
     with pytest.raises(DatasetImportError, match=r"annotations\.json: image files not found"):
         import_coco(annotations, tmp_path / "images", tmp_path / "m.csv",
                     masks_out_dir=tmp_path / "masks")
+
+
+def test_dicom_images_in_a_folder_take_their_header_angles(tmp_path):
+    from dicom_files import write_xa
+
+    frame = np.zeros((12, 16), np.uint8)
+    write_xa(tmp_path / "images" / "a.dcm", frame, angles=(-29.0, 21.0))
+    write_xa(tmp_path / "images" / "IM0002", frame, angles=None)
+    write_xa(tmp_path / "images" / "c_LAO10.dcm", frame, angles=(44.0, 0.0))  # the name wins
+    _png(tmp_path / "images" / "d.png")
+    samples = read_manifest(import_folder(tmp_path / "images", tmp_path / "m.csv"))
+    by_name = {s.image.name: (s.angles, s.view) for s in samples}
+    assert by_name == {"a.dcm": ((-29.0, 21.0), "RAO30_CRA20"), "IM0002": (None, None),
+                       "c_LAO10.dcm": ((10.0, 0.0), "LAO"), "d.png": (None, None)}

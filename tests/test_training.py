@@ -244,6 +244,7 @@ def test_ddp_over_gloo_with_two_workers(tmp_path):
     val_rows = sum(s.split == "val" for s in read_manifest(manifest))
     assert sum(v["n"] for v in records[1]["per_view"].values()) == val_rows == 3
     assert (run / "report.json").is_file()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
 
 
 def test_demo_validation_dice_beats_trivial_baselines(tmp_path):

@@ -1,0 +1,191 @@
+"""The fine-tuned backbone back into SAM 3: a run's LoRA merged into the official checkpoint.
+
+    python -m pipeline.export --run runs/20261126-101500 --checkpoint sam3.pt --out sam3_vessels.pt
+
+`sam3_vessels.pt` is `sam3.pt` with the trunk's attention weights replaced by their LoRA-merged
+values (peft's `merge_and_unload`: W + B A * alpha / r); every other key, the text encoder, the
+detector and the tracker included, is kept as it was, under the same names and the same
+`"model"` wrapper, so SAM 3's own builders (`build_sam3_image_model(checkpoint_path=...)`,
+`Sam3Processor` with text and box prompts) load it unchanged. Beside it, `sam3_vessels_head.pt`
+holds the run's view-conditioned decoder (view embedding included) and the views; `load_exported`
+puts both together again for vessel masks without the run directory:
+
+    from pipeline.export import load_exported
+    model, views = load_exported("sam3_vessels.pt", "sam3_vessels_head.pt")
+    logits = model({"image": images, "view": views_tensor}, live=True)  # (B, 1, R, R)
+
+The tiny preset works too: without --checkpoint a tiny run's seeded weights are written in the
+official layout first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from pipeline.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
+from pipeline.checkpoint import read_checkpoint
+from pipeline.datasets import ViewVocabulary
+from pipeline.lora import load_adapter
+from pipeline.model import ViewConditionedDecoder
+from pipeline.segmenter import VesselSegmenter
+from pipeline.signature import checkpoint_digest
+from pipeline.training import resume_config
+
+HEAD_FORMAT = 1
+
+
+class ExportError(RuntimeError):
+    """The run or the checkpoint cannot be exported; the message says which and why."""
+
+
+def head_path(out: str | Path) -> Path:
+    """Where the decoder goes beside an exported checkpoint: `<stem>_head.pt`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_head.pt")
+
+
+def _trained_checkpoint(run_dir: Path) -> str | None:
+    """The sha256 of the checkpoint the run trained on (None: seeded tiny weights)."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    return saved["cache"]["signature"]["checkpoint_sha256"]
+
+
+def merged_backbone(run_dir: Path, checkpoint: Path | None):
+    """(SAM 3 vision backbone with the run's best LoRA merged into its weights, names of the
+    merged tensors as the backbone's state_dict calls them)."""
+    config = resume_config(run_dir)
+    adapter = run_dir / "adapter"
+    peft_model = load_adapter(build_backbone(config.backbone, checkpoint), adapter)
+    prefix = "base_model.model."
+    merged = sorted(f"{name.removeprefix(prefix)}.weight" for name, module
+                    in peft_model.named_modules() if isinstance(module, LoraLayer))
+    backbone = peft_model.merge_and_unload()
+    return backbone.eval(), merged
+
+
+def _source_state(checkpoint: Path | None, backbone_name: str) -> tuple[dict, dict]:
+    """(the checkpoint file's whole dict, its state dict: the "model" entry when present).
+    Without a file (tiny): the seeded weights in the official layout."""
+    if checkpoint is None:
+        seeded = build_backbone(backbone_name)
+        state = {CHECKPOINT_PREFIX + k: v for k, v in seeded.state_dict().items()}
+        return {"model": state}, state
+    whole = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    wrapped = isinstance(whole.get("model"), dict)
+    return whole, (whole["model"] if wrapped else whole)
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None
+           ) -> tuple[Path, Path]:
+    """Write the merged checkpoint `out` and the head beside it; returns both paths.
+
+    `checkpoint`: the official-layout file the run trained on (default: the run's own
+    --checkpoint; for `sam3` without one, the hub's). A different file is refused.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    for name in ("config.json", "best.pt", "adapter/adapter_model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise ExportError(f"{run_dir / name} is missing: export a finished train_head.py run")
+    config = resume_config(run_dir)
+    path = resolve_checkpoint(config.backbone, checkpoint or config.checkpoint)
+    trained, given = _trained_checkpoint(run_dir), checkpoint_digest(path)
+    if trained != given:
+        def name(digest):
+            return f"sha256 {digest[:12]}" if digest else "the seeded tiny weights"
+
+        raise ExportError(
+            f"{path or 'the seeded tiny weights'} is not the checkpoint {run_dir} trained on "
+            f"({name(given)}, the run: {name(trained)}); pass that one with --checkpoint, or "
+            "none for a tiny run without one")
+    backbone, merged = merged_backbone(run_dir, path)
+    whole, state = _source_state(path, config.backbone)
+    weights = backbone.state_dict()
+    for key in merged:
+        official = CHECKPOINT_PREFIX + key
+        if official not in state:
+            raise ExportError(f"{path} has no {official}, which the adapter changes")
+        state[official] = weights[key].to(state[official].dtype).contiguous()
+    _save_atomically(whole, out)
+    head = head_path(out)
+    _save_atomically(_head_payload(run_dir, config, given), head)
+    return out, head
+
+
+def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
+    payload = read_checkpoint(run_dir / "best.pt")
+    return {
+        "format": HEAD_FORMAT,
+        "decoder": payload["decoder"],
+        "decoder_args": {"levels": list(config.levels), "num_views": len(payload["views"]),
+                         "use_angles": payload["use_angles"],
+                         "image_branch": config.image_branch, "width": config.width,
+                         "view_conditioning": config.view_conditioning},
+        "views": list(payload["views"]),
+        "backbone": config.backbone,
+        "amp": config.amp,
+        "run": str(run_dir),
+        "step": payload["state"]["best"]["step"],
+        "source_checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def _save_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_head(path: str | Path) -> tuple[ViewConditionedDecoder, ViewVocabulary, dict]:
+    """(decoder with the run's best weights, in eval mode; its views; the head's metadata)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    args = payload["decoder_args"]
+    decoder = ViewConditionedDecoder(**{**args, "levels": tuple(args["levels"])})
+    decoder.load_state_dict(payload["decoder"])
+    return decoder.eval(), ViewVocabulary(tuple(payload["views"])), payload
+
+
+def load_exported(checkpoint: str | Path, head: str | Path, *, amp: str | None = None
+                  ) -> tuple[VesselSegmenter, ViewVocabulary]:
+    """The vessel model from an exported pair, on the CPU in eval mode: SAM 3's backbone from the
+    merged `checkpoint` (no LoRA layers left) and the decoder from `head`.
+
+    `model(batch, live=True)` takes batch["image"] (B, 3, R, R) uint8 and batch["view"] (B,)
+    int64 (`views.index(label)`) and returns logits (B, 1, R, R) float32. `amp`: autocast of the
+    backbone and decoder (bf16, fp16 or off; default: the run's).
+    """
+    decoder, views, meta = load_head(head)
+    backbone = build_backbone(meta["backbone"], checkpoint)
+    model = VesselSegmenter(backbone=backbone, decoder=decoder, amp=amp or meta["amp"])
+    return model.eval(), views
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="the official sam3.pt the run trained on (default: the run's)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the merged checkpoint to write; the head goes to <stem>_head.pt")
+    args = parser.parse_args(argv)
+    from pipeline.errors import USER_ERRORS
+
+    try:
+        out, head = export(args.run, args.out, args.checkpoint)
+    except (ExportError, *USER_ERRORS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (SAM 3 checkpoint, LoRA merged) and {head} (decoder and views)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

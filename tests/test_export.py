@@ -1,0 +1,126 @@
+import contextlib
+import io
+
+import pytest
+import torch
+from conftest import make_dataset
+from sam3.model_builder import _load_checkpoint
+
+from pipeline.backbone import PRESETS, _build_backbone, build_backbone, write_official_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.datasets import SegmentationSamples
+from pipeline.export import ExportError, export, load_exported, main
+from pipeline.manifest import read_manifest
+from pipeline.predict import load_run
+from pipeline.training import train
+
+EXTRA = {  # parts of the full SAM 3 checkpoint that the vision backbone does not use
+    "detector.transformer.encoder.layers.0.weight": torch.randn(4, 4),
+    "detector.backbone.language_backbone.encoder.weight": torch.randn(3, dtype=torch.bfloat16),
+    "detector.backbone.vision_backbone.sam2_convs.0.conv_1x1.weight": torch.randn(2),
+    "tracker.maskmem_backbone.weight": torch.randn(5),
+}
+
+
+def _official_checkpoint(path):
+    """A tiny backbone with random weights, saved in sam3.pt's layout with the other parts."""
+    source = build_backbone("tiny")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    write_official_checkpoint(source, path)
+    whole = torch.load(path)
+    whole["model"].update(EXTRA)
+    torch.save(whole, path)
+    return whole["model"]
+
+
+def _train(dataset, tmp_path, name, **kw):
+    return train(TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                             run_dir=str(tmp_path / name), epochs=1, batch_size=4,
+                             loader_workers=0, overlays=0, tensorboard=False,
+                             extract_missing=True, **kw))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(folder, run, source state): a tiny run on an official-layout checkpoint whose LoRA moved
+    away from its zero start (one end-to-end step at a high rate)."""
+    root = tmp_path_factory.mktemp("export")
+    source = _official_checkpoint(root / "sam3.pt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        run = _train(make_dataset(root / "data", 6), root, "run",
+                     checkpoint=str(root / "sam3.pt"), e2e_every=1, e2e_steps=1, lr=1e-2)
+    return root, run, source
+
+
+class _Sam3Image(torch.nn.Module):
+    """What SAM 3's `_load_checkpoint` fills: `backbone` (+ no interactive predictor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _build_backbone(PRESETS["tiny"])
+        self.inst_interactive_predictor = None
+
+
+def test_export_merges_lora_into_the_official_checkpoint(trained, tmp_path):
+    root, run, source = trained
+    assert main(["--run", str(run), "--checkpoint", str(root / "sam3.pt"),
+                 "--out", str(tmp_path / "sam3_vessels.pt")]) == 0
+    exported = torch.load(tmp_path / "sam3_vessels.pt", weights_only=True)
+    assert list(exported) == ["model"] and list(exported["model"]) == list(source)
+    changed = {k for k in source if not torch.equal(exported["model"][k], source[k])}
+    depth = PRESETS["tiny"].depth  # the attention qkv and proj weights of every block, only
+    assert changed == {f"detector.backbone.vision_backbone.trunk.blocks.{b}.attn.{m}.weight"
+                       for b in range(depth) for m in ("qkv", "proj")}
+    assert all(exported["model"][k].dtype == v.dtype for k, v in source.items())
+
+    sam3_model, printed = _Sam3Image(), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _load_checkpoint(sam3_model, str(tmp_path / "sam3_vessels.pt"))  # SAM 3's own loader
+    assert "missing" not in printed.getvalue()
+    lora = build_backbone("tiny", checkpoint=root / "sam3.pt", adapter=run / "adapter")
+    frozen = build_backbone("tiny", checkpoint=root / "sam3.pt")
+    x = torch.randn(2, 3, 252, 252)
+    with torch.no_grad():
+        expected = lora.forward_image(x)
+        merged = sam3_model.backbone.eval().forward_image(x)
+        reloaded = build_backbone("tiny", checkpoint=tmp_path / "sam3_vessels.pt").forward_image(x)
+        before = frozen.forward_image(x)["vision_features"]
+    assert not torch.allclose(before, expected["vision_features"], atol=1e-4)
+    for out in (merged, reloaded):
+        for a, b in zip(out["backbone_fpn"], expected["backbone_fpn"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_beside_it_gives_the_runs_masks(trained, tmp_path):
+    root, run, _ = trained
+    out, head = export(run, tmp_path / "sam3_vessels.pt", root / "sam3.pt")
+    assert head == tmp_path / "sam3_vessels_head.pt"
+    model, views = load_exported(out, head, amp="off")
+    reference, _, _, run_views = load_run(run, torch.device("cpu"))
+    assert views == run_views
+    samples = SegmentationSamples(read_manifest(root / "data" / "manifest.csv"),
+                                  resolution=252, views=views)
+    batch = {"image": torch.stack([samples[i]["image"] for i in range(3)]),
+             "view": torch.tensor([samples[i]["view"] for i in range(3)])}
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch, live=True), reference(batch, live=True),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_without_a_checkpoint_and_a_wrong_checkpoint(dataset, tmp_path):
+    run = _train(dataset, tmp_path, "seeded", e2e_every=0)
+    out, _ = export(run, tmp_path / "tiny_vessels.pt")  # the seeded weights, official layout
+    seeded = build_backbone("tiny")
+    loaded = build_backbone("tiny", checkpoint=out)
+    assert torch.equal(loaded.state_dict()["vision_backbone.convs.0.conv_1x1.weight"],
+                       seeded.state_dict()["vision_backbone.convs.0.conv_1x1.weight"])
+    _official_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ExportError, match="is not the checkpoint .* trained on"):
+        export(run, tmp_path / "x.pt", tmp_path / "other.pt")
+    with pytest.raises(ExportError, match="config.json is missing: export a finished"):
+        export(tmp_path / "c", tmp_path / "x.pt")

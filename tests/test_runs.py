@@ -1,0 +1,96 @@
+import csv
+import io
+import json
+import shutil
+
+import pytest
+from conftest import make_dataset
+from PIL import Image
+
+from pipeline.config import TrainConfig
+from pipeline.runs import RunsError, compare, main
+from pipeline.training import train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three real tiny runs on one cache: two learning rates, and a narrower decoder."""
+    root = tmp_path_factory.mktemp("runs")
+    manifest = make_dataset(root / "data", 6)
+    common = dict(data=str(manifest), backbone="tiny", cache_dir=str(root / "cache"), epochs=2,
+                  batch_size=4, e2e_every=0, loader_workers=0, overlays=0, extract_missing=True,
+                  tensorboard=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        for name, extra in (("lr-1e-3", dict(lr=1e-3)), ("lr-1e-2", dict(lr=1e-2)),
+                            ("narrow", dict(lr=1e-3, width=32))):
+            train(TrainConfig(run_dir=str(root / "runs" / name), **common, **extra))
+    return root / "runs"
+
+
+def _best_val(run):
+    """The validation record of the best epoch, read from metrics.jsonl (the trainer's choice)."""
+    vals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if r["split"] == "val"]
+    return max(vals, key=lambda r: r["dice"])
+
+
+def _rows(text):
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_compare_shows_differing_settings_and_best_scores(runs):
+    rows = _rows(compare([str(runs / "*")], csv_out="-"))
+    assert [r["run"].rsplit("/", 1)[-1] for r in rows] == sorted(
+        ("lr-1e-3", "lr-1e-2", "narrow"), key=lambda n: -_best_val(runs / n)["dice"])
+    header = list(rows[0])
+    assert header[:5] == ["run", "lr", "width", "finished", "best step"]  # batch_size equal
+    for row in rows:
+        run = runs / row["run"].rsplit("/", 1)[-1]
+        best, config = _best_val(run), json.loads((run / "config.json").read_text())["config"]
+        assert float(row["lr"]) == config["lr"] and int(row["width"]) == config["width"]
+        assert int(row["best step"]) == best["step"] and row["finished"] == "yes"
+        for score in ("dice", "iou", "cldice"):
+            assert float(row[score]) == pytest.approx(best[score], rel=1e-12)
+            for view in ("LAO", "RAO"):
+                assert float(row[f"{view}/{score}"]) == pytest.approx(
+                    best["per_view"][view][score], rel=1e-12)
+
+
+def test_sort_by_a_view_score_and_the_formats(runs, tmp_path, capsys):
+    paths = [str(runs / n) for n in ("narrow", "lr-1e-3", "lr-1e-2")]
+    rows = _rows(compare(paths, sort="RAO/cldice", csv_out="-"))
+    values = [float(r["RAO/cldice"]) for r in rows]
+    assert values == sorted(values, reverse=True)
+    assert main(["compare", *paths, "--markdown", "--csv", str(tmp_path / "t.csv"),
+                 "--plot", str(tmp_path / "curves.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| run | lr | width | finished | best step | dice |")
+    assert out[1].startswith("|---|") and len(out) == 5
+    assert len(_rows((tmp_path / "t.csv").read_text())) == 3
+    assert Image.open(tmp_path / "curves.png").size[0] > 3 * 400  # a panel per score
+    assert main(["compare", *paths]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["run", "lr", "width"] and len(table) == 5
+
+
+def test_a_run_still_training_takes_its_best_from_metrics(runs, tmp_path):
+    running = tmp_path / "running"
+    shutil.copytree(runs / "lr-1e-3", running)
+    (running / "report.json").unlink()
+    (row,) = _rows(compare([str(running)], csv_out="-"))
+    best = _best_val(running)
+    assert row["finished"] == "no" and int(row["best step"]) == best["step"]
+    assert float(row["LAO/dice"]) == pytest.approx(best["per_view"]["LAO"]["dice"])
+    assert "lr" not in row  # one run: no setting differs
+
+
+def test_bad_input_names_what_is_wrong(runs, tmp_path, capsys):
+    with pytest.raises(RunsError, match="not a score of these runs; choose one of dice"):
+        compare([str(runs / "*")], sort="sensitivity")
+    with pytest.raises(RunsError, match="matches"):
+        compare([str(tmp_path / "none-*")])
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 1
+    assert "config.json cannot be read" in capsys.readouterr().err
