@@ -1,12 +1,12 @@
 """Check a manifest before any GPU time: read every row and report every problem at once.
 
-Errors (the manifest cannot be used as is): missing or unreadable files, images or masks that do
-not decode (e.g. truncated), image and mask of different sizes, duplicate images (same sha256),
-a required mask missing; for rows from DICOM (a `source` column, or a DICOM image): a source that
-is missing, has no pixel data or a transfer syntax without a handler (named), a frame number past
-its last frame. Warnings: empty masks, views in val that train never saw, a DICOM file without
-C-arm angles (once per file). Infos: masks
-that are not plain 0/1 or 0/255 binary, and how they were binarised.
+Errors (the manifest cannot be used as is): missing or unreadable files, images, masks or FOV masks
+that do not decode (e.g. truncated), an image and its mask or FOV of different sizes, an empty FOV,
+duplicate images (same sha256), a required mask missing; for rows from DICOM (a `source` column, or
+a DICOM image): a source that is missing, has no pixel data or a transfer syntax without a handler
+(named), a frame number past its last frame. Warnings: empty masks, views in val that train never
+saw, a DICOM file without C-arm angles (once per file). Infos: masks that are not plain 0/1 or
+0/255 binary, and how they were binarised.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def _check_row(sample: Sample, require_masks: bool) -> _RowResult:
         image_size = tuple(read_image(sample.image).shape[1:])
     except Exception as err:  # noqa: BLE001 - any decoder failure is this row's error
         errors.append(Problem(sample.row, sample.image, _reason(err)))
+    if sample.fov is not None:
+        errors.extend(_check_fov(sample, image_size))
     if sample.mask is None:
         if require_masks:
             errors.append(Problem(sample.row, sample.image, "no mask given (masks are required)"))
@@ -129,6 +131,21 @@ def _check_row(sample: Sample, require_masks: bool) -> _RowResult:
     if not _plain_binary(rule):
         result.found["infos"].append(Problem(sample.row, sample.mask, f"mask binarised: {rule}"))
     return result
+
+
+def _check_fov(sample: Sample, image_size: tuple | None) -> list[Problem]:
+    """The errors of a row's field-of-view mask: unreadable, another size, or empty."""
+    try:
+        fov, _ = read_mask(sample.fov)
+    except Exception as err:  # noqa: BLE001
+        return [Problem(sample.row, sample.fov, f"field of view {_reason(err)}")]
+    if image_size is not None and fov.shape != image_size:
+        return [Problem(sample.row, sample.fov, (
+            f"field of view is {_hw(fov.shape)} but its image {sample.image.name} "
+            f"is {_hw(image_size)}"))]
+    if not fov.any():
+        return [Problem(sample.row, sample.fov, "field of view is empty (nothing to score)")]
+    return []
 
 
 def _reason(err: Exception) -> str:

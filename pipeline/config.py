@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.augment import copies
+from pipeline.augment import CopyPlan
 from pipeline.backbone import LEVELS, PRESETS
 
 
@@ -143,8 +143,14 @@ class FeatureSource:
     amp: str = "auto"
     """Autocast dtype of the backbone: bf16, fp16 or off; auto is bf16 on a GPU, off on the CPU."""
     augment_copies: int = 0
-    """K extracted flipped/rotated copies of each training image; Stage B draws one per sample
-    and epoch (feature maps themselves are never flipped)."""
+    """K extracted augmented copies of each training image (at most 32); Stage B draws the
+    original or one copy per sample and epoch (feature maps themselves are never transformed)."""
+    augment: str = "random"
+    """Family of the copies: random (transforms drawn from the aug-v1 distribution: flips,
+    rotation, scale, shift, brightness, contrast, gamma, noise) or flips (the five fixed flips
+    and rotations, K <= 5)."""
+    augment_seed: int = 0
+    """Seed of the random copies; copy c of an image depends on (this seed, c, its key) only."""
     gpus: tuple[int, ...] = ()
     """GPU indices, one process each; default: every visible GPU."""
     device: str = "auto"
@@ -164,7 +170,12 @@ class FeatureSource:
             raise ValueError("--workers must be >= 1")
         if self.workers > 1 and device == "cuda":
             raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
-        copies(self.augment_copies)
+        CopyPlan(self.augment, self.augment_copies, self.augment_seed)  # raises if invalid
+
+    @property
+    def copy_plan(self) -> CopyPlan:
+        """The augmented copies of each training image (`pipeline.augment`)."""
+        return CopyPlan(self.augment, self.augment_copies, self.augment_seed)
 
 
 @dataclass(frozen=True)

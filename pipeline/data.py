@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("--append", action="store_true",
                         help="add the rows to an existing --out manifest instead of replacing "
                         "it (e.g. a dataset's training/ and test/ folders, each with --split)")
+    folder.add_argument("--fov", help="folder of field-of-view masks (the `fov` column), "
+                        "paired with images by key; scores count only pixels inside them")
+    folder.add_argument("--fov-regex", help="FOV mask key: first capture group of this regex")
     _split_options(folder)
 
     coco = kinds.add_parser("coco", help="a COCO annotation file (e.g. ARCADE)")
@@ -113,7 +116,8 @@ def _import(args: argparse.Namespace) -> int:
                             image_regex=args.image_regex, mask_regex=args.mask_regex,
                             view_from_subfolder=args.view_from_subfolder,
                             split_column=args.fixed_split,
-                            allow_missing_masks=args.allow_missing_masks, **common)
+                            allow_missing_masks=args.allow_missing_masks,
+                            fov_dir=args.fov, fov_regex=args.fov_regex, **common)
         if args.append:
             out = _append_rows(target, fresh)
     else:
@@ -128,7 +132,9 @@ def _summary(out) -> int:
     splits = Counter(s.split or "-" for s in samples)
     views = Counter(s.view or UNKNOWN_VIEW for s in samples)
     masks = sum(s.mask is not None for s in samples)
-    print(f"wrote {out}: {len(samples)} rows, {masks} with masks; "
+    fovs = sum(s.fov is not None for s in samples)
+    print(f"wrote {out}: {len(samples)} rows, {masks} with masks"
+          f"{f', {fovs} with a field of view' if fovs else ''}; "
           f"splits {dict(sorted(splits.items()))}; views {dict(sorted(views.items()))}")
     return 0
 

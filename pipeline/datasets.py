@@ -3,9 +3,9 @@
 Cached features are not read here but in the training process, per batch, by
 `pipeline.feature_batches.FeatureBatches`; the items say which sample and copy they are.
 
-Augmentation: `augment` names extracted copies (see `pipeline.augment`); each epoch draws, per
-sample, the original or one copy, and the mask and raw image get the same flip or rotation.
-Cached feature maps are never flipped themselves.
+Augmentation: `augment` names each sample's extracted copies (see `pipeline.augment`); each
+epoch draws, per sample, the original or one copy, and the mask and raw image get that copy's
+transform (the mask its geometry only). Cached feature maps are never transformed themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from pipeline.augment import apply
+from pipeline.augment import transform_image, transform_mask
 from pipeline.images import read_image, read_mask, sam3_resize
 from pipeline.importers import encode_angles
 from pipeline.manifest import UNKNOWN_VIEW, Sample
@@ -115,7 +115,8 @@ class SegmentationSamples(Dataset):
     - "index": () long, the sample's position in `samples`; "copy": () long, which copy was
       drawn (0: the original), so `pipeline.feature_batches` can pick the cache row.
 
-    `augment`: copy names; set `epoch` before each epoch, the draw depends on (seed, epoch, i).
+    `augment`: per sample, the names of its copies (`CopyPlan.names`, the same number for
+    every sample); set `epoch` before each epoch, the draw depends on (seed, epoch, i).
     `epoch` lives in shared memory, so persistent DataLoader workers see each new value.
     `memory`: a `DecodedSamples` shared by the datasets of one split; each (sample, copy) is
     then decoded and resized once and served from memory afterwards.
@@ -123,11 +124,12 @@ class SegmentationSamples(Dataset):
 
     def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
                  with_image: bool = True, with_masks: bool = True,
-                 augment: tuple[str, ...] = (), seed: int = 0,
+                 augment: list[tuple[str, ...]] | None = None, seed: int = 0,
                  memory: DecodedSamples | None = None):
         self.samples, self.resolution, self.views = samples, resolution, views
         self.with_image, self.with_masks = with_image, with_masks
-        self.augment, self.seed, self.memory = augment, seed, memory
+        self.augment = augment if augment and augment[0] else None
+        self.seed, self.memory = seed, memory
         self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self.transform = sam3_resize(resolution)
 
@@ -145,11 +147,11 @@ class SegmentationSamples(Dataset):
     def __getitem__(self, i: int) -> dict:
         if not self.augment:
             return self.item(i, 0)
-        draw = np.random.default_rng((self.seed, self.epoch, i)).integers(len(self.augment) + 1)
-        return self.item(i, int(draw))
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        return self.item(i, int(rng.integers(len(self.augment[i]) + 1)))
 
     def item(self, i: int, copy: int) -> dict:
-        """Sample `i` as copy `copy` (0: the original, c: augmentation `augment[c - 1]`)."""
+        """Sample `i` as copy `copy` (0: the original, c: copy `augment[i][c - 1]`)."""
         if self.memory is None:
             return self._decode(i, copy)
         wanted = [k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
@@ -160,7 +162,7 @@ class SegmentationSamples(Dataset):
         parts = parts if parts is not None else [
             k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
         sample = self.samples[i]
-        name = self.augment[copy - 1] if copy else None
+        name = self.augment[i][copy - 1] if copy else None
         item = {
             "index": torch.tensor(i),
             "copy": torch.tensor(copy),
@@ -169,10 +171,10 @@ class SegmentationSamples(Dataset):
             else torch.zeros(4),
         }
         if "mask" in parts:
-            mask = apply(name, read_mask(sample.mask)[0])
+            mask = transform_mask(name, read_mask(sample.mask)[0])
             item["mask"] = resize_mask(mask, self.resolution)
         if "image" in parts:
-            item["image"] = self.transform(apply(name, read_image(sample.image)))
+            item["image"] = self.transform(transform_image(name, read_image(sample.image)))
         return item
 
 

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.augment import apply, extraction_jobs
+from pipeline.augment import extraction_jobs, transform_image
 from pipeline.backbone import PRESETS, build_backbone, image_features, resolve_checkpoint
 from pipeline.cache import FeatureCache, cache_path, writer_lock
 from pipeline.config import ExtractConfig
@@ -58,7 +58,7 @@ class ExtractSummary:
 
 
 class _PreprocessedImages(Dataset):
-    """(row, image (3, R, R) uint8, resized) for each (row, path, augmentation or None); the
+    """(row, image (3, R, R) uint8, resized) for each (row, path, copy name or None); the
     worker normalises on its device."""
 
     def __init__(self, share: list[tuple[int, str, str | None]], resolution: int):
@@ -68,8 +68,8 @@ class _PreprocessedImages(Dataset):
         return len(self.share)
 
     def __getitem__(self, i: int):
-        row, path, augmentation = self.share[i]
-        return row, self.transform(apply(augmentation, read_image(path)))
+        row, path, name = self.share[i]
+        return row, self.transform(transform_image(name, read_image(path)))
 
 
 def cache_signature(config: ExtractConfig) -> dict:
@@ -82,12 +82,13 @@ def cache_signature(config: ExtractConfig) -> dict:
 def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:
     """Extract every sample missing from the cache of `config`; `keys[i]` is `samples[i]`'s key.
 
-    With `config.augment_copies` K, K flipped/rotated copies of each training image too.
+    With `config.augment_copies` K, K augmented copies of each training image too
+    (`config.copy_plan`).
     """
     start = time.perf_counter()
     signature = cache_signature(config)
     context = DistributedContext.from_env(backend="gloo")  # coordination only
-    jobs = extraction_jobs(samples, keys, config.augment_copies)
+    jobs = extraction_jobs(samples, keys, config.copy_plan)
     unique = list(jobs)
     cache, path = None, cache_path(config.cache_dir, signature)
     with context.leader_lock(lambda: writer_lock(path, wait=config.wait)):

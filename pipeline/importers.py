@@ -231,7 +231,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
                   view_regex: str | None = None, view_from_subfolder: bool = False,
                   split_ratio: float | None = 0.8, split_column: str | None = None,
                   group_regex: str | None = None, seed: int = 0,
-                  allow_missing_masks: bool = False) -> Path:
+                  allow_missing_masks: bool = False, fov_dir: str | Path | None = None,
+                  fov_regex: str | None = None) -> Path:
     """Write a manifest for the images under `images_dir` (searched recursively).
 
     Masks in `masks_dir` pair with images by key: the file stem, or the first capture group of
@@ -241,6 +242,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     image, in its header (angles, and view `pipeline.dicom.view_label`). `split_column`, when
     given, is written as every row's split (e.g. "test"; "" leaves it empty) instead of a seeded
     split by `split_ratio` (None: no split), grouped by `group_regex`'s first capture if given.
+    Field-of-view masks in `fov_dir` fill the `fov` column, paired like masks (by stem or by
+    `fov_regex`'s first group); every image must have one.
     """
     images_dir = Path(images_dir).resolve()
     masks_root = Path(masks_dir).resolve() if masks_dir is not None else None
@@ -258,9 +261,14 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
             raise DatasetImportError(_list_problems(
                 f"{images_dir}: views come from subfolders, but these images sit at the top",
                 loose))
+    fov_root = Path(fov_dir).resolve() if fov_dir is not None else None
+    if fov_root is not None and fov_root != images_dir:  # FOV masks may sit under the images
+        images = [(key, path) for key, path in images if not path.is_relative_to(fov_root)]
     pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks)
+    fovs = _folder_masks(images, images_dir, fov_root, fov_regex, False,
+                         kind="field-of-view mask", remedy="check --fov-regex")
     view = _compile(view_regex, "view regex")
-    rows = [{"image": path, "mask": pairs.get(path),
+    rows = [{"image": path, "mask": pairs.get(path), "fov": fovs.get(path),
              **_view_fields(path, images_dir, view, view_from_subfolder)} for _, path in images]
     _assign_splits(rows, [path.name for _, path in images], split_ratio=split_ratio,
                    fixed_split=split_column, group_regex=group_regex, seed=seed)
@@ -268,22 +276,24 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
 
 
 def _folder_masks(images: list[tuple[str, Path]], images_dir: Path, masks_dir: Path | None,
-                  mask_regex: str | None, allow_missing: bool) -> dict[Path, Path]:
-    """The mask of each image (none without `masks_dir`); errors on ambiguous or missing masks."""
+                  mask_regex: str | None, allow_missing: bool, kind: str = "mask",
+                  remedy: str = "allow_missing_masks keeps them") -> dict[Path, Path]:
+    """The mask (or, `kind` "field-of-view mask", FOV) of each image, none without `masks_dir`;
+    errors on ambiguous or (unless `allow_missing`) missing ones."""
     if masks_dir is None:
         return {}
-    masks = _keyed(_list_images(masks_dir), _compile(mask_regex, "mask regex"))
+    option = "mask regex" if kind == "mask" else "fov regex"
+    masks = _keyed(_list_images(masks_dir), _compile(mask_regex, option))
     if not masks:
-        raise DatasetImportError(f"{masks_dir}: no mask files"
+        raise DatasetImportError(f"{masks_dir}: no {kind} files"
                                  + (f" matching {mask_regex!r}" if mask_regex else ""))
     pairs, problems = _pair_masks(images, masks, images_dir, masks_dir)
     if problems:
-        raise DatasetImportError(_list_problems("ambiguous masks", problems))
+        raise DatasetImportError(_list_problems(f"ambiguous {kind}s", problems))
     missing = [f"{path} (key {key!r})" for key, path in images if path not in pairs]
     if missing and not allow_missing:
         raise DatasetImportError(_list_problems(
-            f"images without a mask in {masks_dir}; allow_missing_masks keeps them",
-            missing))
+            f"images without a {kind} in {masks_dir}; {remedy}", missing))
     return pairs
 
 

@@ -18,6 +18,9 @@ COLUMNS = ("image", "mask", "view", "split")
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
 # Optional: the DICOM file and frame (from 1) a row's image was written from (`import dicom`).
 SOURCE_COLUMNS = ("source", "frame")
+# Optional: a field-of-view mask per row (DRIVE, CHASE_DB1 and HRF ship them); scores count
+# only the pixels inside it.
+FOV_COLUMN = "fov"
 UNKNOWN_VIEW = "<unknown>"
 
 
@@ -39,6 +42,8 @@ class Sample:
     """The DICOM file the image is a frame of, when the manifest says so."""
     frame: int | None = None
     """That frame's number in `source`, from 1 as in DICOM."""
+    fov: Path | None = None
+    """Field-of-view mask (optional column `fov`): every score counts only pixels inside it."""
 
 
 def read_manifest(path: str | Path) -> list[Sample]:
@@ -64,6 +69,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
                 split=record.get("split") or None,
                 angles=_angles(path, number, record),
                 **_source(path, number, record),
+                fov=_resolve(path.parent, record["fov"]) if record.get("fov") else None,
             ))
     if not samples:
         raise ManifestError(f"{path}: no rows")
@@ -71,18 +77,20 @@ def read_manifest(path: str | Path) -> list[Sample]:
 
 
 def write_manifest(path: str | Path, rows: list[dict]) -> Path:
-    """Write rows (dicts with the COLUMNS) as a manifest; paths made relative where possible."""
+    """Write rows (dicts with the COLUMNS, optionally angles and `fov`) as a manifest; paths
+    made relative where possible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
         optional = ANGLE_COLUMNS + SOURCE_COLUMNS
         columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
+        columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask", "source"):
+            for column in ("image", "mask", "source", FOV_COLUMN):
                 if out.get(column):
                     out[column] = _relative(path.parent, Path(out[column]))
             writer.writerow(out)

@@ -5,6 +5,10 @@
 Features come from the cache when it holds them for the run's adapter (the cache the run trained
 on while its adapter had not moved, or the cache of the run's saved adapter); every other image
 goes through the backbone. Masks are written as 0/255 PNG at each image's own size.
+
+Rows with a mask are scored as validation is (`pipeline.scoring`: at the image's own size, inside
+its `fov` when given): every score per row in predictions.csv, the means overall and per view in
+`report.json`, on the console, and overlays of the first `--overlays` rows in `overlays/`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -26,8 +29,11 @@ from pipeline.checkpoint import read_checkpoint, restore
 from pipeline.checks import check_manifest
 from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
-from pipeline.images import read_image
-from pipeline.manifest import read_manifest
+from pipeline.images import read_image, read_mask
+from pipeline.manifest import UNKNOWN_VIEW, Sample, read_manifest
+from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_image
+from pipeline.reporting import save_overlays, write_report
+from pipeline.scoring import native_logits, scoring_note, signed_image
 from pipeline.segmenter import build_segmenter
 from pipeline.training import resume_config
 
@@ -53,8 +59,11 @@ def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
 
 
 def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
-            batch_size: int = 8, loader_workers: int = 2, show: bool = True) -> list[dict]:
-    """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`."""
+            batch_size: int = 8, loader_workers: int = 2, show: bool = True,
+            overlays: int = 6) -> list[dict]:
+    """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`.
+
+    Rows with masks are scored (report.json); the first `overlays` rows get an overlay PNG."""
     device = torch.device(device)
     model, state, config, views = load_run(run_dir, device)
     samples = read_manifest(data)
@@ -66,7 +75,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     done = cache.done() if cache is not None else np.zeros(0, bool)
     cached = np.array([r >= 0 and bool(done[r]) for r in rows], dtype=bool)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, outputs = [], _Outputs(samples, out, overlays)
     pin = device.type == "cuda"
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
     for use_cache in (True, False):
@@ -86,26 +95,62 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
             with torch.no_grad():
                 logits = model(to_device(batch, device), live=not use_cache)
             for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
-                written.append(_write_mask(subset[j], item_logits, out, use_cache))
+                written.append(outputs.add(subset[j], item_logits, use_cache))
             bar.update(len(logits))
     bar.close()
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features"])
+        writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features",
+                                                    *SCORES])
         writer.writeheader()
         writer.writerows(written)
+    outputs.finish()
     return written
 
 
-def _write_mask(sample, logits: torch.Tensor, out: Path, cached: bool) -> dict:
-    """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W)."""
-    height, width = read_image(sample.image).shape[-2:]
-    full = F.interpolate(logits[None].float(), size=(height, width), mode="bilinear",
-                         align_corners=False)[0, 0]
-    path = out / f"{sample.row:05d}_{sample.image.stem}_mask.png"
-    Image.fromarray(((full > 0).cpu().numpy() * 255).astype(np.uint8)).save(path)
-    return {"row": sample.row, "image": str(sample.image), "mask": str(path),
-            "view": sample.view or "", "features": "cached" if cached else "live"}
+class _Outputs:
+    """What `predict` writes per row (mask PNG, scores, overlays) and at the end (report.json)."""
+
+    def __init__(self, samples: list[Sample], out: Path, overlays: int):
+        self.out, self.meter, self.scored = out, SegmentationMeter(), []
+        self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
+        self.overlays: dict[int, tuple] = {}
+
+    def add(self, sample: Sample, logits: torch.Tensor, cached: bool) -> dict:
+        """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W), and its scores."""
+        overlay = sample.row in self.overlay_rows
+        image = read_image(sample.image) if overlay or sample.mask is None else None
+        # Each row is scored once: decoded here, not kept (validation keeps its masks).
+        mask = read_mask(sample.mask)[0] if sample.mask is not None else None
+        fov = read_mask(sample.fov)[0] if sample.mask is not None and sample.fov else None
+        size = tuple(image.shape[-2:]) if mask is None else mask.shape  # equal: `check` says so
+        full = native_logits(logits.detach().cpu(), size)
+        pred = (full > 0).numpy()
+        path = self.out / f"{sample.row:05d}_{sample.image.stem}_mask.png"
+        Image.fromarray(pred.astype(np.uint8) * 255).save(path)
+        scores = {}
+        if mask is not None:
+            scores = score_image(pred, mask, prob=torch.sigmoid(full).numpy(), fov=fov)
+            self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
+            self.scored.append(sample)
+        if overlay:
+            self.overlays[sample.row] = (signed_image(image), mask, pred,
+                                         sample.image.name, sample.view or UNKNOWN_VIEW, scores)
+        return {"row": sample.row, "image": str(sample.image), "mask": str(path),
+                "view": sample.view or "", "features": "cached" if cached else "live",
+                **{k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}}
+
+    def finish(self) -> None:
+        """overlays/ and, when rows were scored, report.json and the console summary."""
+        if self.overlays:
+            parts = list(zip(*(self.overlays[row] for row in sorted(self.overlays)), strict=True))
+            save_overlays(self.out / "overlays", *parts)
+        if self.scored:
+            summary = self.meter.summary()
+            write_report(self.out / "report.json", summary, scoring=scoring_note(self.scored),
+                         split="predict")
+            print(f"scores of {len(self.scored)} rows with masks (each image at its own size):\n"
+                  + format_summary(summary), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-workers", type=int, default=2,
                         help="DataLoader processes decoding images")
+    parser.add_argument("--overlays", type=int, default=6,
+                        help="overlay PNGs of the first N rows in OUT/overlays (6)")
     args = parser.parse_args(argv)
     try:
         rows = predict(args.run, args.data, args.out, device=args.device,
-                       batch_size=args.batch_size, loader_workers=args.loader_workers)
+                       batch_size=args.batch_size, loader_workers=args.loader_workers,
+                       overlays=args.overlays)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.metrics import SCORES  # noqa: E402
+
 E2E_COLOUR = "orange"
 TP_RGB, FP_RGB, FN_RGB = (0.1, 0.9, 0.1), (1.0, 0.1, 0.1), (1.0, 0.0, 1.0)
 
@@ -58,16 +60,18 @@ def write_json(path: Path, obj) -> None:
     _atomic_write(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
-def write_report(path: Path, val: dict) -> None:
-    """report.json: {"val": {"dice", "iou", "cldice", "n", "per_view": {VIEW: {...}}, "epoch"}}."""
-    write_json(path, {"val": val})
+def write_report(path: Path, val: dict, scoring: dict | None = None, split: str = "val") -> None:
+    """report.json: {split: {<every score in SCORES>, "n", "per_view": {VIEW: {...}}, ...}}, and
+    "scoring" (how the scores were computed, `pipeline.scoring.scoring_note`) when given."""
+    write_json(path, {split: val, **({"scoring": scoring} if scoring is not None else {})})
 
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per epoch and split, appended and fsynced line by line.
 
-    A record holds at least epoch (int, 1-based), split ("train"/"val"), loss, dice, iou, cldice,
-    lr (floats), e2e (bool) and seconds; other keys are kept. A last line torn by a crash is
+    A record holds at least epoch (int, 1-based), split ("train"/"val"), loss, the scores of
+    `pipeline.metrics.SCORES` (dice, iou, cldice, ...), lr (floats), e2e (bool) and seconds;
+    other keys are kept. A last line torn by a crash is
     ignored by `read` and dropped by `truncate_after`.
     """
 
@@ -136,7 +140,8 @@ def _plot_loss(ax, records: list[dict]) -> None:
 
 
 def _plot_quality(ax, records: list[dict]) -> None:
-    for key, colour in (("dice", "C0"), ("iou", "C1"), ("cldice", "C2")):
+    for i, key in enumerate(SCORES):
+        colour = f"C{i}"
         x, y = _series(records, "val", key)
         if x:
             ax.plot(x, y, "-o", color=colour, ms=4, label=f"val {key}")
@@ -179,7 +184,7 @@ def _plot_wait(ax, records: list[dict]) -> None:
 
 
 def plot_curves(records: list[dict], out_png: Path) -> None:
-    """curves.png from metrics records: loss, val Dice/IoU/clDice (train Dice dashed) and, when
+    """curves.png from metrics records: loss, every val score (train Dice dashed) and, when
     logged, cache drift cosine and data-wait share, against the optimizer step (the epoch for
     records without one); intervals that ran end to end (e2e) shaded.
 
@@ -261,13 +266,14 @@ def _safe(name: str) -> str:
 def save_overlays(out_dir: Path, images, masks, preds, names: list[str], views: list[str],
                   scores: list[dict] | None = None) -> list[Path]:
     """One PNG per sample, `out_dir/<index:02d>_<safe name>.png`, with 4 panels: image, ground
-    truth, prediction, errors on the image (TP green, FP red, FN magenta).
+    truth, prediction, errors on the image (TP green, FP red, FN magenta); a sample whose mask
+    is None gets 3: image, prediction, prediction on the image (red).
 
-    `images` (N, 3, R, R) float in [-1, 1] (shown as (x + 1) / 2 clipped); `masks`, `preds`
-    (N, R, R) bool, numpy or torch. The title's Dice is `scores[i]["dice"]` when given, else
-    computed here. Returns the N paths written.
+    `images[i]` (3, H, W) float in [-1, 1] (shown as (x + 1) / 2 clipped); `masks[i]` and
+    `preds[i]` (H, W) bool, numpy or torch: a batch (N, ...) or a list of images that may differ
+    in size. The title's Dice is `scores[i]["dice"]` when given, else computed here. Returns the
+    N paths written.
     """
-    images, masks, preds = _numpy(images, np.float32), _numpy(masks, bool), _numpy(preds, bool)
     if not len(images) == len(masks) == len(preds) == len(names) == len(views):
         raise ValueError(f"images/masks/preds/names/views lengths differ: {len(images)}, "
                          f"{len(masks)}, {len(preds)}, {len(names)}, {len(views)}")
@@ -275,22 +281,36 @@ def save_overlays(out_dir: Path, images, masks, preds, names: list[str], views: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, name in enumerate(names):
-        rgb = np.clip((images[i].transpose(1, 2, 0) + 1) / 2, 0, 1)
-        mask, pred = masks[i], preds[i]
+        rgb = np.clip((_numpy(images[i], np.float32).transpose(1, 2, 0) + 1) / 2, 0, 1)
+        pred = _numpy(preds[i], bool)
+        mask = None if masks[i] is None else _numpy(masks[i], bool)
+        fig, title = _overlay_figure(rgb, mask, pred)
         given = scores[i].get("dice") if scores else None
-        dice = float(given) if given is not None else _dice(mask, pred)
-        fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
-        panels = (("image", rgb), (f"ground truth ({int(mask.sum())} px)", mask),
-                  (f"prediction ({int(pred.sum())} px)", pred),
-                  ("errors: TP green, FP red, FN magenta", error_overlay(rgb, mask, pred)))
-        for ax, (title, picture) in zip(axes, panels, strict=True):
-            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=10)
-            ax.axis("off")
-        fig.suptitle(f"{name}   view {views[i]}   Dice {dice:.3f}", fontsize=12)
+        if mask is not None:
+            title += f"   Dice {float(given) if given is not None else _dice(mask, pred):.3f}"
+        fig.suptitle(f"{name}   view {views[i]}{title}", fontsize=12)
         fig.tight_layout()
         path = out_dir / f"{i:02d}_{_safe(name)}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _overlay_figure(rgb: np.ndarray, mask: np.ndarray | None, pred: np.ndarray):
+    """The panels of one overlay: (figure, title suffix)."""
+    if mask is None:
+        panels = (("image", rgb), (f"prediction ({int(pred.sum())} px)", pred),
+                  ("prediction on the image", error_overlay(rgb, np.zeros_like(pred), pred)))
+        suffix = "   (no mask)"
+    else:
+        panels = (("image", rgb), (f"ground truth ({int(mask.sum())} px)", mask),
+                  (f"prediction ({int(pred.sum())} px)", pred),
+                  ("errors: TP green, FP red, FN magenta", error_overlay(rgb, mask, pred)))
+        suffix = ""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.6))
+    for ax, (title, picture) in zip(axes, panels, strict=True):
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    return fig, suffix

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from pipeline.augment import augmented_key, copies
+from pipeline.augment import augmented_key
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.datasets import DecodedSamples, SegmentationSamples, collate_samples, to_device
@@ -25,8 +25,9 @@ from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
 from pipeline.losses import training_loss
 from pipeline.manifest import UNKNOWN_VIEW
-from pipeline.metrics import SegmentationMeter, score_batch
-from pipeline.reporting import MetricsLog, plot_curves, save_overlays, write_json, write_report
+from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_batch
+from pipeline.reporting import MetricsLog, plot_curves, write_json, write_report
+from pipeline.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.segmenter import build_segmenter
 from pipeline.steps import BatchStream, EpochSampler, build_optimizer, build_scheduler, warmup_steps
 from pipeline.tensorboard_log import TensorBoardLog
@@ -45,11 +46,11 @@ class _Data:
         config = prepared.config
         self.resolution = _resolution(config.backbone)
         self.per_rank_batch = max(1, config.batch_size // context.world_size)
-        augment = copies(config.augment_copies)
+        augment = [config.copy_plan.names(k) for k in prepared.train_keys]
         self.memory = {
             split: DecodedSamples() if DecodedSamples.fits(count, self.resolution,
                                                            config.memory_cache_mb) else None
-            for split, count in (("train", len(prepared.train) * (1 + len(augment))),
+            for split, count in (("train", len(prepared.train) * (1 + len(augment[0]))),
                                  ("val", len(prepared.val)))}
         common = dict(resolution=self.resolution, views=prepared.views)
         self.train_cached = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
@@ -71,12 +72,14 @@ class _Data:
             ("val", True): self._loader(Subset(self.val_live, mine), None, "val")}
         self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
                                   lambda live: self.train_loader(live))
+        self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
         self.point_at(cache)
 
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
-        store, augment = FeatureCache.open(cache), copies(cfg.augment_copies)
-        train_keys = [[k] + [augmented_key(k, a) for a in augment] for k in p.train_keys]
+        store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
+        train_keys = [[k] + [augmented_key(k, a) for a in names]
+                      for k, names in zip(p.train_keys, augment, strict=True)]
         train_rows, val_rows = store.rows_for(sum(train_keys, [])), store.rows_for(p.val_keys)
         done = store.done()
         for rows in (train_rows, val_rows):
@@ -145,14 +148,17 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 
 def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, live=False,
               max_steps=0, steps=None, show=True, desc="", centrelines: int | None = None,
-              loss_name: str = "dice_bce", bar: tqdm | None = None
+              loss_name: str = "dice_bce", bar: tqdm | None = None,
+              targets: NativeTargets | None = None
               ) -> tuple[SegmentationMeter, float, int, float, float]:
     """One pass over `loader` (or its first `steps`/`max_steps` batches); trains when
     `optimizer` is given, stepping `scheduler` after each optimizer step.
 
     Returns (meter, loss sum, samples, wait s, compute s): wait is the time spent getting
     batches, compute the time in forward, loss, backward and the optimizer.
-    Every image gets Dice and IoU; clDice only the first `centrelines` images (None: all).
+    Without `targets` (training) images are scored at the model's resolution against the
+    resized masks, without AUC, and clDice only for the first `centrelines` images (None: all);
+    with `targets` (validation) every score of every image at its own size (pipeline.scoring).
     Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     """
     training = optimizer is not None
@@ -184,11 +190,14 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
             n, loss_value = len(batch["mask"]), float(loss.detach())  # syncs the device
             compute += time.perf_counter() - t_data
             loss_sum, count = loss_sum + loss_value * n, count + n
-            pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
-            scored.append((scoring.submit(
-                score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
-                centrelines=None if centrelines is None else max(0, centrelines - (count - n))),
-                [views.label(i) for i in batch["view"].tolist()]))
+            if targets is None:
+                pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
+                job = scoring.submit(
+                    score_batch, pred, batch["mask"].squeeze(1).cpu().numpy() > 0.5,
+                    centrelines=None if centrelines is None else max(0, centrelines - (count - n)))
+            else:
+                job = scoring.submit(targets.score, logits.detach().cpu(), batch["index"].tolist())
+            scored.append((job, [views.label(i) for i in batch["view"].tolist()]))
             while joined < len(scored) and scored[joined][0].done():
                 meter.add(scored[joined][0].result(), scored[joined][1])
                 joined += 1
@@ -274,7 +283,8 @@ def train_process(prepared: Prepared, context) -> None:
         # DDP forward is a collective (it broadcasts buffers).
         vmeter, vloss, vcount, _, _ = run_epoch(model, data.val_loader(live_val), device,
                                                 prepared.views, live=live_val, show=leader,
-                                                desc="  validation", loss_name=config.loss)
+                                                desc="  validation", loss_name=config.loss,
+                                                targets=data.val_targets)
         val = _gather_meter(vmeter, context).summary()
         val_record = {"step": state["step"], "epoch": train_record["epoch"], "split": "val",
                       "lr": train_record["lr"], "e2e": live_val,
@@ -344,7 +354,7 @@ def _train_interval(net, model, data: _Data, prepared: Prepared, state: dict, st
 
 
 def _scores(summary: dict) -> dict:
-    keep = ("dice", "iou", "cldice", "per_view")
+    keep = (*SCORES, "per_view")
     return {k: summary[k] for k in keep if k in summary}
 
 
@@ -436,19 +446,30 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
     run_dir, config = prepared.run_dir, prepared.config
     best_state = load_checkpoint(run_dir / "best.pt", model)
     best = best_state["best"]
-    write_report(run_dir / "report.json", best["val"])
+    write_report(run_dir / "report.json", best["val"], scoring=scoring_note(prepared.val))
     plot_curves(log.read(), run_dir / "curves.png")
     chosen = _spread_over_views(prepared.val, config.overlays)
     if chosen:
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        save_overlays(run_dir / "overlays",
-                      *_overlay_inputs(model, prepared, data, device, chosen, live),
-                      [prepared.val[i].view or UNKNOWN_VIEW for i in chosen])
+        dataset = data.val_live if live else data.val_cached
+        batch = collate_samples([dataset[i] for i in chosen])
+        if not live:
+            batch["features"] = data.cached_features("val", chosen)
+        batch = to_device(batch, device)
+        model.eval()
+        with torch.no_grad():
+            logits = model(batch, live=live).cpu()
+        save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
+                             [data.val_targets.get(i) for i in chosen])
     write_json(run_dir / "caches.json", caches)
     if tb:
         tb.hparams(best["val"])
         tb.close()
     print(f"run directory: {run_dir}  best step {best['step']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
+    if best["val"].get("n"):
+        print("validation scores of the best epoch (each image at its own size):\n"
+              + format_summary(best["val"]), flush=True)
+

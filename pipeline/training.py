@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.augment import extraction_jobs
+from pipeline.augment import VERSION, extraction_jobs
 from pipeline.cache import FeatureCache, cache_path
 from pipeline.checks import check_manifest
 from pipeline.config import TrainConfig
@@ -59,7 +59,7 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
     signature = cache_signature(extract)
     path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
     cache = FeatureCache.find(config.cache_dir, signature)
-    wanted = list(extraction_jobs(samples, keys, config.augment_copies))
+    wanted = list(extraction_jobs(samples, keys, config.copy_plan))
     missing = len(wanted) if cache is None else int(
         sum(1 for r, d in _rows_done(cache, wanted) if r < 0 or not d))
     if missing and config.extract_missing:
@@ -88,6 +88,10 @@ def _extract_command(extract) -> str:
               f"--cache-dir {extract.cache_dir}"]
     if extract.augment_copies:
         parts.append(f"--augment-copies {extract.augment_copies}")
+        if extract.augment != "random":
+            parts.append(f"--augment {extract.augment}")
+        if extract.augment_seed:
+            parts.append(f"--augment-seed {extract.augment_seed}")
     if extract.device == "cpu":
         parts.append("--device cpu")
     return " ".join(parts)
@@ -122,6 +126,7 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
                 "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
                                                     "signature": signature},
                 "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
+                "augment_version": VERSION,
             })
     context.barrier()
     return Prepared(config, run_dir, train, val, [key_of[s] for s in train],

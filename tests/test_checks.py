@@ -113,6 +113,26 @@ def test_clean_manifest_without_masks(tmp_path):
     assert check_manifest(samples, require_masks=True).errors[0].message.startswith("no mask")
 
 
+def test_fields_of_view_are_checked(tmp_path):
+    d = tmp_path
+    truncated = _mask(d / "f_truncated.png")
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    fovs = [_mask(d / "f_good.png"), d / "f_gone.png", truncated,
+            _mask(d / "f_wide.png", size=(16, 24)), _mask(d / "f_empty.png", empty=True)]
+    rows = [{"image": _image(d / f"i{i}.png", i), "mask": _mask(d / f"m{i}.png"), "fov": fov,
+             "view": "AP", "split": "train"} for i, fov in enumerate(fovs, start=1)]
+    samples = _manifest(tmp_path, rows)
+    assert samples[0].fov == (d / "f_good.png").resolve()
+    report = check_manifest(samples, require_masks=True)
+    by_row = {problem.row: problem for problem in report.errors}
+    assert sorted(by_row) == [2, 3, 4, 5]
+    assert str(by_row[2]) == f"row 2: {d / 'f_gone.png'}: field of view file not found"
+    assert by_row[3].path == truncated and "field of view cannot be" in by_row[3].message
+    assert by_row[4].message == ("field of view is 16x24 (HxW) but its image i4.png is "
+                                 "16x20 (HxW)")
+    assert by_row[5].message == "field of view is empty (nothing to score)"
+
+
 def test_dicom_sources_and_images_checked_once_per_file(tmp_path):
     """Rows from DICOM: a source gone, shortened (frame past the last), without pixel data,
     without angles (one warning per file), and DICOM images decoded by the row check."""

@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from pipeline.augment import CopyPlan
 from pipeline.config import ExtractConfig, TrainConfig, add_arguments, from_arguments
 
 
@@ -35,7 +36,9 @@ def test_flags_parse_into_the_config():
     ({"levels": ("2x",)}, "--levels must include 1x"),
     ({"levels": ("1x", "8x")}, "--levels must include 1x"),
     ({"amp": "fp8"}, "--amp must be"),
-    ({"augment_copies": 9}, "between 0 and 5"),
+    ({"augment_copies": 33}, "between 0 and 32"),
+    ({"augment": "flips", "augment_copies": 6}, "between 0 and 5"),
+    ({"augment": "elastic"}, "--augment must be one of"),
     ({"device": "tpu"}, "--device must be"),
 ])
 def test_contradictory_or_unknown_settings_are_refused(kwargs, message):
@@ -55,8 +58,9 @@ def test_stage_specific_checks():
 
 def test_training_config_names_the_cache_it_needs():
     config = TrainConfig(device="cpu", backbone="tiny", levels=("1x", "2x"), augment_copies=1,
-                         adapter="runs/x/adapter")
+                         adapter="runs/x/adapter", augment_seed=2)
     extract = config.extract_config()
+    assert extract.copy_plan == config.copy_plan == CopyPlan("random", 1, 2)
     assert (extract.backbone, extract.levels, extract.amp, extract.adapter,
             extract.augment_copies) == ("tiny", ("1x", "2x"), "off", "runs/x/adapter", 1)
     assert config.extract_config(adapter="other").adapter == "other"

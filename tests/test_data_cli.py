@@ -43,6 +43,19 @@ def test_import_folder_then_check_ok(dataset, capsys):
     assert "0 errors" in capsys.readouterr().out
 
 
+def test_import_folder_with_fields_of_view(dataset, capsys):
+    for index in range(4):
+        _png(dataset / "fov" / f"fov_{index}.png", 255)
+    out = dataset / "manifest.csv"
+    assert main(["import", "folder", str(dataset / "images"), "--out", str(out),
+                 "--masks", str(dataset / "masks"), "--fov", str(dataset / "fov"),
+                 "--image-regex", r"^(\d+)_", "--mask-regex", r"^(\d+)_",
+                 "--fov-regex", r"fov_(\d+)"]) == 0
+    assert "4 with masks, 4 with a field of view" in capsys.readouterr().out
+    assert [s.fov.name for s in read_manifest(out)] == [f"fov_{i}.png" for i in range(4)]
+    assert main(["check", str(out)]) == 0
+
+
 def test_check_errors_exit_1_and_name_the_file(dataset, capsys):
     out = dataset / "manifest.csv"
     main(["import", "folder", str(dataset / "images"), "--out", str(out),

@@ -41,7 +41,8 @@ def cached(tmp_path):
 
 def _batches(samples, cache, rows, *, workers=0, levels=("1x", "2x"), batch_size=3):
     dataset = SegmentationSamples(samples, resolution=32, with_image=False,
-                                  views=ViewVocabulary.from_samples(samples), augment=("hflip",))
+                                  views=ViewVocabulary.from_samples(samples),
+                                  augment=[("hflip",)] * len(samples))
     dataset.epoch = 3
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=True,
                         generator=torch.Generator().manual_seed(0), collate_fn=collate_samples)

@@ -51,6 +51,37 @@ def test_drive_layout_paired_by_regex(tmp_path):
     assert all(s.view is None and s.angles is None for s in samples)
 
 
+def test_fields_of_view_paired_by_regex(tmp_path):
+    for number in (21, 22):  # DRIVE's layout: images/, 1st_manual/ and mask/ (the FOV)
+        _png(tmp_path / "images" / f"{number}_training.png")
+        _png(tmp_path / "1st_manual" / f"{number}_manual1.png")
+        _png(tmp_path / "mask" / f"{number}_training_mask.png", value=255)
+    common = dict(masks_dir=tmp_path / "1st_manual", image_regex=r"(\d+)_training",
+                  mask_regex=r"(\d+)_manual1")
+    out = import_folder(tmp_path / "images", tmp_path / "m.csv", fov_dir=tmp_path / "mask",
+                        fov_regex=r"(\d+)_training_mask", **common)
+    samples = read_manifest(out)
+    assert [(s.image.name, s.fov.name) for s in samples] == [
+        ("21_training.png", "21_training_mask.png"), ("22_training.png", "22_training_mask.png")]
+    assert "fov" in out.read_text().splitlines()[0].split(",")
+    _png(tmp_path / "images" / "23_training.png")
+    with pytest.raises(DatasetImportError, match=r"(?s)without a field-of-view.*23_training"):
+        import_folder(tmp_path / "images", tmp_path / "m.csv", fov_dir=tmp_path / "mask",
+                      fov_regex=r"(\d+)_training_mask", allow_missing_masks=True, **common)
+    without = read_manifest(import_folder(tmp_path / "images", tmp_path / "n.csv",
+                                          allow_missing_masks=True, **common))
+    assert all(s.fov is None for s in without)
+    assert "fov" not in (tmp_path / "n.csv").read_text().splitlines()[0]
+
+
+def test_fields_of_view_inside_the_image_folder_are_not_images(tmp_path):
+    _png(tmp_path / "images" / "a.png")
+    _png(tmp_path / "images" / "fov" / "a.png", value=255)
+    out = import_folder(tmp_path / "images", tmp_path / "m.csv",
+                        fov_dir=tmp_path / "images" / "fov")
+    assert [(s.image.name, s.fov.parent.name) for s in read_manifest(out)] == [("a.png", "fov")]
+
+
 def test_missing_masks_listed_or_allowed(tmp_path):
     _png(tmp_path / "images" / "a.png")
     _png(tmp_path / "images" / "b.png")

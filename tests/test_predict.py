@@ -1,11 +1,16 @@
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import make_dataset
 from PIL import Image
 
 from pipeline.config import TrainConfig
+from pipeline.images import read_mask
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.metrics import SCORES
 from pipeline.predict import main as predict_main
 from pipeline.training import train
 
@@ -48,3 +53,72 @@ def test_after_end_to_end_epochs_the_stale_cache_is_not_used(dataset, tmp_path):
     assert predict_main(["--run", str(run), "--data", str(dataset), "--out", str(out),
                          "--device", "cpu"]) == 0
     assert {r["features"] for r in _rows(out)} == {"live"}
+
+
+def _non_square_dataset(folder: Path, n: int = 8, shape=(70, 90), with_masks=True) -> Path:
+    """n gray images of `shape` (H, W), not the tiny backbone's 252 x 252, with vessel masks
+    and elliptical fields of view; every other image is a val row."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    fov = ((yy / shape[0] - 0.5) / 0.45) ** 2 + ((xx / shape[1] - 0.5) / 0.45) ** 2 < 1
+    rows = []
+    for i in range(n):
+        mask = np.zeros(shape, bool)
+        mask[:, 20 + 3 * i: 23 + 3 * i] = True
+        mask[np.abs(yy - xx * shape[0] / shape[1] - i) < 1.5] = True
+        image = rng.integers(100, 255, shape).astype(np.uint8)
+        image[mask] //= 3
+        for name, array in (("img", image), ("mask", mask * 255), ("fov", fov * 255)):
+            Image.fromarray(array.astype(np.uint8)).save(folder / f"{name}{i}.png")
+        rows.append({"image": folder / f"img{i}.png", "view": "AP" if i % 4 < 2 else "LAO",
+                     "mask": folder / f"mask{i}.png" if with_masks else None,
+                     "fov": folder / f"fov{i}.png", "split": "val" if i % 2 else "train"})
+    return write_manifest(folder / "manifest.csv", rows)
+
+
+def _by_hand(pred: np.ndarray, mask: np.ndarray, fov: np.ndarray) -> dict:
+    tp, fp = (pred & mask & fov).sum(), (pred & ~mask & fov).sum()
+    fn, tn = (~pred & mask & fov).sum(), (~pred & ~mask & fov).sum()
+    return {"dice": 2 * tp / (2 * tp + fp + fn), "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp), "accuracy": (tp + tn) / fov.sum()}
+
+
+def test_validation_and_predict_score_each_image_at_its_own_size(tmp_path, capsys):
+    data = _non_square_dataset(tmp_path / "data")
+    run = train(TrainConfig(data=str(data), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                            run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
+                            extract_missing=True, loader_workers=0, overlays=2, device="cpu",
+                            lr=1e-2))
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    printed = capsys.readouterr().out
+    assert "validation scores of the best epoch" in printed
+    assert all(f" {name} " in printed for name in SCORES)
+    report = json.loads((run / "report.json").read_text())
+    assert report["scoring"]["fov"] == "4 of 4 images scored inside their field of view"
+    out = tmp_path / "pred"
+    assert predict_main(["--run", str(run), "--data", str(data), "--out", str(out),
+                         "--device", "cpu"]) == 0
+    rows = _rows(out)
+    assert {r["features"] for r in rows} == {"cached"}  # the logits validation scored
+    hand = []
+    for sample, row in zip(read_manifest(data), rows, strict=True):
+        pred = np.asarray(Image.open(row["mask"])) > 0  # resized back to 70 x 90
+        assert pred.shape == (70, 90)
+        hand.append(_by_hand(pred, read_mask(sample.mask)[0], read_mask(sample.fov)[0]))
+        assert float(row["dice"]) == pytest.approx(hand[-1]["dice"], abs=1e-6)
+    val = [h for h, s in zip(hand, read_manifest(data), strict=True) if s.split == "val"]
+    for name in ("dice", "sensitivity", "specificity", "accuracy"):
+        assert report["val"][name] == pytest.approx(np.mean([h[name] for h in val]))
+    assert 0.0 <= report["val"]["auc"] <= 1.0
+    predicted = json.loads((out / "report.json").read_text())["predict"]
+    assert predicted["n"] == 8 and set(predicted["per_view"]) == {"AP", "LAO"}
+    assert predicted["dice"] == pytest.approx(np.mean([h["dice"] for h in hand]))
+    assert len(list((out / "overlays").glob("*.png"))) == 6
+    # Without masks: masks and overlays, no scores and no report.
+    bare = _non_square_dataset(tmp_path / "bare", n=2, with_masks=False)
+    assert predict_main(["--run", str(run), "--data", str(bare), "--out", str(tmp_path / "b"),
+                         "--device", "cpu", "--overlays", "1"]) == 0
+    assert not (tmp_path / "b" / "report.json").exists()
+    assert len(list((tmp_path / "b" / "overlays").glob("*.png"))) == 1
+    assert all(r["dice"] == "" for r in _rows(tmp_path / "b"))

@@ -190,13 +190,25 @@ def test_save_overlays_numpy_and_given_scores(tmp_path):
         save_overlays(tmp_path, images, masks, preds, ["only-one.png"], ["AP"])
 
 
+def test_save_overlays_of_images_of_different_sizes_with_and_without_masks(tmp_path):
+    (wide, wide_mask, wide_pred), (tall, _, tall_pred) = (
+        (t[0] for t in _samples(1, size=size)) for size in (40, 24))
+    wide, wide_mask, wide_pred = wide[:, :20], wide_mask[:20], wide_pred[:20]  # 20 x 40
+    paths = save_overlays(tmp_path, [wide, tall], [wide_mask, None], [wide_pred, tall_pred],
+                          ["wide.png", "tall.png"], ["AP", "AP"])
+    four, three = (_open_png(p).size for p in paths)
+    assert four[0] / four[1] > three[0] / three[1]  # a mask adds the truth and errors panels
+    assert three[0] > 2 * three[1]  # image, prediction, prediction on the image
+
+
 def test_write_report_round_trip(tmp_path):
     val = {"dice": 0.71, "iou": 0.55, "cldice": float("nan"), "n": 12, "epoch": 4,
            "per_view": {"LAO": {"dice": 0.7, "iou": 0.5, "cldice": 0.6, "n": 6},
                         "RAO": {"dice": np.float64(0.72), "iou": 0.6, "cldice": 0.6, "n": 6}}}
     path = tmp_path / "report.json"
-    write_report(path, val)
+    write_report(path, val, scoring={"size": "native"})
     text = path.read_text()
+    assert json.loads(text)["scoring"] == {"size": "native"}
     assert "NaN" not in text and text.startswith('{\n  "val"')
     loaded = json.loads(text)["val"]
     assert loaded["cldice"] is None and loaded["n"] == 12 and loaded["epoch"] == 4

@@ -88,7 +88,7 @@ def test_a_run_still_training_takes_its_best_from_metrics(runs, tmp_path):
 
 def test_bad_input_names_what_is_wrong(runs, tmp_path, capsys):
     with pytest.raises(RunsError, match="not a score of these runs; choose one of dice"):
-        compare([str(runs / "*")], sort="sensitivity")
+        compare([str(runs / "*")], sort="hausdorff")
     with pytest.raises(RunsError, match="matches"):
         compare([str(tmp_path / "none-*")])
     (tmp_path / "empty").mkdir()
