@@ -55,7 +55,7 @@ def test_decoded_samples_serve_the_same_items_without_reading_the_files_again(tm
     views = ViewVocabulary.from_samples(samples)
     memory = DecodedSamples()
     kept = SegmentationSamples(samples, resolution=32, views=views, memory=memory,
-                               augment=("hflip",))
+                               augment=[("hflip",)] * 4)
     first = [kept.item(i, c) for i in range(4) for c in (0, 1)]
     for path in {s.image for s in samples} | {s.mask for s in samples}:
         path.unlink()  # from now on only memory can serve them
@@ -74,8 +74,8 @@ def test_decoded_items_equal_decoding_from_the_files(tmp_path):
     samples = read_manifest(make_dataset(tmp_path / "d", 4, size=32))
     views = ViewVocabulary.from_samples(samples)
     kept = SegmentationSamples(samples, resolution=32, views=views, memory=DecodedSamples(),
-                               augment=("rot90",))
-    fresh = SegmentationSamples(samples, resolution=32, views=views, augment=("rot90",))
+                               augment=[("rot90",)] * 4)
+    fresh = SegmentationSamples(samples, resolution=32, views=views, augment=[("rot90",)] * 4)
     for i in range(4):
         for copy in (0, 1):
             a, b = kept.item(i, copy), fresh.item(i, copy)
@@ -87,7 +87,7 @@ def test_decoded_items_equal_decoding_from_the_files(tmp_path):
 def test_epoch_reaches_persistent_workers(tmp_path):
     samples = read_manifest(make_dataset(tmp_path / "d", 4, size=32))
     dataset = SegmentationSamples(samples, resolution=32, views=ViewVocabulary.from_samples(
-        samples), augment=("hflip", "vflip", "rot90"), with_image=False)
+        samples), augment=[("hflip", "vflip", "rot90")] * 4, with_image=False)
     loader = DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True,
                         collate_fn=collate_samples)
     for epoch in (0, 7):
