@@ -70,7 +70,8 @@ def train_config(args, manifest: Path, workers: int, run_dir: Path, **overrides)
                   amp=args.amp, extract_missing=True, epochs=args.epochs,
                   batch_size=args.batch_size, e2e_every=args.epochs, device=args.device,
                   gpus=(0,) if args.device == "cuda" else (), loader_workers=workers,
-                  run_dir=str(run_dir), overlays=2)
+                  run_dir=str(run_dir), overlays=2,
+                  memory_cache_mb=0)  # the loader-worker path this bench compares
     return TrainConfig(**{**values, **overrides})
 
 

@@ -1,7 +1,8 @@
 """Checkpoints that hold everything needed to resume, and the peft adapter export.
 
-A checkpoint holds the decoder, the LoRA weights, optimizer, scheduler, epoch, every RNG state,
-the resolved config, the views, and the cache (with its signature) the run was training on.
+A checkpoint holds the decoder, the LoRA weights, optimizer (head and LoRA groups), scheduler,
+the step and data-order position, every RNG state, the resolved config, the views, and the
+cache (with its signature) the run was training on.
 Files are written beside their target, fsynced and renamed over it (`write_atomically`): a crash
 or a full disk leaves the previous one, and no temporary file.
 """
@@ -68,7 +69,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None) -> dict:
     """Restore the model (and, for a resume, optimizer, scheduler and RNG states) from `path`;
-    returns its training state (epoch, best, cache, caches)."""
+    returns its training state (step, stream position, best, cache, caches)."""
     return restore(read_checkpoint(path), model, optimizer, scheduler)
 
 

@@ -75,6 +75,34 @@ def from_arguments(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
+LOSSES = ("dice_bce", "dice_bce_cldice")
+"""Values of --loss (pipeline.losses)."""
+
+DEFAULT_EPOCHS, MIN_STEPS, MAX_STEPS = 20, 600, 20_000
+"""The step budget without --steps or --epochs (see `default_steps`)."""
+VALIDATIONS = 15
+"""Validations a run gets without --val-every."""
+
+
+def steps_per_epoch(train_samples: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over `train_samples` (the last batch may be short)."""
+    return max(1, -(-train_samples // batch_size))
+
+
+def default_steps(train_samples: int, batch_size: int) -> int:
+    """The budget without --steps or --epochs: DEFAULT_EPOCHS passes over the training set,
+    clamped to [MIN_STEPS, MAX_STEPS].
+
+    The floor is for small vessel sets, however few steps an epoch has: on CHASE_DB1 (14
+    training images, one step an epoch at batch 16) val Dice was still rising at step 120 of a
+    600-step run (0.29, 0.54, 0.62 at steps 40, 80, 120) and at step 200 of 200-step runs
+    (BENCHMARKS.md). The ceiling keeps 50 000 images (3 125 steps an epoch at batch 16) to
+    6.4 epochs.
+    """
+    wanted = DEFAULT_EPOCHS * steps_per_epoch(train_samples, batch_size)
+    return min(MAX_STEPS, max(MIN_STEPS, wanted))
+
+
 def _check_backbone(backbone: str, levels: tuple[str, ...], amp: str) -> None:
     if backbone not in PRESETS:
         raise ValueError(f"--backbone must be one of {sorted(PRESETS)}, not {backbone!r}")
@@ -212,14 +240,26 @@ class TrainConfig(FeatureSource):
 
     extract_missing: bool = False
     """Run Stage A first for images the cache lacks, instead of stopping."""
-    epochs: int = 30
-    """Training epochs."""
+    steps: int | None = None
+    """Total optimizer steps. Without --steps or --epochs: `default_steps` of the training set
+    (20 epochs, at least 600 and at most 20000 steps)."""
+    epochs: int | None = None
+    """Alternative to --steps: this many passes over the training set (0 or unset: --steps)."""
     batch_size: int = 16
     """Samples per optimizer step, over all processes."""
-    lr: float = 1e-4
-    """AdamW learning rate (cosine decay to zero)."""
+    lr: float = 3e-3
+    """AdamW learning rate of the decoder, the feature projection and the view embedding
+    (linear warm-up, then cosine decay to zero, per step); 3e-3 beat 1e-3 and 1e-4 on two
+    datasets at the same budget (BENCHMARKS.md)."""
+    lora_lr: float = 1e-4
+    """AdamW learning rate of the LoRA adapter (same schedule)."""
+    warmup: float = 0.05
+    """Share of the steps over which the learning rates rise linearly from zero."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    val_every: int | None = None
+    """Validate, checkpoint (last.pt; best.pt by val Dice) every N steps; default: each epoch
+    with --epochs, else about 15 validations a run (steps / 15). The last step validates."""
     lora_r: int = 16
     """LoRA rank on the trunk's attention qkv and proj."""
     lora_alpha: int = 32
@@ -227,14 +267,16 @@ class TrainConfig(FeatureSource):
     lora_dropout: float = 0.05
     """LoRA dropout."""
     e2e_every: int = 5
-    """Every K-th epoch runs end to end through the LoRA'd backbone on raw images (0: never)."""
+    """Every K-th validation interval trains end to end through the LoRA'd backbone on raw
+    images (0: never)."""
     e2e_steps: int = 0
-    """Steps of an end-to-end epoch (0: a whole pass)."""
+    """End-to-end steps at the start of such an interval, the rest from the cache (0: all of
+    its --val-every steps)."""
     activation_checkpointing: bool = True
     """End-to-end steps recompute each ViT block in the backward pass instead of keeping its
     activations (SAM 3's own setting): far less memory for about one more forward pass."""
     refresh_cache: bool = False
-    """After an end-to-end epoch, extract the cache of the new adapter and train on it."""
+    """After end-to-end steps, extract the cache of the new adapter and train on it."""
     image_branch: bool = True
     """A shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64
@@ -256,24 +298,65 @@ class TrainConfig(FeatureSource):
     """Validation samples drawn as image / truth / prediction overlays."""
     probe_size: int = 4
     """Training images used to measure the drift of cached against live features."""
+    view_conditioning: bool = True
+    """FiLM of the projected features by the view embedding (and angles); off: every view
+    shares one decoder (an ablation, BENCHMARKS.md)."""
+    loss: str = "dice_bce"
+    """Training loss: dice_bce, or dice_bce_cldice (adds soft clDice, a centreline term)."""
+    memory_cache_mb: int = 2048
+    """Decoded, resized masks and images of a split are kept in memory when all of them fit in
+    this many MB: each file is decoded once per run and cached steps need no loader workers
+    (0: decode every time, in --loader-workers processes)."""
     train_cldice: int = 64
-    """Training images per epoch and process that also get clDice (a skeleton costs 5-40 ms of
-    CPU per 1008 px mask); Dice and IoU score every image, validation every score."""
+    """Training images per validation interval and process that also get clDice (a skeleton
+    costs 5-40 ms of CPU per 1008 px mask); Dice and IoU score every image, validation
+    every score."""
     tensorboard: bool = True
     """Write TensorBoard event files into <run-dir>/tensorboard/ (rank 0): scores, lr, data
     wait, overlays at each validation, the config and hparams."""
 
     def __post_init__(self):
         super().__post_init__()
-        if min(self.epochs, self.batch_size, self.lora_r) < 1:
-            raise ValueError("--epochs, --batch-size and --lora-r must be >= 1")
+        for name in ("steps", "epochs", "val_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+            object.__setattr__(self, name, value or None)  # 0 means unset
+        if self.steps and self.epochs:
+            raise ValueError("give --steps or --epochs, not both")
+        if min(self.batch_size, self.lora_r) < 1:
+            raise ValueError("--batch-size and --lora-r must be >= 1")
+        if min(self.lr, self.lora_lr) <= 0 or not 0 <= self.warmup < 1:
+            raise ValueError("--lr and --lora-lr must be > 0, --warmup in [0, 1)")
         if self.e2e_every < 0 or self.e2e_steps < 0 or self.train_cldice < 0:
             raise ValueError("--e2e-every, --e2e-steps and --train-cldice must be >= 0")
         if self.refresh_cache and not self.e2e_every:
-            raise ValueError("--refresh-cache needs end-to-end epochs (--e2e-every K > 0)")
+            raise ValueError("--refresh-cache needs end-to-end steps (--e2e-every K > 0)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {list(LOSSES)}, not {self.loss!r}")
+        if self.memory_cache_mb < 0:
+            raise ValueError("--memory-cache-mb must be >= 0")
         if self.world_size > self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than the "
                              f"{self.world_size} processes")
+
+    def total_steps(self, train_samples: int) -> int:
+        """Optimizer steps of the run: --steps, --epochs passes, or `default_steps`."""
+        per_epoch = steps_per_epoch(train_samples, self.batch_size)
+        if self.steps:
+            return self.steps
+        if self.epochs:
+            return self.epochs * per_epoch
+        return default_steps(train_samples, self.batch_size)
+
+    def validation_interval(self, total_steps: int, train_samples: int) -> int:
+        """Steps between validations: --val-every; with --epochs one epoch; else about
+        VALIDATIONS a run."""
+        if self.val_every:
+            return self.val_every
+        if self.epochs:
+            return steps_per_epoch(train_samples, self.batch_size)
+        return max(1, total_steps // VALIDATIONS)
 
     @property
     def lora_after_block(self) -> int | None:

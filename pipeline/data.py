@@ -14,8 +14,10 @@ clean message naming the file, without a traceback.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from collections import Counter
+from pathlib import Path
 
 from pipeline.checks import check_manifest
 from pipeline.dicom_import import MASK_PATTERN, import_dicom
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write this split on every row instead of a random split")
     folder.add_argument("--allow-missing-masks", action="store_true",
                         help="keep images without a mask (empty mask column)")
+    folder.add_argument("--append", action="store_true",
+                        help="add the rows to an existing --out manifest instead of replacing "
+                        "it (e.g. a dataset's training/ and test/ folders, each with --split)")
     folder.add_argument("--fov", help="folder of field-of-view masks (the `fov` column), "
                         "paired with images by key; scores count only pixels inside them")
     folder.add_argument("--fov-regex", help="FOV mask key: first capture group of this regex")
@@ -104,12 +109,17 @@ def _import(args: argparse.Namespace) -> int:
     if args.source == "folder":
         if args.view_regex and args.view_from_subfolder:
             raise ValueError("give --view-regex or --view-from-subfolder, not both")
-        out = import_folder(args.images_dir, args.out, masks_dir=args.masks,
+        target = Path(args.out)
+        # Appending: import beside the manifest (same folder, so relative paths stay valid).
+        fresh = target.with_name(f".{target.stem}.append.csv") if args.append else target
+        out = import_folder(args.images_dir, fresh, masks_dir=args.masks,
                             image_regex=args.image_regex, mask_regex=args.mask_regex,
                             view_from_subfolder=args.view_from_subfolder,
                             split_column=args.fixed_split,
                             allow_missing_masks=args.allow_missing_masks,
                             fov_dir=args.fov, fov_regex=args.fov_regex, **common)
+        if args.append:
+            out = _append_rows(target, fresh)
     else:
         categories = [c.strip() for c in args.categories.split(",")] if args.categories else None
         out = import_coco(args.annotations, args.images, args.out, masks_out_dir=args.masks_out,
@@ -127,6 +137,27 @@ def _summary(out) -> int:
           f"{f', {fovs} with a field of view' if fovs else ''}; "
           f"splits {dict(sorted(splits.items()))}; views {dict(sorted(views.items()))}")
     return 0
+
+
+def _append_rows(target: Path, fresh: Path) -> Path:
+    """`target` with the rows of `fresh` (a manifest in the same folder) added; removes `fresh`."""
+    tables = []
+    for path in (target, fresh):
+        if not path.is_file():
+            continue
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            tables.append((list(reader.fieldnames or []), list(reader)))
+    columns = list(dict.fromkeys(c for header, _ in tables for c in header))
+    tmp = target.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        for _, rows in tables:
+            writer.writerows(rows)
+    tmp.replace(target)
+    fresh.unlink()
+    return target
 
 
 def _check(args: argparse.Namespace) -> int:

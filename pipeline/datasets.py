@@ -10,6 +10,7 @@ transform (the mask its geometry only). Cached feature maps are never transforme
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -128,16 +129,29 @@ class SegmentationSamples(Dataset):
 
     `augment`: per sample, the names of its copies (`CopyPlan.names`, the same number for
     every sample); set `epoch` before each epoch, the draw depends on (seed, epoch, i).
+    `epoch` lives in shared memory, so persistent DataLoader workers see each new value.
+    `memory`: a `DecodedSamples` shared by the datasets of one split; each (sample, copy) is
+    then decoded and resized once and served from memory afterwards.
     """
 
     def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
                  with_image: bool = True, with_masks: bool = True,
-                 augment: list[tuple[str, ...]] | None = None, seed: int = 0):
+                 augment: list[tuple[str, ...]] | None = None, seed: int = 0,
+                 memory: DecodedSamples | None = None):
         self.samples, self.resolution, self.views = samples, resolution, views
         self.with_image, self.with_masks = with_image, with_masks
         self.augment = augment if augment and augment[0] else None
-        self.seed, self.epoch = seed, 0
+        self.seed, self.memory = seed, memory
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
         self.transform = sam3_resize(resolution)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch[0] = value
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -150,6 +164,15 @@ class SegmentationSamples(Dataset):
 
     def item(self, i: int, copy: int) -> dict:
         """Sample `i` as copy `copy` (0: the original, c: copy `augment[i][c - 1]`)."""
+        if self.memory is None:
+            return self._decode(i, copy)
+        wanted = [k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
+        return self.memory.item((i, copy), wanted, lambda: self._decode(i, copy, wanted))
+
+    def _decode(self, i: int, copy: int, parts: list[str] | None = None) -> dict:
+        """`item` read from the files; `parts` (default: as the dataset is set) of mask/image."""
+        parts = parts if parts is not None else [
+            k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
         sample = self.samples[i]
         name = self.augment[i][copy - 1] if copy else None
         item = {
@@ -159,9 +182,47 @@ class SegmentationSamples(Dataset):
             "angles": torch.from_numpy(encode_angles(*sample.angles)) if sample.angles
             else torch.zeros(4),
         }
-        if self.with_masks:
+        if "mask" in parts:
             mask = transform_mask(name, read_mask(sample.mask)[0])
             item["mask"] = resize_mask(mask, self.resolution)
-        if self.with_image:
+        if "image" in parts:
             item["image"] = self.transform(transform_image(name, read_image(sample.image)))
+        return item
+
+
+class DecodedSamples:
+    """Items of `SegmentationSamples` kept in memory after their first decode, by (index, copy):
+    masks as uint8 (served as float32 {0, 1}), images as the uint8 the model expects.
+
+    Small vessel sets (14 to a few hundred images) would otherwise decode the same JPEG or
+    PNG files every epoch, which takes longer than their cached steps (BENCHMARKS.md). Used
+    only when every item fits (`fits`); a lock keeps two threads from decoding one item twice.
+    """
+
+    def __init__(self):
+        self.items: dict[tuple[int, int], dict] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def bytes_per_item(resolution: int, with_image: bool = True) -> int:
+        return resolution * resolution * (4 if with_image else 1)
+
+    @classmethod
+    def fits(cls, count: int, resolution: int, budget_mb: int) -> bool:
+        """Whether `count` items (mask and image) fit in `budget_mb` megabytes."""
+        return count * cls.bytes_per_item(resolution) <= budget_mb * 2**20
+
+    def item(self, key: tuple[int, int], parts: list[str], decode) -> dict:
+        """The item of `key` with `parts` ("mask", "image"); `decode()` makes missing ones."""
+        with self.lock:
+            kept = self.items.get(key)
+            if kept is None or any(p not in kept for p in parts):
+                fresh = decode()
+                kept = {**(kept or {}), **fresh}
+                if "mask" in fresh:
+                    kept["mask"] = fresh["mask"].to(torch.uint8)
+                self.items[key] = kept
+        item = {k: v for k, v in kept.items() if k not in ("mask", "image")}
+        for part in parts:
+            item[part] = kept[part].float() if part == "mask" else kept[part]
         return item

@@ -125,12 +125,13 @@ def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
         "decoder": payload["decoder"],
         "decoder_args": {"levels": list(config.levels), "num_views": len(payload["views"]),
                          "use_angles": payload["use_angles"],
-                         "image_branch": config.image_branch, "width": config.width},
+                         "image_branch": config.image_branch, "width": config.width,
+                         "view_conditioning": config.view_conditioning},
         "views": list(payload["views"]),
         "backbone": config.backbone,
         "amp": config.amp,
         "run": str(run_dir),
-        "epoch": payload["state"]["best"]["epoch"],
+        "step": payload["state"]["best"]["step"],
         "source_checkpoint_sha256": checkpoint_sha256,
     }
 

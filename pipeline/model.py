@@ -130,17 +130,18 @@ class ImageBranch(nn.Sequential):
 class ViewConditionedDecoder(nn.Module):
     """Vessel logits from SAM 3 feature maps, the view label and (optionally) the image.
 
-    1x map -> `projection` -> `conditioning` (FiLM) -> conv block (2*width channels) -> x2 up
-    (+ 1x1-reduced 2x map when used) -> conv block (width) -> x2 up (+ 1x1-reduced 4x map when
-    used) -> conv block (width/2) -> [1x1 to 16, bilinear to the image's size, plus
-    `image_branch`, conv block (16)] -> 1x1 conv to one logit -> bilinear to `out_size`.
+    1x map -> `projection` -> `conditioning` (FiLM; none with `view_conditioning=False`) ->
+    conv block (2*width channels) -> x2 up (+ 1x1-reduced 2x map when used) -> conv block
+    (width) -> x2 up (+ 1x1-reduced 4x map when used) -> conv block (width/2) -> [1x1 to 16,
+    bilinear to the image's size, plus `image_branch`, conv block (16)] -> 1x1 conv to one
+    logit -> bilinear to `out_size`.
     Without the image branch the decoder's output (at 4x the 1x side) goes straight to the logit.
     The full-resolution stages are kept at 16 channels: they run on R x R pixels.
     """
 
     def __init__(self, *, levels: tuple[str, ...] = ("1x",), num_views: int,
                  use_angles: bool = False, image_branch: bool = True, width: int = 64,
-                 in_channels: int = FEATURE_CHANNELS) -> None:
+                 in_channels: int = FEATURE_CHANNELS, view_conditioning: bool = True) -> None:
         super().__init__()
         levels = tuple(levels)
         unknown = [lv for lv in levels if lv not in DECODER_LEVELS]
@@ -154,7 +155,9 @@ class ViewConditionedDecoder(nn.Module):
         self.num_views = num_views
         self.use_angles = use_angles
         self.projection = FeatureProjection(in_channels=in_channels)
-        self.conditioning = ViewConditioning(num_views=num_views, use_angles=use_angles)
+        # Without view conditioning every view shares one decoder (the ablation of BENCHMARKS.md).
+        self.conditioning = (ViewConditioning(num_views=num_views, use_angles=use_angles)
+                             if view_conditioning else None)
         self.stem = ConvBlock(in_channels=FEATURE_CHANNELS, out_channels=2 * width)
         self.lateral = nn.ModuleDict()
         if "2x" in self.levels:
@@ -203,7 +206,9 @@ class ViewConditionedDecoder(nn.Module):
         if self.image_branch is not None and image is None:
             raise ValueError("this decoder has an image branch: pass image (B, 3, R, R)")
         dtype = self.head.weight.dtype
-        x = self.conditioning(self.projection(features["1x"].to(dtype)), view_index, angles)
+        x = self.projection(features["1x"].to(dtype))
+        if self.conditioning is not None:
+            x = self.conditioning(x, view_index, angles)
         x = self.stem(x)
         x = self.up1(self._upsample_fuse(x, features, "2x"))
         x = self.up2(self._upsample_fuse(x, features, "4x"))

@@ -111,19 +111,28 @@ class MetricsLog:
                 records.append(record)
         return records
 
-    def truncate_after(self, epoch: int) -> None:
-        """Atomically keep only records with record["epoch"] <= `epoch` (resume from `epoch`)."""
+    def truncate_after(self, value: int, key: str = "epoch") -> None:
+        """Atomically keep only records with record[key] <= `value` (resume from there)."""
         if not self.path.is_file():
             return
-        kept = [r for r in self.read() if r.get("epoch", 0) <= epoch]
+        kept = [r for r in self.read() if r.get(key, 0) <= value]
         _atomic_write(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
 
 
+def _x(record: dict):
+    """Where a record sits on the curves' x axis: its optimizer step (older runs: its epoch)."""
+    return record.get("step", record.get("epoch"))
+
+
+def _axis(records: list[dict]) -> str:
+    return "step" if any("step" in r for r in records) else "epoch"
+
+
 def _series(records: list[dict], split: str, key: str) -> tuple[list[int], list[float]]:
-    """(epochs, values) of `key` in `split` records, skipping missing and null values."""
-    points = sorted((r["epoch"], float(r[key])) for r in records
+    """(steps, values) of `key` in `split` records, skipping missing and null values."""
+    points = sorted((_x(r), float(r[key])) for r in records
                     if r.get("split") == split and isinstance(r.get(key), (int, float))
-                    and "epoch" in r and math.isfinite(r[key]))
+                    and _x(r) is not None and math.isfinite(r[key]))
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -149,7 +158,7 @@ def _plot_quality(ax, records: list[dict]) -> None:
     if x:
         best = int(np.argmax(y))
         ax.plot(x[best], y[best], "*", color="gold", mec="k", ms=14, zorder=5,
-                label=f"best val dice {y[best]:.3f} (epoch {x[best]})")
+                label=f"best val dice {y[best]:.3f} ({_axis(records)} {x[best]})")
     ax.set_ylim(0, 1)
     ax.set_title("Segmentation quality")
     ax.set_ylabel("score")
@@ -160,7 +169,7 @@ def _plot_drift(ax, records: list[dict]) -> None:
     x, y = _series(records, "train", "drift_cosine")
     gap = [max(1.0 - v, 1e-9) for v in y]
     ax.plot(x, gap, "-o", color="C3", ms=5, label="1 - cosine(cached, live)")
-    middle = (min(r.get("epoch", 1) for r in records) + max(r.get("epoch", 1) for r in records)) / 2
+    middle = (min(_x(r) or 1 for r in records) + max(_x(r) or 1 for r in records)) / 2
     for epoch, value, cosine in zip(x, gap, y, strict=True):
         right = epoch > middle  # keep the label inside the axes
         ax.annotate(f"cos {cosine:.6f}", (epoch, value), textcoords="offset points",
@@ -168,7 +177,7 @@ def _plot_drift(ax, records: list[dict]) -> None:
                     fontsize=7, color="C3")
     ax.set_yscale("log")
     ax.margins(y=0.25)
-    ax.set_title("Cache drift after end-to-end epochs")
+    ax.set_title("Cache drift after end-to-end steps")
     ax.set_ylabel("1 - cosine (lower: cache faithful)")
 
 
@@ -177,12 +186,13 @@ def _plot_wait(ax, records: list[dict]) -> None:
     ax.plot(x, [100 * v for v in y], "-o", color="C4", ms=4, label="train data wait")
     ax.set_ylim(0, 100)
     ax.set_title("Time waiting for data")
-    ax.set_ylabel("% of epoch time")
+    ax.set_ylabel("% of training time")
 
 
 def plot_curves(records: list[dict], out_png: Path) -> None:
     """curves.png from metrics records: loss, every val score (train Dice dashed) and, when
-    logged, cache drift cosine and data-wait share; epochs run end to end (e2e) shaded.
+    logged, cache drift cosine and data-wait share, against the optimizer step (the epoch for
+    records without one); intervals that ran end to end (e2e) shaded.
 
     `records` as `MetricsLog.read()` returns them; works for one epoch and without val records.
     """
@@ -193,26 +203,30 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
         panels.append(_plot_wait)
     rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
-    e2e = e2e_epochs(records)
-    epochs = sorted({r["epoch"] for r in records if "epoch" in r}) or [1]
+    axis = _axis(records)
+    e2e = e2e_spans(records)
+    points = sorted({_x(r) for r in records if _x(r) is not None}) or [1]
     for ax, draw in zip(axes.flat, panels, strict=True):
-        for epoch in e2e:
-            ax.axvspan(epoch - 0.5, epoch + 0.5, color=E2E_COLOUR, alpha=0.18, lw=0)
+        for left, right in e2e:
+            ax.axvspan(left, right, color=E2E_COLOUR, alpha=0.18, lw=0)
         draw(ax, records)
-        ax.set_xlim(epochs[0] - 0.6, epochs[-1] + 0.6)
-        if epochs[-1] - epochs[0] < 15:
-            ax.set_xticks(range(epochs[0], epochs[-1] + 1))
+        pad = max(0.6, 0.03 * (points[-1] - points[0]))
+        ax.set_xlim(min(points[0], *(left for left, _ in e2e or [(points[0], 0)])) - pad,
+                    points[-1] + pad)
+        if points[-1] - points[0] < 15:
+            ax.set_xticks(range(int(points[0]), int(points[-1]) + 1))
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(axis)
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if e2e:
             handles.append(Patch(color=E2E_COLOUR, alpha=0.3))
-            labels.append("end-to-end epoch")
+            labels.append(f"end-to-end {'steps' if axis == 'step' else 'epoch'}")
         if handles:
             ax.legend(handles, labels, fontsize=8, loc="best")
-    fig.suptitle(f"Training curves ({len(epochs)} epoch{'s' if len(epochs) != 1 else ''})")
+    last = points[-1]
+    fig.suptitle(f"Training curves ({last} {axis}{'s' if last != 1 else ''})")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, dpi=120, format="png")
@@ -220,12 +234,13 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
     write_atomically(Path(out_png), png.getvalue())
 
 
-def e2e_epochs(records: list[dict]) -> list[int]:
-    """The epochs whose training ran end to end (the train records' `e2e`; a val record's
-    `e2e` says its features were live, which stays true after an end-to-end epoch until the
-    cache is refreshed)."""
-    return sorted({r["epoch"] for r in records
-                   if r.get("split") == "train" and r.get("e2e") and "epoch" in r})
+def e2e_spans(records: list[dict]) -> list[tuple[float, float]]:
+    """(left, right) x-spans of the training intervals that ran end to end: an interval covers
+    its `steps` up to its step (one unit for epoch records). Only train records count: a val
+    record's `e2e` says its features were live, which stays true after end-to-end steps until
+    the cache is refreshed."""
+    return sorted({(_x(r) - r.get("steps", 1) + 0.5, _x(r) + 0.5) for r in records
+                   if r.get("e2e") and r.get("split") == "train" and _x(r) is not None})
 
 
 def error_overlay(image_rgb: np.ndarray, mask: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
     # LoRA matrices were drawn before it (--cache-block K puts LoRA in fewer blocks).
     decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
                                      use_angles=use_angles, image_branch=config.image_branch,
-                                     width=config.width)
+                                     width=config.width,
+                                     view_conditioning=config.view_conditioning)
     backbone = build_backbone(config.backbone, config.checkpoint)
     if config.adapter:
         peft_model = load_adapter(backbone, config.adapter, trainable=True)

@@ -1,8 +1,8 @@
-"""The training loop of one process: cached epochs, end-to-end epochs, validation, checkpoints."""
+"""The training loop of one process: a step budget of cached and end-to-end steps, validation
+and checkpoints every `--val-every` steps."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -14,33 +14,64 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from pipeline.augment import augmented_key
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from pipeline.datasets import SegmentationSamples, collate_samples, to_device
+from pipeline.datasets import DecodedSamples, SegmentationSamples, collate_samples, to_device
 from pipeline.feature_batches import FeatureBatches
 from pipeline.images import normalize
-from pipeline.losses import dice_bce_loss
+from pipeline.losses import training_loss
 from pipeline.manifest import UNKNOWN_VIEW
 from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_batch
 from pipeline.reporting import MetricsLog, plot_curves, write_json, write_report
 from pipeline.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.segmenter import build_segmenter
+from pipeline.steps import BatchStream, EpochSampler, build_optimizer, build_scheduler, warmup_steps
 from pipeline.tensorboard_log import TensorBoardLog
 from pipeline.training import Prepared, ensure_cache, seed_everything
 
 
 class _Data:
-    """The datasets of one process, re-pointed at a new cache after a refresh."""
+    """The datasets and loaders of one process, re-pointed at a new cache after a refresh.
+
+    Loaders live for the whole run (persistent workers, or none when the split's decoded
+    samples fit in `--memory-cache-mb`): a small set pays no start-up per epoch.
+    """
 
     def __init__(self, prepared: Prepared, cache: Path, context):
         self.prepared, self.context = prepared, context
         config = prepared.config
         self.resolution = _resolution(config.backbone)
         self.per_rank_batch = max(1, config.batch_size // context.world_size)
+        augment = [config.copy_plan.names(k) for k in prepared.train_keys]
+        self.memory = {
+            split: DecodedSamples() if DecodedSamples.fits(count, self.resolution,
+                                                           config.memory_cache_mb) else None
+            for split, count in (("train", len(prepared.train) * (1 + len(augment[0]))),
+                                 ("val", len(prepared.val)))}
+        common = dict(resolution=self.resolution, views=prepared.views)
+        self.train_cached = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
+                                                with_image=config.image_branch,
+                                                memory=self.memory["train"], **common)
+        self.val_cached = SegmentationSamples(prepared.val, with_image=config.image_branch,
+                                              memory=self.memory["val"], **common)
+        self.train_live = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
+                                              memory=self.memory["train"], **common)
+        self.val_live = SegmentationSamples(prepared.val, memory=self.memory["val"], **common)
+        self.sampler = EpochSampler(self.train_cached, num_replicas=context.world_size,
+                                    rank=context.rank, seed=config.seed,
+                                    batch_size=self.per_rank_batch)
+        mine = list(range(context.rank, len(prepared.val), context.world_size))
+        self.loaders = {
+            ("train", False): self._loader(self.train_cached, self.sampler, "train"),
+            ("train", True): self._loader(self.train_live, self.sampler, "train"),
+            ("val", False): self._loader(Subset(self.val_cached, mine), None, "val"),
+            ("val", True): self._loader(Subset(self.val_live, mine), None, "val")}
+        self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
+                                  lambda live: self.train_loader(live))
         self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
         self.point_at(cache)
 
@@ -55,53 +86,33 @@ class _Data:
             if (rows < 0).any() or not done[rows].all():
                 raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
                                  "extract them first (extract_features.py)")
-        common = dict(resolution=self.resolution, views=p.views, with_image=cfg.image_branch)
         self.cache = cache
-        # Cached epochs: the loader's workers decode masks (and images for the image branch);
-        # `FeatureBatches` adds the features in this process (see pipeline.feature_batches).
         self.rows = {"train": train_rows.reshape(len(p.train), -1),
                      "val": val_rows.reshape(len(p.val), 1)}
-        self.train_cached = SegmentationSamples(p.train, augment=augment, seed=cfg.seed,
-                                                **common)
-        self.val_cached = SegmentationSamples(p.val, **common)
-        self.train_live = SegmentationSamples(p.train, resolution=self.resolution, views=p.views,
-                                              augment=augment, seed=cfg.seed)
-        self.val_live = SegmentationSamples(p.val, resolution=self.resolution, views=p.views)
 
-    def epoch_steps(self, live: bool) -> int:
-        """Optimizer steps of one training epoch (DistributedSampler pads to equal shares)."""
-        cfg = self.prepared.config
-        share = math.ceil(len(self.prepared.train) / self.context.world_size)
-        steps = math.ceil(share / self.per_rank_batch)
-        return min(steps, cfg.e2e_steps) if live and cfg.e2e_steps else steps
-
-    def train_loader(self, epoch: int, live: bool):
-        dataset = self.train_live if live else self.train_cached
-        dataset.epoch = epoch
-        sampler = DistributedSampler(dataset, num_replicas=self.context.world_size,
-                                     rank=self.context.rank, shuffle=True,
-                                     seed=self.prepared.config.seed)
-        sampler.set_epoch(epoch)
-        return self._loader(dataset, sampler, None if live else "train")
+    def train_loader(self, live: bool):
+        """The training loader (its order: `self.sampler`); cached: wrapped in FeatureBatches."""
+        return self._with_features(self.loaders["train", live], None if live else "train")
 
     def val_loader(self, live: bool):
-        dataset = self.val_live if live else self.val_cached
-        mine = list(range(self.context.rank, len(dataset), self.context.world_size))
-        return self._loader(Subset(dataset, mine), None, None if live else "val")
+        return self._with_features(self.loaders["val", live], None if live else "val")
 
-    def _loader(self, dataset, sampler, cached_split: str | None):
-        """A DataLoader; for a cached epoch (`cached_split` "train"/"val") wrapped in
-        `FeatureBatches`, which adds each batch's features."""
+    def _loader(self, dataset, sampler, split: str) -> DataLoader:
         cfg = self.prepared.config
-        pin = cfg.device == "cuda"
-        loader = DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
-                            num_workers=cfg.loader_workers, pin_memory=pin,
-                            collate_fn=collate_samples)
+        # Decoded samples in memory leave the workers nothing to do but start up.
+        workers = 0 if self.memory[split] is not None else cfg.loader_workers
+        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples)
+
+    def _with_features(self, loader, cached_split: str | None):
+        """`loader` as is (live), or wrapped in `FeatureBatches`, which adds the features."""
         if cached_split is None:
             return loader
         samples = self.prepared.train if cached_split == "train" else self.prepared.val
         return FeatureBatches(loader, cache_path=self.cache, rows=self.rows[cached_split],
-                              levels=cfg.cache_levels, samples=samples, pin_memory=pin)
+                              levels=self.prepared.config.cache_levels, samples=samples,
+                              pin_memory=self.prepared.config.device == "cuda")
 
     def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
         """{stored level: (len(indices), ...) float16} of the original images (not copies)."""
@@ -136,23 +147,28 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
     return float(tensor[0] / max(tensor[1], 1))
 
 
-def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_steps=0,
-              show=True, desc="", centrelines: int | None = None, bar: tqdm | None = None,
+def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, live=False,
+              max_steps=0, steps=None, show=True, desc="", centrelines: int | None = None,
+              loss_name: str = "dice_bce", bar: tqdm | None = None,
               targets: NativeTargets | None = None
-              ) -> tuple[SegmentationMeter, float, int, float]:
-    """One pass; trains when `optimizer` is given. Returns (meter, loss sum, samples, wait s).
+              ) -> tuple[SegmentationMeter, float, int, float, float]:
+    """One pass over `loader` (or its first `steps`/`max_steps` batches); trains when
+    `optimizer` is given, stepping `scheduler` after each optimizer step.
 
+    Returns (meter, loss sum, samples, wait s, compute s): wait is the time spent getting
+    batches, compute the time in forward, loss, backward and the optimizer.
     Without `targets` (training) images are scored at the model's resolution against the
     resized masks, without AUC, and clDice only for the first `centrelines` images (None: all);
     with `targets` (validation) every score of every image at its own size (pipeline.scoring).
     Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     """
     training = optimizer is not None
-    meter, loss_sum, count, wait = SegmentationMeter(), 0.0, 0, 0.0
+    meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
     # Scoring (a skeleton per mask for clDice: 5-40 ms at 1008 px) runs in threads beside the
     # next steps; results join the meter in step order.
     scoring, scored, joined = ThreadPoolExecutor(min(4, os.cpu_count() or 1)), [], 0
-    steps = len(loader) if not max_steps else min(max_steps, len(loader))
+    if steps is None:
+        steps = len(loader) if not max_steps else min(max_steps, len(loader))
     own_bar = bar is None
     if own_bar:
         bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
@@ -161,16 +177,20 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
         for _ in range(steps):
             t = time.perf_counter()
             batch = to_device(next(iterator), device)
-            wait += time.perf_counter() - t
+            t_data = time.perf_counter()
+            wait += t_data - t
             with torch.set_grad_enabled(training):
                 logits = model(batch, live=live)
-                loss = dice_bce_loss(logits, batch["mask"])
+                loss = training_loss(loss_name, logits, batch["mask"])
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            n = len(batch["mask"])
-            loss_sum, count = loss_sum + float(loss.detach()) * n, count + n
+                if scheduler is not None:
+                    scheduler.step()
+            n, loss_value = len(batch["mask"]), float(loss.detach())  # syncs the device
+            compute += time.perf_counter() - t_data
+            loss_sum, count = loss_sum + loss_value * n, count + n
             if targets is None:
                 pred = (logits.detach() > 0).squeeze(1).cpu().numpy()
                 job = scoring.submit(
@@ -189,14 +209,14 @@ def run_epoch(model, loader, device, views, *, optimizer=None, live=False, max_s
             bar.set_postfix(postfix | {"samples_s": f"{rate:.1f}"}, refresh=False)
             bar.update()
     finally:
-        if hasattr(iterator, "close"):  # FeatureBatches: stop its producer thread now
+        if hasattr(iterator, "close"):  # FeatureBatches, BatchStream: stop producers now
             iterator.close()
     if own_bar:
         bar.close()
     for future, labels in scored[joined:]:
         meter.add(future.result(), labels)
     scoring.shutdown()
-    return meter, loss_sum, count, wait
+    return meter, loss_sum, count, wait, compute
 
 
 @torch.no_grad()
@@ -215,7 +235,12 @@ def feature_drift(model, data: _Data, device, probe: int) -> float:
 
 
 def train_process(prepared: Prepared, context) -> None:
-    """Train on this process's share; rank 0 writes the run directory."""
+    """Train on this process's share for the step budget; rank 0 writes the run directory.
+
+    The budget (`TrainConfig.total_steps`) is cut into validation intervals of `--val-every`
+    steps; every `--e2e-every`-th interval starts with `--e2e-steps` end-to-end steps (all of
+    it when 0), then the drift probe runs. Each interval ends with a validation and last.pt.
+    """
     config, run_dir, leader = prepared.config, prepared.run_dir, context.is_leader
     device = torch.device(context.local_device() if config.device == "cuda" else "cpu")
     if device.type == "cuda":
@@ -224,68 +249,56 @@ def train_process(prepared: Prepared, context) -> None:
     use_angles = bool(prepared.train) and all(s.angles for s in prepared.train)
     model = build_segmenter(config, num_views=len(prepared.views.labels),
                             use_angles=use_angles).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, config.epochs) / config.epochs)))
-    state = {"epoch": 0, "best": None, "cache": str(prepared.cache), "cache_current": True,
-             "caches": [{"epoch": 0, "cache_id": prepared.cache.stem,
-                         "adapter": config.adapter,
-                         "adapter_sha256": prepared.signature["adapter_sha256"]}]}
-    if config.resume:
-        state = load_checkpoint(run_dir / "last.pt", model, optimizer, scheduler)
+    total = config.total_steps(len(prepared.train))
+    interval = config.validation_interval(total, len(prepared.train))
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, total, warmup_steps(total, config.warmup))
+    state = (load_checkpoint(run_dir / "last.pt", model, optimizer, scheduler) if config.resume
+             else _fresh_state(prepared, total))
     log = MetricsLog(run_dir / "metrics.jsonl")
     if leader and config.resume:
-        log.truncate_after(state["epoch"])
+        log.truncate_after(state["step"], key="step")
     data = _Data(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
-    tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["epoch"] + 1) if (
+    data.stream.seek(state["stream"])
+    if leader:
+        per_epoch = data.stream.sampler.batches()
+        print(f"training {total} steps ({total / per_epoch:.1f} epochs of {len(prepared.train)} "
+              f"images), validating every {interval}", flush=True)
+    tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["step"] + 1) if (
         leader and config.tensorboard) else None
-    bar = _run_bar(config, data, state["epoch"], leader)
+    # One bar over every optimizer step of the run; time left at the run's average pace.
+    bar = tqdm(total=total, initial=state["step"], unit="step", smoothing=0, disable=not leader,
+               dynamic_ncols=True)
     chosen = _spread_over_views(prepared.val, config.overlays)
     net = model
     if context.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                       else None, find_unused_parameters=True)
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        e2e = bool(config.e2e_every) and epoch % config.e2e_every == 0
-        model.train()
-        start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-        bar.set_description(f"epoch {epoch}/{config.epochs}{' e2e' if e2e else ''}")
-        meter, loss_sum, count, wait = run_epoch(
-            net, data.train_loader(epoch, e2e), device, prepared.views, optimizer=optimizer,
-            live=e2e, max_steps=config.e2e_steps if e2e else 0, bar=bar,
-            centrelines=config.train_cldice)
-        seconds = time.perf_counter() - start
-        train_record = {"epoch": epoch, "split": "train", "lr": lr, "e2e": e2e,
-                        "loss": _mean_across(loss_sum, count, context, device), "seconds": seconds,
-                        "data_wait": wait / seconds, "samples_per_s": count / seconds,
-                        "cache": data.cache.stem,
-                        **_scores(_gather_meter(meter, context).summary())}
-        if e2e:
-            state["cache_current"] = False  # the adapter moved; the cache did not
-            if leader:
-                train_record["drift_cosine"] = feature_drift(model, data, device, config.probe_size)
-            if config.refresh_cache:
-                _refresh(model, prepared, data, state, epoch, context)
+    while state["step"] < total:
+        first, steps = state["step"], min(interval, total - state["step"])
+        e2e = bool(config.e2e_every) and (first // interval + 1) % config.e2e_every == 0
+        train_record = _train_interval(net, model, data, prepared, state, steps, e2e, optimizer,
+                                       scheduler, device, context, bar)
         model.eval()
         live_val = not state["cache_current"]  # after end-to-end steps the cache lags the adapter
         vstart = time.perf_counter()
         # The unwrapped model: ranks may hold different numbers of validation batches, and a
         # DDP forward is a collective (it broadcasts buffers).
-        vmeter, vloss, vcount, _ = run_epoch(model, data.val_loader(live_val), device,
-                                             prepared.views, live=live_val, show=leader,
-                                             desc="  validation", targets=data.val_targets)
+        vmeter, vloss, vcount, _, _ = run_epoch(model, data.val_loader(live_val), device,
+                                                prepared.views, live=live_val, show=leader,
+                                                desc="  validation", loss_name=config.loss,
+                                                targets=data.val_targets)
         val = _gather_meter(vmeter, context).summary()
-        val_record = {"epoch": epoch, "split": "val", "lr": lr, "e2e": live_val,
+        val_record = {"step": state["step"], "epoch": train_record["epoch"], "split": "val",
+                      "lr": train_record["lr"], "e2e": live_val,
                       "loss": _mean_across(vloss, vcount, context, device),
                       "seconds": time.perf_counter() - vstart, **_scores(val)}
-        scheduler.step()
-        state["epoch"] = epoch
+        state["stream"] = data.stream.position
         if leader:
-            _record(log, train_record, val_record if val["n"] else None, tb)
+            _record(log, train_record, val_record if val["n"] else None, total, tb)
             if tb and chosen:
-                tb.overlays(epoch, *_overlay_inputs(model, prepared, data, device, chosen,
-                                                    live_val))
+                tb.overlays(state["step"], *_overlay_inputs(model, prepared, data, device,
+                                                            chosen, live_val))
             _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
     bar.close()
@@ -300,21 +313,62 @@ def _cache_under(recorded: Path, cache_dir: str) -> Path:
     return moved if not (recorded / "zarr.json").is_file() or moved.is_dir() else recorded
 
 
+def _fresh_state(prepared: Prepared, total: int) -> dict:
+    """The training state a checkpoint saves: step, data-order position, best, caches."""
+    return {"step": 0, "stream": {"epoch": 0, "offset": 0}, "best": None,
+            "total_steps": total, "cache": str(prepared.cache), "cache_current": True,
+            "caches": [{"step": 0, "cache_id": prepared.cache.stem,
+                        "adapter": prepared.config.adapter,
+                        "adapter_sha256": prepared.signature["adapter_sha256"]}]}
+
+
+def _train_interval(net, model, data: _Data, prepared: Prepared, state: dict, steps: int,
+                    e2e: bool, optimizer, scheduler, device, context, bar: tqdm) -> dict:
+    """`steps` optimizer steps (the first `--e2e-steps` end to end when `e2e`); the train
+    record of metrics.jsonl. Updates state["step"] (and the cache state after e2e steps)."""
+    config, first = prepared.config, state["step"]
+    live_steps = (min(config.e2e_steps, steps) if config.e2e_steps else steps) if e2e else 0
+    model.train()
+    start, lrs = time.perf_counter(), {g["name"]: g["lr"] for g in optimizer.param_groups}
+    meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
+    for live, n in ((True, live_steps), (False, steps - live_steps)):
+        if not n:
+            continue
+        bar.set_description(f"steps {first + 1}-{first + steps}{' e2e' if live else ''}")
+        part = run_epoch(
+            net, data.stream.take(n, live), device, prepared.views, optimizer=optimizer,
+            scheduler=scheduler, live=live, steps=n, bar=bar,
+            centrelines=max(0, config.train_cldice - count), loss_name=config.loss)
+        meter.merge(part[0])
+        loss_sum, count = loss_sum + part[1], count + part[2]
+        wait, compute = wait + part[3], compute + part[4]
+        if live:
+            state["cache_current"] = False  # the adapter moved; the cache did not
+    state["step"] = first + steps
+    seconds = time.perf_counter() - start
+    stream = data.stream  # epochs of the sampler done: 1.0 at the end of the first
+    record = {"step": state["step"],
+              "epoch": round(stream.epoch + stream.offset / stream.sampler.batches(), 3),
+              "split": "train", "lr": lrs["head"], "lora_lr": lrs["lora"], "e2e": e2e,
+              "e2e_steps": live_steps, "steps": steps,
+              "loss": _mean_across(loss_sum, count, context, device), "seconds": seconds,
+              "data_wait": wait / seconds, "compute": compute / seconds,
+              "samples_per_s": count / seconds, "cache": data.cache.stem,
+              **_scores(_gather_meter(meter, context).summary())}
+    if e2e:
+        if context.is_leader:
+            record["drift_cosine"] = feature_drift(model, data, device, config.probe_size)
+        if config.refresh_cache:
+            _refresh(model, prepared, data, state, state["step"], context)
+    return record
+
+
 def _scores(summary: dict) -> dict:
     keep = (*SCORES, "per_view")
     return {k: summary[k] for k in keep if k in summary}
 
 
-def _run_bar(config, data: _Data, done_epochs: int, show: bool) -> tqdm:
-    """One bar over every optimizer step of the run; time left at the run's average pace
-    (smoothing 0), validation included."""
-    steps = [data.epoch_steps(bool(config.e2e_every) and e % config.e2e_every == 0)
-             for e in range(1, config.epochs + 1)]
-    return tqdm(total=sum(steps), initial=sum(steps[:done_epochs]), unit="step",
-                smoothing=0, disable=not show, dynamic_ncols=True)
-
-
-def _record(log: MetricsLog, train_record: dict, val_record: dict | None,
+def _record(log: MetricsLog, train_record: dict, val_record: dict | None, total: int,
             tb: TensorBoardLog | None = None) -> None:
     for record in [train_record] + ([val_record] if val_record else []):
         log.append(record)
@@ -322,29 +376,29 @@ def _record(log: MetricsLog, train_record: dict, val_record: dict | None,
             tb.record(record)
     v = val_record or {}
     # tqdm.write: the line goes above the run's bar instead of through it.
-    tqdm.write(f"epoch {train_record['epoch']}: train loss {train_record['loss']:.4f} "
+    tqdm.write(f"step {train_record['step']}/{total}: train loss {train_record['loss']:.4f} "
                f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
                f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
                f"{' (end to end)' if train_record['e2e'] else ''}")
-    sys.stdout.flush()  # a log file sees each epoch as it ends
+    sys.stdout.flush()  # a log file sees each interval as it ends
 
 
 def _save(model, optimizer, scheduler, state, prepared, val, live_val) -> None:
-    run_dir, epoch = prepared.run_dir, state["epoch"]
-    score = val["dice"] if val["n"] else float(epoch)  # without val rows the last is the best
+    run_dir, step = prepared.run_dir, state["step"]
+    score = val["dice"] if val["n"] else float(step)  # without val rows the last is the best
     best = state["best"]
     if best is None or score > best["score"]:
-        state["best"] = {"score": score, "epoch": epoch, "val": {**val, "epoch": epoch,
-                                                                  "features": "live" if live_val
-                                                                  else "cached"}}
+        state["best"] = {"score": score, "step": step, "val": {**val, "step": step,
+                                                                "features": "live" if live_val
+                                                                else "cached"}}
         save_checkpoint(run_dir / "best.pt", model, optimizer, scheduler, state, prepared)
         save_adapter(model, run_dir / "adapter")
     save_checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, prepared)
 
 
-def _refresh(model, prepared: Prepared, data: _Data, state: dict, epoch: int, context) -> None:
+def _refresh(model, prepared: Prepared, data: _Data, state: dict, step: int, context) -> None:
     """Extract the cache of the adapter as it is now (all processes share the work)."""
-    adapter_dir = prepared.run_dir / "adapters" / f"epoch-{epoch:03d}"
+    adapter_dir = prepared.run_dir / "adapters" / f"step-{step:06d}"
     if context.is_leader:
         save_adapter(model, adapter_dir)
     context.barrier()
@@ -357,7 +411,7 @@ def _refresh(model, prepared: Prepared, data: _Data, state: dict, epoch: int, co
     data.point_at(cache)
     state["cache"] = str(cache)
     state["cache_current"] = True
-    state["caches"].append({"epoch": epoch, "cache_id": cache.stem, "adapter": str(adapter_dir),
+    state["caches"].append({"step": step, "cache_id": cache.stem, "adapter": str(adapter_dir),
                             "adapter_sha256": signature["adapter_sha256"]})
     if context.is_leader:
         write_json(prepared.run_dir / "caches.json", state["caches"])
@@ -423,7 +477,7 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
     if tb:
         tb.hparams(best["val"])
         tb.close()
-    print(f"run directory: {run_dir}  best epoch {best['epoch']}: val dice "
+    print(f"run directory: {run_dir}  best step {best['step']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
     if best["val"].get("n"):
         print("validation scores of the best epoch (each image at its own size):\n"

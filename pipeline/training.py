@@ -34,10 +34,12 @@ class MissingFeaturesError(RuntimeError):
     """The cache of this model, adapter and preprocessing lacks images of the manifest."""
 
 
-RESUMABLE = frozenset({"epochs", "cache_dir", "loader_workers", "extract_missing"})
-"""The only flags that `--resume` lets differ from the run's own: more (or fewer) epochs (the
-cosine schedule stretches to the new total), a cache folder that moved, loader processes, and
-whether missing features are extracted. Any other differing flag is refused, by name."""
+RESUMABLE = frozenset({"steps", "epochs", "val_every", "cache_dir", "loader_workers",
+                       "memory_cache_mb", "extract_missing"})
+"""The only flags that `--resume` lets differ from the run's own: a longer (or shorter) budget in
+steps or epochs (the cosine schedule stretches to the new total), the validation interval, a
+cache folder that moved, loader processes and memory, and whether missing features are
+extracted. Any other differing flag is refused, by name."""
 
 
 @dataclass

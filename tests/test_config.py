@@ -50,7 +50,7 @@ def test_contradictory_or_unknown_settings_are_refused(kwargs, message):
 def test_stage_specific_checks():
     with pytest.raises(ValueError, match="--codec must be one of"):
         ExtractConfig(device="cpu", codec="gzip")
-    with pytest.raises(ValueError, match="--refresh-cache needs end-to-end epochs"):
+    with pytest.raises(ValueError, match="--refresh-cache needs end-to-end steps"):
         TrainConfig(device="cpu", refresh_cache=True, e2e_every=0)
     with pytest.raises(ValueError, match="smaller than the 4 processes"):
         TrainConfig(device="cpu", workers=4, batch_size=2)
@@ -71,3 +71,33 @@ def test_given_fields_are_only_the_flags_on_the_command_line():
 
     assert given_fields(TrainConfig, ["--resume", "runs/x", "--epochs", "30", "--lr", "1e-4"]) == {
         "resume", "epochs", "lr"}  # 30 and 1e-4 are the defaults: still given, still checked
+
+
+def test_step_budget_rule():
+    from pipeline.config import MAX_STEPS, MIN_STEPS, default_steps
+
+    # 14 images at batch 16: one step an epoch; the floor decides.
+    assert TrainConfig(device="cpu").total_steps(14) == default_steps(14, 16) == MIN_STEPS
+    assert default_steps(16 * 100, 16) == 2000  # 20 epochs of 100 steps
+    assert default_steps(50_000, 16) == MAX_STEPS  # 3125 steps an epoch: capped
+    assert TrainConfig(device="cpu", steps=123).total_steps(14) == 123
+    assert TrainConfig(device="cpu", epochs=3, batch_size=4).total_steps(14) == 3 * 4
+    assert TrainConfig(device="cpu", epochs=0, steps=0).total_steps(14) == MIN_STEPS  # 0: unset
+
+
+def test_validation_interval():
+    assert TrainConfig(device="cpu").validation_interval(600, 14) == 40  # about 15 a run
+    assert TrainConfig(device="cpu", val_every=7).validation_interval(600, 14) == 7
+    assert TrainConfig(device="cpu", epochs=2, batch_size=4).validation_interval(8, 14) == 4
+    assert TrainConfig(device="cpu", steps=5).validation_interval(5, 14) == 1
+
+
+def test_step_budget_flags_are_checked():
+    with pytest.raises(ValueError, match="give --steps or --epochs, not both"):
+        TrainConfig(device="cpu", steps=10, epochs=2)
+    with pytest.raises(ValueError, match="--steps must be >= 0"):
+        TrainConfig(device="cpu", steps=-1)
+    with pytest.raises(ValueError, match="--loss must be one of"):
+        TrainConfig(device="cpu", loss="focal")
+    with pytest.raises(ValueError, match="--warmup in"):
+        TrainConfig(device="cpu", warmup=1.0)

@@ -104,6 +104,26 @@ def test_module_entry_point_exit_code(tmp_path, monkeypatch, capsys):
     assert "none.csv: manifest not found" in capsys.readouterr().err
 
 
+def test_import_append_adds_a_second_folder_with_its_own_split(dataset, capsys):
+    for index in range(2):
+        _png(dataset / "test" / "images" / f"t{index}.png", 40 + index)
+        _png(dataset / "test" / "masks" / f"t{index}_manual.png", 0)
+    out = dataset / "manifest.csv"
+    assert main(["import", "folder", str(dataset / "images"), "--out", str(out),
+                 "--masks", str(dataset / "masks"), "--split", "train"]) == 0
+    assert main(["import", "folder", str(dataset / "test" / "images"), "--out", str(out),
+                 "--masks", str(dataset / "test" / "masks"), "--mask-regex", "(.*)_manual",
+                 "--split", "val", "--append"]) == 0
+    assert "6 rows, 6 with masks; splits {'train': 4, 'val': 2}" in capsys.readouterr().out
+    samples = read_manifest(out)
+    assert [s.split for s in samples] == ["train"] * 4 + ["val"] * 2
+    assert samples[4].image == dataset / "test" / "images" / "t0.png"
+    assert samples[4].mask == dataset / "test" / "masks" / "t0_manual.png"
+    assert samples[0].angles == (30.0, 10.0) and samples[4].angles is None
+    assert sorted(p.name for p in dataset.iterdir() if p.suffix == ".csv") == ["manifest.csv"]
+    assert main(["check", str(out)]) == 0
+
+
 def test_import_dicom_then_check(tmp_path, capsys):
     from dicom_files import write_xa
 

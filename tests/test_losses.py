@@ -62,3 +62,31 @@ def test_low_precision_logits_and_gradient():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="shape"):
         dice_bce_loss(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_soft_skeleton_of_a_thick_line_is_thin_and_on_its_centre():
+    from pipeline.losses import soft_skeleton
+
+    mask = torch.zeros(1, 1, 21, 21)
+    mask[0, 0, 8:13, 2:19] = 1.0  # 5 px thick horizontal bar
+    skeleton = soft_skeleton(mask, iterations=5)
+    rows = skeleton[0, 0].sum(dim=1)
+    assert rows.argmax().item() == 10 and rows[10] > 3 * max(rows[8], rows[12])
+    assert ((skeleton > 0) <= (mask > 0)).all()  # never outside the mask
+
+
+def test_soft_cldice_rewards_connected_centrelines():
+    from pipeline.losses import soft_cldice_loss, training_loss
+
+    target = torch.zeros(1, 1, 16, 32)
+    target[0, 0, 7:9, :] = 1.0
+    broken = target.clone()
+    broken[0, 0, :, 12:20] = 0.0  # the same line with a gap
+    right, gapped = (soft_cldice_loss(30.0 * (2 * t - 1), target).item() for t in (target, broken))
+    assert right < 0.05 < gapped
+    logits = 30.0 * (2 * broken - 1)
+    assert training_loss("dice_bce_cldice", logits, target).item() == pytest.approx(
+        dice_bce_loss(logits, target).item() + 0.5 * gapped, rel=1e-5)
+    assert training_loss("dice_bce", logits, target).item() == dice_bce_loss(logits, target).item()
+    with pytest.raises(ValueError, match="unknown loss"):
+        training_loss("focal", logits, target)

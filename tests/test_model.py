@@ -179,3 +179,14 @@ def test_overfits_one_line_sample():
     with torch.no_grad():
         dice = _dice(model(feats, view, image=image), mask)
     assert dice > 0.9, f"dice {dice:.3f} after {step} steps ({elapsed:.1f} s)"
+
+
+def test_without_view_conditioning_every_view_gets_the_same_logits():
+    torch.manual_seed(0)
+    model = ViewConditionedDecoder(levels=("1x",), num_views=NUM_VIEWS, image_branch=False,
+                                   view_conditioning=False)
+    assert model.conditioning is None
+    assert not any("conditioning" in name for name, _ in model.named_parameters())
+    feats = {k: v[:1].expand(2, -1, -1, -1) for k, v in features(1).items()}
+    out = model(feats, torch.tensor([0, NUM_VIEWS]))
+    torch.testing.assert_close(out[0], out[1])

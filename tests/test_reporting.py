@@ -238,12 +238,12 @@ def test_plot_curves_drift_without_data_wait(tmp_path):
 
 
 def test_curves_shade_exactly_the_end_to_end_epochs(tmp_path):
-    from pipeline.reporting import e2e_epochs
+    from pipeline.reporting import e2e_spans
 
     # Epoch 2 trained end to end; val stays live (e2e) until the cache is refreshed.
     records = [{"epoch": e, "split": split, "loss": 1.0, "dice": 0.5,
                 "e2e": (e == 2) if split == "train" else e >= 2}
                for e in range(1, 5) for split in ("train", "val")]
-    assert e2e_epochs(records) == [2]  # today every epoch from 2 on was shaded
+    assert e2e_spans(records) == [(1.5, 2.5)]  # not every epoch from 2 on
     plot_curves(records, tmp_path / "curves.png")
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]

@@ -45,12 +45,12 @@ def test_compare_shows_differing_settings_and_best_scores(runs):
     assert [r["run"].rsplit("/", 1)[-1] for r in rows] == sorted(
         ("lr-1e-3", "lr-1e-2", "narrow"), key=lambda n: -_best_val(runs / n)["dice"])
     header = list(rows[0])
-    assert header[:5] == ["run", "lr", "width", "finished", "best epoch"]  # batch_size equal
+    assert header[:5] == ["run", "lr", "width", "finished", "best step"]  # batch_size equal
     for row in rows:
         run = runs / row["run"].rsplit("/", 1)[-1]
         best, config = _best_val(run), json.loads((run / "config.json").read_text())["config"]
         assert float(row["lr"]) == config["lr"] and int(row["width"]) == config["width"]
-        assert int(row["best epoch"]) == best["epoch"] and row["finished"] == "yes"
+        assert int(row["best step"]) == best["step"] and row["finished"] == "yes"
         for score in ("dice", "iou", "cldice"):
             assert float(row[score]) == pytest.approx(best[score], rel=1e-12)
             for view in ("LAO", "RAO"):
@@ -66,7 +66,7 @@ def test_sort_by_a_view_score_and_the_formats(runs, tmp_path, capsys):
     assert main(["compare", *paths, "--markdown", "--csv", str(tmp_path / "t.csv"),
                  "--plot", str(tmp_path / "curves.png")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| run | lr | width | finished | best epoch | dice |")
+    assert out[0].startswith("| run | lr | width | finished | best step | dice |")
     assert out[1].startswith("|---|") and len(out) == 5
     assert len(_rows((tmp_path / "t.csv").read_text())) == 3
     assert Image.open(tmp_path / "curves.png").size[0] > 3 * 400  # a panel per score
@@ -81,7 +81,7 @@ def test_a_run_still_training_takes_its_best_from_metrics(runs, tmp_path):
     (running / "report.json").unlink()
     (row,) = _rows(compare([str(running)], csv_out="-"))
     best = _best_val(running)
-    assert row["finished"] == "no" and int(row["best epoch"]) == best["epoch"]
+    assert row["finished"] == "no" and int(row["best step"]) == best["step"]
     assert float(row["LAO/dice"]) == pytest.approx(best["per_view"]["LAO"]["dice"])
     assert "lr" not in row  # one run: no setting differs
 

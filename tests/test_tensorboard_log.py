@@ -54,7 +54,7 @@ def test_a_run_logs_every_score_overlays_config_and_hparams(dataset, tmp_path):
     report = json.loads((run / "report.json").read_text())["val"]
     best = {e.step: e.value for e in events.Scalars("best/dice")}
     assert best[0] == pytest.approx(report["dice"], rel=1e-6)
-    assert events.Scalars("best/epoch")[0].value == report["epoch"]
+    assert events.Scalars("best/step")[0].value == report["step"]
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     assert {m.name.tag for m in experiment.experiment.metric_infos} >= {"best/dice", "best/iou"}

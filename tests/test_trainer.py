@@ -10,7 +10,7 @@ def test_one_bar_counts_the_runs_steps_and_never_shows_nan(dataset, tmp_path, ca
                       run_dir=str(tmp_path / "run"), epochs=3, batch_size=2, e2e_every=0,
                       loader_workers=0, overlays=0, extract_missing=True, tensorboard=False))
     err = capsys.readouterr().err
-    steps = re.findall(r"epoch \d/3: +\d+%\|[^|]*\| (\d)/(\d) ", err)
+    steps = re.findall(r"steps \d-\d: +\d+%\|[^|]*\| (\d)/(\d) ", err)
     assert steps and {total for _, total in steps} == {"6"}
     assert [int(done) for done, _ in steps][-1] == 6
     assert re.search(r"validation: 100%\|[^|]*\| 1/1 ", err)

@@ -113,10 +113,11 @@ def test_training_batches_carry_small_fields_inline_from_loader_workers(dataset,
     from pipeline.trainer import _Data
     from pipeline.training import prepare
 
-    prepared = prepare(_config(dataset, tmp_path, extract_missing=True, loader_workers=2))
+    prepared = prepare(_config(dataset, tmp_path, extract_missing=True, loader_workers=2,
+                               memory_cache_mb=0))
     data = _Data(prepared, prepared.cache, DistributedContext())
     for live in (False, True):
-        batches = iter(data.train_loader(0, live))
+        batches = iter(data.train_loader(live))
         batch = next(batches)
         assert all(isinstance(batch[k], np.ndarray) for k in SMALL_FIELDS), live
         assert isinstance(batch["mask"], torch.Tensor)
@@ -151,7 +152,7 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(data
 
 def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
-    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2))
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2, lora_lr=1e-2))
     records = _metrics(run)
     assert all(r["e2e"] for r in records if r["split"] == "train")
     assert all(0 < r["drift_cosine"] < 1 for r in records if r["split"] == "train")
@@ -178,9 +179,10 @@ def test_two_experiments_share_one_cache_without_rewriting(dataset, tmp_path):
 
 def test_refresh_cache_switches_to_the_new_adapters_cache(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
-    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, refresh_cache=True, lr=1e-2))
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, refresh_cache=True, lr=1e-2,
+                        lora_lr=1e-2))
     caches = json.loads((run / "caches.json").read_text())
-    assert [c["epoch"] for c in caches] == [0, 1, 2]
+    assert [c["step"] for c in caches] == [0, 1, 2]
     assert caches[0]["cache_id"] == first.cache_id and caches[0]["adapter_sha256"] is None
     assert len({c["cache_id"] for c in caches}) == 3
     records = [r for r in _metrics(run) if r["split"] == "train"]
@@ -190,8 +192,8 @@ def test_refresh_cache_switches_to_the_new_adapters_cache(dataset, tmp_path):
 def _train_cmd(manifest, tmp_path, run_dir, *extra):
     return [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest),
             "--backbone", "tiny", "--cache-dir", str(tmp_path / "cache"), "--run-dir",
-            str(run_dir), "--epochs", "4", "--batch-size", "4", "--e2e-every", "3",
-            "--e2e-steps", "1", "--loader-workers", "0", "--lr", "1e-3", "--device", "cpu",
+            str(run_dir), "--steps", "8", "--val-every", "3", "--batch-size", "2",
+            "--e2e-every", "2", "--e2e-steps", "1", "--loader-workers", "0", "--device", "cpu",
             *extra]
 
 
@@ -205,22 +207,28 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and not _has_epoch(killed, 2):
+    # last.pt is written (renamed into place) after the validation's metrics line.
+    while time.time() < deadline and not (_has_step(killed, 3) and (killed / "last.pt").exists()):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "report.json").exists(), "the kill should land before the end"
     subprocess.run([sys.executable, str(REPO / "train_head.py"), "--resume", str(killed)],
                    env=env, check=True, capture_output=True)
-    keep = ("epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e")
-    clean = [{k: r[k] for k in keep} for r in _metrics(tmp_path / "clean")]
-    resumed = [{k: r[k] for k in keep} for r in _metrics(killed)]
+    # Steps 1-3 cached, 4 end to end, 5-6 cached, 7-8 cached: the stream resumes mid-epoch
+    # (2 batches an epoch) and the schedule at step 3.
+    keep = ("step", "epoch", "split", "loss", "dice", "iou", "cldice", "lr", "lora_lr", "e2e",
+            "e2e_steps")
+    assert [r["step"] for r in _metrics(tmp_path / "clean")] == [3, 3, 6, 6, 8, 8]
+    clean = [{k: r.get(k) for k in keep} for r in _metrics(tmp_path / "clean")]
+    resumed = [{k: r.get(k) for k in keep} for r in _metrics(killed)]
+    assert clean[0]["lora_lr"] > 0 and clean[2]["e2e_steps"] == 1
     assert resumed == clean
 
 
-def _has_epoch(run_dir, epoch):
+def _has_step(run_dir, step):
     try:
-        return any(r["epoch"] >= epoch and r["split"] == "val" for r in _metrics(run_dir))
+        return any(r["step"] >= step and r["split"] == "val" for r in _metrics(run_dir))
     except (FileNotFoundError, json.JSONDecodeError):
         return False
 
@@ -262,12 +270,13 @@ def test_torchrun_ranks_train_one_run(dataset, tmp_path):
     _extract(dataset, tmp_path / "cache")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = _train_cmd(dataset, tmp_path, tmp_path / "run")[1:]
-    command[command.index("--epochs") + 1] = "2"
+    command[command.index("--steps") + 1] = "2"
+    command[command.index("--val-every") + 1] = "1"
     result = subprocess.run([torchrun, "--nproc-per-node", "2", *command],
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     records = _metrics(tmp_path / "run")
-    assert [(r["epoch"], r["split"]) for r in records] == [
+    assert [(r["step"], r["split"]) for r in records] == [
         (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
 
@@ -284,4 +293,4 @@ def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
     run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0,
                         allow_empty_val=True))
     assert [r["split"] for r in _metrics(run)] == ["train", "train"]
-    assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["epoch"] == 2
+    assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["step"] == 2
