@@ -1,6 +1,7 @@
 """One run per run directory, and a resume that trains on exactly the run's own data."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -80,8 +81,9 @@ def test_resume_uses_the_recorded_data_and_a_moved_cache_and_extends_epochs(fini
 
 def test_resume_refuses_other_flags_by_name(finished, tmp_path):
     run, _ = _copy(finished, tmp_path)
-    with pytest.raises(RunDirError, match=r"--lr 0\.5 \(the run has 0\.0001\).*only --cache-dir, "
-                                          "--epochs"):
+    default = re.escape(str(TrainConfig.__dataclass_fields__["lr"].default))
+    with pytest.raises(RunDirError, match=rf"--lr 0\.5 \(the run has {default}\).*only "
+                                          "--cache-dir, --epochs, .*--steps"):
         train(TrainConfig(resume=str(run), lr=0.5), given={"lr": 0.5})
 
 
