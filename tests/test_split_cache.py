@@ -98,8 +98,8 @@ def test_split_steps_train_lora_after_k_and_the_head_only(dataset, tmp_path):
     assert lora and all(".blocks.2." in n or ".blocks.3." in n for n in lora)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for epoch in (1, 2):
-        run_epoch(model, data.train_loader(epoch, live=False), torch.device("cpu"),
+    for _ in range(2):  # two passes over the training set
+        run_epoch(model, data.train_loader(live=False), torch.device("cpu"),
                   prepared.views, optimizer=optimizer, show=False)
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == set(lora) | {n for n, _ in model.named_parameters()
