@@ -480,6 +480,6 @@ def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, cac
     print(f"run directory: {run_dir}  best step {best['step']}: val dice "
           f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
     if best["val"].get("n"):
-        print("validation scores of the best epoch (each image at its own size):\n"
+        print("validation scores of the best step (each image at its own size):\n"
               + format_summary(best["val"]), flush=True)
 

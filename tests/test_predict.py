@@ -96,7 +96,7 @@ def test_validation_and_predict_score_each_image_at_its_own_size(tmp_path, capsy
                             lr=1e-2))
     assert len(list((run / "overlays").glob("*.png"))) == 2
     printed = capsys.readouterr().out
-    assert "validation scores of the best epoch" in printed
+    assert "validation scores of the best step" in printed
     assert all(f" {name} " in printed for name in SCORES)
     report = json.loads((run / "report.json").read_text())
     assert report["scoring"]["fov"] == "4 of 4 images scored inside their field of view"
