@@ -50,6 +50,23 @@ def _offline_hub(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
 
 
+def run_records(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def validated_past(run_dir: Path, step: int) -> bool:
+    """Whether a (possibly still running) run has written a val record at `step` or later."""
+    import json
+
+    try:
+        return any(r["step"] >= step and r["split"] == "val" for r in run_records(run_dir))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import torch
-from conftest import REPO, make_dataset, subprocess_env
+from conftest import REPO, make_dataset, run_records, subprocess_env, validated_past
 from safetensors.torch import load_file
 
 from pipeline.backbone import build_backbone, token_level
@@ -42,10 +42,6 @@ def _config(manifest, tmp_path, **kw) -> TrainConfig:
 
 def _files(path):
     return {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in path.rglob("*") if p.is_file()}
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _lora_blocks(weights, nonzero_b: bool) -> set[int]:
@@ -166,7 +162,7 @@ def test_cli_extract_then_train_with_cache_block(dataset, tmp_path):
     assert _lora_blocks(run / "adapter", nonzero_b=False) == {2, 3}  # none in blocks 0 and 1
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["cache_block"] == 1 and config["cache"]["signature"]["cache_block"] == 1
-    assert not any(r["e2e"] for r in _metrics(run))  # validation from the cache every epoch
+    assert not any(r["e2e"] for r in run_records(run))  # validation from the cache every epoch
 
 
 def test_predict_with_a_split_cache_reads_its_tokens(dataset, tmp_path):
@@ -204,7 +200,8 @@ def test_resume_after_sigkill_with_a_split_cache_ends_with_the_same_metrics(data
     process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
-    while time.time() < deadline and not (_has_val(killed, 1) and (killed / "last.pt").exists()):
+    while time.time() < deadline and not (validated_past(killed, 1)
+                                          and (killed / "last.pt").exists()):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -212,24 +209,17 @@ def test_resume_after_sigkill_with_a_split_cache_ends_with_the_same_metrics(data
     subprocess.run([sys.executable, str(REPO / "train_head.py"), "--resume", str(killed)],
                    env=env, check=True, capture_output=True)
     keep = ("epoch", "split", "loss", "dice", "iou", "lr", "e2e")
-    assert {r["cache"] for r in _metrics(killed) if r["split"] == "train"} == {
-        r["cache"] for r in _metrics(tmp_path / "clean") if r["split"] == "train"}
-    assert ([{k: r[k] for k in keep} for r in _metrics(killed)]
-            == [{k: r[k] for k in keep} for r in _metrics(tmp_path / "clean")])
-
-
-def _has_val(run_dir, epoch):
-    try:
-        return any(r["epoch"] >= epoch and r["split"] == "val" for r in _metrics(run_dir))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+    assert {r["cache"] for r in run_records(killed) if r["split"] == "train"} == {
+        r["cache"] for r in run_records(tmp_path / "clean") if r["split"] == "train"}
+    assert ([{k: r[k] for k in keep} for r in run_records(killed)]
+            == [{k: r[k] for k in keep} for r in run_records(tmp_path / "clean")])
 
 
 def test_ddp_over_gloo_with_a_split_cache(tmp_path):
     manifest = make_dataset(tmp_path / "d", 8)
     run = train(_config(manifest, tmp_path, extract_missing=True, workers=2, epochs=1,
                         overlays=0))
-    records = _metrics(run)
+    records = run_records(run)
     assert [(r["epoch"], r["split"]) for r in records] == [(1, "train"), (1, "val")]
     assert sum(v["n"] for v in records[1]["per_view"].values()) == 3
     assert _lora_blocks(run / "adapter", nonzero_b=True) == {2, 3}
@@ -241,7 +231,7 @@ def test_e2e_epochs_with_a_split_train_every_block_and_refresh_the_split_cache(d
     split cache goes stale (drift, live validation) and --refresh-cache re-extracts it."""
     run = train(_config(dataset, tmp_path, extract_missing=True, epochs=2, e2e_every=2,
                         refresh_cache=True, overlays=0))
-    records = [r for r in _metrics(run) if r["split"] == "train"]
+    records = [r for r in run_records(run) if r["split"] == "train"]
     assert [r["e2e"] for r in records] == [False, True]
     assert 0 < records[1]["drift_cosine"] < 1
     caches = json.loads((run / "caches.json").read_text())

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, make_dataset, subprocess_env
+from conftest import REPO, make_dataset, run_records, subprocess_env, validated_past
 
 from pipeline.backbone import build_backbone
 from pipeline.config import ExtractConfig, TrainConfig
@@ -33,10 +33,6 @@ def _config(manifest, tmp_path, **kw) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_missing_cache_gives_the_extraction_command(dataset, tmp_path):
     with pytest.raises(MissingFeaturesError) as info:
         train(_config(dataset, tmp_path))
@@ -53,7 +49,7 @@ def test_run_directory_holds_every_promised_file(dataset, tmp_path):
                  "adapter/adapter_model.safetensors", "caches.json"):
         assert (run / name).is_file(), name
     assert len(list((run / "overlays").glob("*.png"))) == 2
-    records = _metrics(run)
+    records = run_records(run)
     assert [(r["epoch"], r["split"]) for r in records] == [
         (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     assert all(FIELDS <= set(r) for r in records)
@@ -65,8 +61,8 @@ def test_run_directory_holds_every_promised_file(dataset, tmp_path):
 
 def test_train_cldice_limits_skeletons_to_the_first_training_images(dataset, tmp_path):
     _extract(dataset, tmp_path / "cache")
-    none = _metrics(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=0)))
-    some = _metrics(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=2,
+    none = run_records(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=0)))
+    some = run_records(train(_config(dataset, tmp_path, epochs=1, overlays=0, train_cldice=2,
                                   run_dir=str(tmp_path / "some"))))
     assert none[0]["split"] == "train" and none[0]["cldice"] is None
     assert none[0]["dice"] is not None and none[1]["cldice"] is not None  # val: every score
@@ -153,7 +149,7 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(data
 def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
     run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2, lora_lr=1e-2))
-    records = _metrics(run)
+    records = run_records(run)
     assert all(r["e2e"] for r in records if r["split"] == "train")
     assert all(0 < r["drift_cosine"] < 1 for r in records if r["split"] == "train")
     payload = torch.load(run / "last.pt", weights_only=False)
@@ -185,7 +181,7 @@ def test_refresh_cache_switches_to_the_new_adapters_cache(dataset, tmp_path):
     assert [c["step"] for c in caches] == [0, 1, 2]
     assert caches[0]["cache_id"] == first.cache_id and caches[0]["adapter_sha256"] is None
     assert len({c["cache_id"] for c in caches}) == 3
-    records = [r for r in _metrics(run) if r["split"] == "train"]
+    records = [r for r in run_records(run) if r["split"] == "train"]
     assert records[1]["cache"] == caches[1]["cache_id"]
 
 
@@ -208,7 +204,8 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
                                start_new_session=True)
     deadline = time.time() + 180
     # last.pt is written (renamed into place) after the validation's metrics line.
-    while time.time() < deadline and not (_has_step(killed, 3) and (killed / "last.pt").exists()):
+    while time.time() < deadline and not (validated_past(killed, 3)
+                                          and (killed / "last.pt").exists()):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -219,18 +216,11 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
     # (2 batches an epoch) and the schedule at step 3.
     keep = ("step", "epoch", "split", "loss", "dice", "iou", "cldice", "lr", "lora_lr", "e2e",
             "e2e_steps")
-    assert [r["step"] for r in _metrics(tmp_path / "clean")] == [3, 3, 6, 6, 8, 8]
-    clean = [{k: r.get(k) for k in keep} for r in _metrics(tmp_path / "clean")]
-    resumed = [{k: r.get(k) for k in keep} for r in _metrics(killed)]
+    assert [r["step"] for r in run_records(tmp_path / "clean")] == [3, 3, 6, 6, 8, 8]
+    clean = [{k: r.get(k) for k in keep} for r in run_records(tmp_path / "clean")]
+    resumed = [{k: r.get(k) for k in keep} for r in run_records(killed)]
     assert clean[0]["lora_lr"] > 0 and clean[2]["e2e_steps"] == 1
     assert resumed == clean
-
-
-def _has_step(run_dir, step):
-    try:
-        return any(r["step"] >= step and r["split"] == "val" for r in _metrics(run_dir))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
 
 
 def test_ddp_over_gloo_with_two_workers(tmp_path):
@@ -238,7 +228,7 @@ def test_ddp_over_gloo_with_two_workers(tmp_path):
     _extract(manifest, tmp_path / "cache")
     run = train(_config(manifest, tmp_path, workers=2, device="cpu",
                         e2e_every=2, e2e_steps=1))
-    records = _metrics(run)
+    records = run_records(run)
     assert [(r["epoch"], r["split"]) for r in records] == [
         (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     val_rows = sum(s.split == "val" for s in read_manifest(manifest))
@@ -275,7 +265,7 @@ def test_torchrun_ranks_train_one_run(dataset, tmp_path):
     result = subprocess.run([torchrun, "--nproc-per-node", "2", *command],
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = _metrics(tmp_path / "run")
+    records = run_records(tmp_path / "run")
     assert [(r["step"], r["split"]) for r in records] == [
         (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]
@@ -292,5 +282,5 @@ def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
         train(_config(manifest, tmp_path, extract_missing=True, overlays=0))
     run = train(_config(manifest, tmp_path, extract_missing=True, overlays=0,
                         allow_empty_val=True))
-    assert [r["split"] for r in _metrics(run)] == ["train", "train"]
+    assert [r["split"] for r in run_records(run)] == ["train", "train"]
     assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["step"] == 2
