@@ -15,11 +15,11 @@ import os
 import sys
 from dataclasses import asdict
 
-from pipeline.checks import check_manifest
+from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, add_arguments, from_arguments
+from pipeline.data.checks import check_manifest
+from pipeline.data.manifest import ManifestError, resolve_data
 from pipeline.errors import USER_ERRORS
-from pipeline.extraction import run_extraction
-from pipeline.manifest import ManifestError, resolve_data
 
 
 def main(argv=None) -> int:

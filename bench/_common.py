@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.backbone import PRESETS  # noqa: E402
+from pipeline.model.backbone import PRESETS  # noqa: E402
 
 BENCHMARKS = REPO / "BENCHMARKS.md"
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -67,10 +67,10 @@ def weights_file(args) -> str | None:
     if args.checkpoint:
         return args.checkpoint
     if args.backbone != "sam3":
-        return None  # tiny: seeded random weights built by pipeline.backbone itself
+        return None  # tiny: seeded random weights built by pipeline.model.backbone itself
     path = args.work_dir / "sam3-random-weights.pt"
     if not path.is_file():
-        from pipeline.backbone import _build_backbone, write_official_checkpoint
+        from pipeline.model.backbone import _build_backbone, write_official_checkpoint
 
         print(f"writing random sam3 weights to {path} (once)", flush=True)
         torch.manual_seed(0)
@@ -82,7 +82,7 @@ def weights_file(args) -> str | None:
 
 def load_backbone(args):
     """The backbone in eval mode on args.device, with the weights the pipeline would load."""
-    from pipeline.backbone import build_backbone
+    from pipeline.model.backbone import build_backbone
 
     return build_backbone(args.backbone, args.weights).to(args.device)
 
@@ -96,8 +96,8 @@ def make_images(folder: Path, n: int, side: int, *, seed: int = 0) -> Path:
     """
     from PIL import Image
 
-    from pipeline.demo import VIEWS, render_sample
-    from pipeline.manifest import write_manifest
+    from pipeline.data.demo import VIEWS, render_sample
+    from pipeline.data.manifest import write_manifest
 
     manifest = folder / "manifest.csv"
     if manifest.is_file():
@@ -207,7 +207,7 @@ def numcodec(codec: str):
     None), without the crc32c every chunk carries."""
     from zarr.codecs import Crc32cCodec
 
-    from pipeline.cache import CODECS, FEATURE_DTYPE, numcodecs_compressor
+    from pipeline.cache.store import CODECS, FEATURE_DTYPE, numcodecs_compressor
 
     made = [c for c in CODECS[codec]() if not isinstance(c, Crc32cCodec)]
     if not made:

@@ -29,8 +29,8 @@ import time
 import _common as C
 import torch
 
-from pipeline.backbone import LEVELS, PRESETS, image_features
-from pipeline.images import normalize
+from pipeline.data.images import normalize
+from pipeline.model.backbone import LEVELS, PRESETS, image_features
 
 VARIANTS = ("channels-last", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math",
             "bf16 weights", "compile", "compile + CUDA graphs")

@@ -31,19 +31,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipeline.backbone import PRESETS
-from pipeline.cache import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
+from pipeline.cache.extraction import run_extraction
+from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.cache.store import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
-from pipeline.datasets import (
+from pipeline.data.images import normalize
+from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.data.samples import (
     SMALL_FIELDS,
     SegmentationSamples,
     ViewVocabulary,
     collate_samples,
 )
-from pipeline.extraction import run_extraction
-from pipeline.feature_batches import FeatureBatches
-from pipeline.images import normalize
-from pipeline.manifest import read_manifest, sample_keys
+from pipeline.model.backbone import PRESETS
 
 
 def parse_args(argv=None):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import ChunkFiles
-from pipeline.manifest import file_sha256
+from pipeline.cache.store import ChunkFiles
+from pipeline.data.manifest import file_sha256
 
 
 def _write_rate(folder: Path, shape, samples: int, durable: bool, threads: int) -> float:
@@ -40,9 +40,9 @@ def _write_rate(folder: Path, shape, samples: int, durable: bool, threads: int) 
 
 def _extraction_seconds(folder: Path, durable: bool, repeat: int) -> float:
     """Wall seconds of a whole Stage A run over the demo set into a fresh cache."""
+    from pipeline.cache.extraction import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.extraction import run_extraction
-    from pipeline.manifest import resolve_data, sample_keys
+    from pipeline.data.manifest import resolve_data, sample_keys
 
     samples = resolve_data("demo", folder / "demo")
     keys = sample_keys(samples)

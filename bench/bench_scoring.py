@@ -6,11 +6,11 @@ Loads the best checkpoint of `--run`, passes the val rows of `--data` through it
 it trained on (as validation does) and scores the same logits three ways:
 
 - "backbone resolution" (validation before native scoring): logits > 0 at R x R against the
-  masks area-resized to R x R (`pipeline.datasets.resize_mask`), every pixel;
+  masks area-resized to R x R (`pipeline.data.samples.resize_mask`), every pixel;
 - "native, whole image": logits resized to H x W against the mask as stored, every pixel;
 - "native, in the FOV": the same inside each row's `fov` (what validation reports now).
 
-Also times, per image, what native scoring costs (`pipeline.scoring`): decoding a mask against
+Also times, per image, what native scoring costs (`pipeline.train.scoring`): decoding a mask against
 unpacking the kept bits, resizing the logits, the scores without and with clDice.
 """
 
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.checks import check_manifest
-from pipeline.datasets import SegmentationSamples, collate_samples, to_device
-from pipeline.feature_batches import FeatureBatches
-from pipeline.images import read_mask
-from pipeline.manifest import UNKNOWN_VIEW, read_manifest
-from pipeline.metrics import SCORES, SegmentationMeter, score_image
+from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.data.checks import check_manifest
+from pipeline.data.images import read_mask
+from pipeline.data.manifest import UNKNOWN_VIEW, read_manifest
+from pipeline.data.samples import SegmentationSamples, collate_samples, to_device
 from pipeline.predict import _feature_cache, load_run
-from pipeline.scoring import NativeTargets, native_logits
+from pipeline.train.metrics import SCORES, SegmentationMeter, score_image
+from pipeline.train.scoring import NativeTargets, native_logits
 
 WAYS = ("backbone resolution", "native, whole image", "native, in the FOV")
 

@@ -31,8 +31,8 @@ import _common as C
 import numpy as np
 import torch
 
-from pipeline.backbone import LEVELS, PRESETS, token_level
 from pipeline.config import TrainConfig
+from pipeline.model.backbone import LEVELS, PRESETS, token_level
 
 
 def parse_args(argv=None):
@@ -58,7 +58,7 @@ def modes(args) -> dict[str, tuple[int | None, bool]]:
 
 
 def build(args, block: int | None):
-    from pipeline.segmenter import build_segmenter
+    from pipeline.model.segmenter import build_segmenter
 
     config = TrainConfig(backbone=args.backbone, checkpoint=args.weights, cache_block=block,
                          e2e_every=0, amp=args.amp, device=args.device,
@@ -80,7 +80,7 @@ def fake_batch(args, block: int | None, device) -> dict:
 
 def step(model, batch: dict, live: bool) -> int:
     """One forward + backward; returns how many parameters got a gradient."""
-    from pipeline.losses import dice_bce_loss
+    from pipeline.model.losses import dice_bce_loss
 
     try:
         dice_bce_loss(model(batch, live=live), batch["mask"]).backward()
@@ -155,7 +155,7 @@ def steps_table(args) -> str:
 
 
 def disk_table(args) -> str:
-    from pipeline.cache import FeatureCache
+    from pipeline.cache.store import FeatureCache
 
     rows = []
     for name in sorted({args.backbone, "sam3"}):

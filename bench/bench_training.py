@@ -4,7 +4,7 @@
     python bench/bench_training.py --backbone sam3 --random-weights --device cuda \
         --batch-size 16 --images 128 --image-side 1024
 
-Runs `pipeline.training.train` (the real loop, one process) with `--e2e-every E --epochs E`:
+Runs `pipeline.train.setup.train` (the real loop, one process) with `--e2e-every E --epochs E`:
 epochs 1..E-1 train from the cache and epoch E runs end to end through the LoRA'd backbone,
 with the same head on the same device, once per `--loader-workers` value. Reads `seconds` and
 `data_wait` from metrics.jsonl, and times `score_batch` (Dice and IoU of every training image,
@@ -30,12 +30,12 @@ import _common as C
 import numpy as np
 import torch
 
-from pipeline.backbone import PRESETS
 from pipeline.config import TrainConfig
-from pipeline.datasets import resize_mask
-from pipeline.images import read_image, read_mask, sam3_resize
-from pipeline.manifest import read_manifest
-from pipeline.metrics import score_batch
+from pipeline.data.images import read_image, read_mask, sam3_resize
+from pipeline.data.manifest import read_manifest
+from pipeline.data.samples import resize_mask
+from pipeline.model.backbone import PRESETS
+from pipeline.train.metrics import score_batch
 
 PARTS = ("epochs", "costs", "memory")
 """Parts of the bench that --skip can leave out."""
@@ -80,7 +80,7 @@ def metric_timer(spent: list):
     """Append, per training run_epoch call, the thread-seconds spent in `score_batch`."""
     import threading
 
-    import pipeline.trainer as trainer
+    import pipeline.train.loop as trainer
 
     original_epoch, original_score = trainer.run_epoch, trainer.score_batch
     clock, lock = {"s": 0.0}, threading.Lock()
@@ -109,7 +109,7 @@ def metric_timer(spent: list):
 
 def train_run(args, manifest: Path, workers: int) -> list[dict]:
     """One real training run; its train records from metrics.jsonl, with `metrics_s` added."""
-    from pipeline.training import train
+    from pipeline.train.setup import train
 
     run_dir = args.work_dir / f"run-w{workers}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -204,7 +204,7 @@ def fake_batch(args, b: int, device: str = "cuda") -> dict:
 
 
 def train_step(model, batch: dict, live: bool) -> None:
-    from pipeline.losses import dice_bce_loss
+    from pipeline.model.losses import dice_bce_loss
 
     try:
         dice_bce_loss(model(batch, live=live), batch["mask"]).backward()
@@ -226,7 +226,7 @@ def _status_kib(field: str) -> int:
 def cpu_step(args, manifest: Path) -> None:
     """(Subprocess) Build the model, reset the peak RSS, run two training steps of one mode;
     print JSON: model GiB, peak GiB above it, seconds of the second step."""
-    from pipeline.segmenter import build_segmenter
+    from pipeline.model.segmenter import build_segmenter
 
     mode, b = args.step.rsplit(":", 1)
     live, checkpointing = MODES[mode]
@@ -276,7 +276,7 @@ def memory_table(args, manifest: Path) -> str:
 
 
 def gpu_memory_table(args, manifest: Path) -> str:
-    from pipeline.segmenter import build_segmenter
+    from pipeline.model.segmenter import build_segmenter
 
     config = train_config(args, manifest, 0, args.work_dir / "unused")
     model = build_segmenter(config, num_views=4, use_angles=False).to("cuda").train()

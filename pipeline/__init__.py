@@ -3,20 +3,20 @@
 The public entry points, imported on first use (importing sam3 takes seconds):
 
 - `build_backbone(name, checkpoint=None, adapter=None)`: SAM 3's vision backbone
-- `FeatureCache`: open, query and read feature caches (`pipeline.cache`)
-- `ExtractConfig`, `run_extraction`: Stage A (`pipeline.config`, `pipeline.extraction`)
-- `TrainConfig`, `train`: Stage B (`pipeline.config`, `pipeline.training`)
+- `FeatureCache`: open, query and read feature caches (`pipeline.cache.store`)
+- `ExtractConfig`, `run_extraction`: Stage A (`pipeline.config`, `pipeline.cache.extraction`)
+- `TrainConfig`, `train`: Stage B (`pipeline.config`, `pipeline.train.setup`)
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "build_backbone": "pipeline.backbone",
-    "FeatureCache": "pipeline.cache",
+    "build_backbone": "pipeline.model.backbone",
+    "FeatureCache": "pipeline.cache.store",
     "ExtractConfig": "pipeline.config",
     "TrainConfig": "pipeline.config",
-    "run_extraction": "pipeline.extraction",
-    "train": "pipeline.training",
+    "run_extraction": "pipeline.cache.extraction",
+    "train": "pipeline.train.setup",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.augment import CopyPlan
-from pipeline.backbone import LEVELS, PRESETS, cache_levels
+from pipeline.data.augment import CopyPlan
+from pipeline.model.backbone import LEVELS, PRESETS, cache_levels
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -76,7 +76,7 @@ def from_arguments(cls, args: argparse.Namespace):
 
 
 LOSSES = ("dice_bce", "dice_bce_cldice")
-"""Values of --loss (pipeline.losses)."""
+"""Values of --loss (pipeline.model.losses)."""
 
 DEFAULT_EPOCHS, MIN_STEPS, MAX_STEPS = 20, 600, 20_000
 """The step budget without --steps or --epochs (see `default_steps`)."""
@@ -190,7 +190,7 @@ class FeatureSource:
 
     @property
     def copy_plan(self) -> CopyPlan:
-        """The augmented copies of each training image (`pipeline.augment`)."""
+        """The augmented copies of each training image (`pipeline.data.augment`)."""
         return CopyPlan(self.augment, self.augment_copies, self.augment_seed)
 
     @property
@@ -220,7 +220,7 @@ class ExtractConfig(FeatureSource):
         super().__post_init__()
         if self.batch_size < 1 or self.loader_workers < 0:
             raise ValueError("--batch-size must be >= 1, --loader-workers >= 0")
-        from pipeline.cache import CODECS
+        from pipeline.cache.store import CODECS
 
         if self.codec not in CODECS:
             raise ValueError(f"--codec must be one of {sorted(CODECS)}, not {self.codec!r}")

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from peft.tuners.lora import LoraLayer
 
-from pipeline.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
-from pipeline.checkpoint import read_checkpoint
-from pipeline.datasets import ViewVocabulary
-from pipeline.lora import load_adapter
-from pipeline.model import ViewConditionedDecoder
-from pipeline.segmenter import VesselSegmenter
-from pipeline.signature import checkpoint_digest
-from pipeline.training import resume_config
+from pipeline.cache.signature import checkpoint_digest
+from pipeline.data.samples import ViewVocabulary
+from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
+from pipeline.model.decoder import ViewConditionedDecoder
+from pipeline.model.lora import load_adapter
+from pipeline.model.segmenter import VesselSegmenter
+from pipeline.train.checkpoint import read_checkpoint
+from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 1
 

@@ -8,7 +8,7 @@ goes through the backbone. From a split cache (`--cache-block K`) the stored tok
 the rest of the trunk with the run's adapter. Masks are written as 0/255 PNG at each image's own
 size.
 
-Rows with a mask are scored as validation is (`pipeline.scoring`: at the image's own size, inside
+Rows with a mask are scored as validation is (`train.scoring`: at the image's own size, inside
 its `fov` when given): every score per row in predictions.csv, the means overall and per view in
 `report.json`, on the console, and overlays of the first `--overlays` rows in `overlays/`.
 """
@@ -26,18 +26,18 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.cache import FeatureCache
-from pipeline.checkpoint import read_checkpoint, restore
-from pipeline.checks import check_manifest
-from pipeline.datasets import SegmentationSamples, ViewVocabulary, collate_samples, to_device
-from pipeline.feature_batches import FeatureBatches
-from pipeline.images import read_image, read_mask
-from pipeline.manifest import UNKNOWN_VIEW, Sample, resolve_data
-from pipeline.metrics import SCORES, SegmentationMeter, format_summary, score_image
-from pipeline.reporting import save_overlays, write_report
-from pipeline.scoring import native_logits, scoring_note, signed_image
-from pipeline.segmenter import build_segmenter
-from pipeline.training import resume_config
+from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.cache.store import FeatureCache
+from pipeline.data.checks import check_manifest
+from pipeline.data.images import read_image, read_mask
+from pipeline.data.manifest import UNKNOWN_VIEW, Sample, resolve_data
+from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
+from pipeline.model.segmenter import build_segmenter
+from pipeline.train.checkpoint import read_checkpoint, restore
+from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_image
+from pipeline.train.reporting import save_overlays, write_report
+from pipeline.train.scoring import native_logits, scoring_note, signed_image
+from pipeline.train.setup import resume_config
 
 
 def load_run(run_dir: Path, device: torch.device):
@@ -54,7 +54,7 @@ def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
     if state.get("cache_current"):  # missing (moved or removed): through the backbone
         path = Path(state["cache"])
         return FeatureCache.open(path) if (path / "zarr.json").is_file() else None
-    from pipeline.extraction import cache_signature
+    from pipeline.cache.extraction import cache_signature
 
     signature = cache_signature(config.extract_config(adapter=str(run_dir / "adapter")))
     return FeatureCache.find(config.cache_dir, signature)

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.reporting import MetricsLog
+from pipeline.train.reporting import MetricsLog
 
 # Settings that name the run rather than describe it.
 NOT_SETTINGS = ("run_dir", "resume")
@@ -189,7 +189,7 @@ def csv_text(header: list[str], rows: list[list]) -> str:
 def plot_curves(runs: list[Run], out_png: Path, scores: list[str] | None = None) -> list[str]:
     """One panel per overall score (default: every overall score of the runs), one line per run:
     validation value against step (or epoch). Returns the scores drawn."""
-    import matplotlib.pyplot as plt  # pipeline.reporting has chosen the Agg backend
+    import matplotlib.pyplot as plt  # pipeline.train.reporting has chosen the Agg backend
     from matplotlib.ticker import MaxNLocator
 
     scores = scores or [k for k in score_names(runs) if VIEW_SEPARATOR not in k]

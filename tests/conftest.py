@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.manifest import write_manifest
+from pipeline.data.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from pipeline.augment import CopyPlan
 from pipeline.config import ExtractConfig, TrainConfig, add_arguments, from_arguments
+from pipeline.data.augment import CopyPlan
 
 
 @pytest.mark.parametrize("cls", [ExtractConfig, TrainConfig])

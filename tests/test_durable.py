@@ -8,10 +8,10 @@ import time
 import pytest
 from conftest import make_dataset
 
+from pipeline.cache.signature import checkpoint_digest
 from pipeline.config import TrainConfig
 from pipeline.durable import write_atomically
-from pipeline.signature import checkpoint_digest
-from pipeline.training import train
+from pipeline.train.setup import train
 
 
 @pytest.fixture

@@ -6,13 +6,18 @@ import torch
 from conftest import make_dataset
 from sam3.model_builder import _load_checkpoint
 
-from pipeline.backbone import PRESETS, _build_backbone, build_backbone, write_official_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.datasets import SegmentationSamples
+from pipeline.data.manifest import read_manifest
+from pipeline.data.samples import SegmentationSamples
 from pipeline.export import ExportError, export, load_exported, main
-from pipeline.manifest import read_manifest
+from pipeline.model.backbone import (
+    PRESETS,
+    _build_backbone,
+    build_backbone,
+    write_official_checkpoint,
+)
 from pipeline.predict import load_run
-from pipeline.training import train
+from pipeline.train.setup import train
 
 EXTRA = {  # parts of the full SAM 3 checkpoint that the vision backbone does not use
     "detector.transformer.encoder.layers.0.weight": torch.randn(4, 4),

@@ -1,8 +1,8 @@
 """Faults a real cache meets, each with real processes, files and zarr stores: a second writer,
 a full disk, a damaged chunk, an image replaced on disk, and a cache made with something else.
 
-(SIGKILL during extraction and during training is covered in test_extraction.py and
-test_training.py.)
+(SIGKILL during extraction and during training is covered in cache/test_extraction.py and
+train/test_setup.py.)
 """
 
 import errno
@@ -24,16 +24,16 @@ import zarr.storage
 from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 from PIL import Image
 
-from pipeline.backbone import build_backbone
-from pipeline.cache import CacheError, ChunkFiles, FeatureCache
-from pipeline.cache_cli import main as cache_cli
-from pipeline.checks import check_manifest
+from pipeline.cache.cli import main as cache_cli
+from pipeline.cache.extraction import run_extraction
+from pipeline.cache.store import CacheError, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig, TrainConfig
-from pipeline.extraction import run_extraction
-from pipeline.images import load_preprocessed
-from pipeline.lora import attach_lora
-from pipeline.manifest import read_manifest, sample_keys
-from pipeline.training import MissingFeaturesError, ensure_cache, train
+from pipeline.data.checks import check_manifest
+from pipeline.data.images import load_preprocessed
+from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.model.backbone import build_backbone
+from pipeline.model.lora import attach_lora
+from pipeline.train.setup import MissingFeaturesError, ensure_cache, train
 
 
 @pytest.fixture(autouse=True)
@@ -384,7 +384,7 @@ def test_a_deleted_chunk_is_not_done_a_read_error_and_extracted_again(tmp_path):
 
 
 def _other_order(manifest, tmp_path):
-    from pipeline.manifest import write_manifest
+    from pipeline.data.manifest import write_manifest
 
     rows = read_manifest(manifest)[::-1]
     return write_manifest(tmp_path / "reversed.csv", [
@@ -445,12 +445,12 @@ def test_a_truncated_keys_or_done_chunk_is_named_and_repaired(tmp_path, capsys):
 
 def test_a_killed_cache_creation_leaves_nothing_behind(tmp_path):
     manifest = make_dataset(tmp_path / "d", 2, size=32)
-    from pipeline.extraction import cache_signature
+    from pipeline.cache.extraction import cache_signature
 
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "c"),
                            device="cpu")
     name = f"{cache_signature(config).get('backbone')}"
-    from pipeline.cache import cache_path
+    from pipeline.cache.store import cache_path
 
     path = cache_path(tmp_path / "c", cache_signature(config))
     leftover = path.with_name(f".{path.name}.creating-4242")  # what a SIGKILL there leaves
@@ -460,8 +460,8 @@ def test_a_killed_cache_creation_leaves_nothing_behind(tmp_path):
 
 
 def test_training_while_another_run_extracts_offers_no_missing_flag(tmp_path):
-    from pipeline.cache import cache_path, writer_lock
-    from pipeline.extraction import cache_signature
+    from pipeline.cache.extraction import cache_signature
+    from pipeline.cache.store import cache_path, writer_lock
 
     manifest = make_dataset(tmp_path / "d", 4, size=32)
     config = _train_config(manifest, tmp_path, extract_missing=True)

@@ -1,0 +1,107 @@
+"""`python -m pipeline.cache list|info|verify|rm`: look after the feature caches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from pipeline.cache.signature import describe
+from pipeline.cache.store import CacheError, DamagedCacheError, FeatureCache, writer_lock
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _resolve(cache_dir: str, name: str) -> Path:
+    path = Path(name)
+    if not path.exists():
+        path = Path(cache_dir) / (name if name.endswith(".zarr") else f"{name}.zarr")
+    if not (path / "zarr.json").is_file():
+        raise CacheError(f"no cache {name!r} under {cache_dir} (see `python -m pipeline.cache "
+                         "list`)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__)
+    parser.add_argument("--cache-dir", default="cache", help="where the caches live")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every cache with its size, N and signature summary")
+    for name, text in (("info", "one cache in full"), ("rm", "delete a cache"),
+                       ("verify", "re-read every done sample")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("cache", help="cache id (as `list` prints it) or path")
+        sub.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                         help="where the caches live (also accepted before the command)")
+        if name == "verify":
+            sub.add_argument("--repair", action="store_true",
+                             help="mark bad samples not done, so extraction redoes them")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except CacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _list(cache_dir: str) -> int:
+    """One line per cache; a damaged one is named and the others still listed."""
+    paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if (p / "zarr.json").is_file())
+    if not paths:
+        print(f"no caches under {cache_dir}")
+    damaged = 0
+    for path in paths:
+        try:
+            cache = FeatureCache.open(path)
+            done = cache.done()
+            print(f"{cache.cache_id}  {int(done.sum())}/{len(done)} done  "
+                  f"{_size(cache.size_on_disk())}  {describe(cache.signature)}")
+        except CacheError as err:
+            damaged += 1
+            print(f"{path.stem}  DAMAGED: {err}")
+    return 1 if damaged else 0
+
+
+def _verify(path: Path, repair: bool) -> int:
+    cache = FeatureCache.open(path, mode="r+" if repair else "r")
+    if repair:
+        with writer_lock(path):
+            for line in cache.repair_index():
+                print(line)
+    try:
+        problems = cache.verify()
+    except DamagedCacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for p in problems:
+        print(f"row {p.row} key {p.key}: {p.problem}")
+    if problems and repair:
+        with writer_lock(path):
+            cache.mark_undone([p.row for p in problems])
+        print(f"{len(problems)} sample(s) marked not done; rerun extract_features.py to redo them")
+    print(f"{int(cache.flagged().sum())} done samples checked, {len(problems)} bad")
+    return 1 if problems and not repair else 0
+
+
+def _run(args) -> int:
+    if args.command == "list":
+        return _list(args.cache_dir)
+    path = _resolve(args.cache_dir, args.cache)
+    if args.command == "info":
+        print(json.dumps(FeatureCache.open(path).summary(), indent=2))
+        return 0
+    if args.command == "rm":
+        with writer_lock(path):
+            shutil.rmtree(path)
+        path.with_suffix(".lock").unlink(missing_ok=True)
+        print(f"removed {path}")
+        return 0
+    return _verify(path, args.repair)

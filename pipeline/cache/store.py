@@ -1,0 +1,436 @@
+"""The feature cache: the one module that knows the zarr layout.
+
+``<cache-dir>/<cache-id>.zarr`` is a zarr v3 group that plain zarr and dask read without this
+project::
+
+    keys          (N,)            str      hex sha256 of each sample's image file
+    done          (N,)            bool     set only after that sample's features are on disk
+                                           (fsynced: data before the flag)
+    features/1x   (N, 256, h, w)  float16  `vision_features`
+    features/2x   (N, 256, 2h, 2w)         optional `backbone_fpn` levels
+    features/4x   (N, 256, 4h, 4w)
+    features/block<K>  (N, h, w, C)  float16  instead, with --cache-block K: the trunk's
+                                           tokens after block K (each level's shape is the
+                                           array's; readers never re-declare it)
+
+Group attributes: `signature` (what the features depend on), `signature_sha256`, `cache_id`,
+`layout_version`, `created`, `codec`. Every sample is its own chunk, and `done` has one chunk per
+sample, so concurrent writers (processes, GPUs, machines) never touch the same storage object,
+and zarr's LocalStore writes each object through a rename: a killed writer leaves no half chunk.
+One writer run holds ``<cache-id>.lock`` (an flock, released by the kernel if the run dies).
+
+Every chunk, `keys` and `done` included, ends with a crc32c. A done sample whose feature chunk
+file is gone counts as not done (extraction redoes it; a reader raises); a lost or damaged `keys`
+or `done` chunk is a `DamagedCacheError` naming the file and `verify --repair`, which rebuilds
+what can be derived and says what cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+
+from pipeline.cache.chunk_files import (  # noqa: F401
+    ChunkChecksumError,
+    ChunkFiles,
+    numcodecs_compressor,
+)
+from pipeline.cache.lock import (  # noqa: F401 - the cache's public names live here too
+    RELEASED,
+    CacheError,
+    CacheLockedError,
+    remove_partial_writes,
+    writer_lock,
+)
+from pipeline.cache.signature import cache_id as derive_cache_id
+from pipeline.cache.signature import signature_digest
+
+LAYOUT_VERSION = 1
+FEATURE_DTYPE = "float16"
+KEY_CHUNK = 65536
+# Every chunk ends with a crc32c of its bytes (zarr's Crc32cCodec; about 0.1 ms per 2.65 MB
+# here), so a damaged chunk fails its read and `verify` names it, whatever the compressor.
+CODECS = {
+    "none": lambda: [Crc32cCodec()],
+    "zstd": lambda: [ZstdCodec(level=1), Crc32cCodec()],
+    "blosc-zstd": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle),
+                           Crc32cCodec()],
+    "lz4": lambda: [BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle),
+                    Crc32cCodec()],
+}
+DEFAULT_CODEC = "none"
+
+
+class DamagedCacheError(CacheError):
+    """A `keys` or `done` chunk, or a done sample's feature chunk, that is lost or damaged."""
+
+
+def repair_command(path: Path) -> str:
+    """The command that finds and repairs the damage of the cache at `path`."""
+    path = Path(path)
+    return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
+
+
+@dataclass(frozen=True)
+class SampleProblem:
+    row: int
+    key: str
+    problem: str
+
+
+def cache_path(cache_dir: str | Path, signature: dict) -> Path:
+    return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
+
+class FeatureCache:
+    """A feature cache on disk. Open with `create_or_open` (writer) or `open` (reader)."""
+
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group = group
+        self.path = path
+        self._arrays: dict[str, zarr.Array] = {}
+        self._chunk_files: dict[str, ChunkFiles | None] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """One handle per array: opening one re-reads its metadata (about 0.4 ms), and a resize
+        through the handle updates it in place."""
+        if name not in self._arrays:
+            array = self.group[name]
+            if name == "keys":  # a runtime setting, not stored: see `keys`
+                array = array.with_config({"write_empty_chunks": True})
+            self._arrays[name] = array
+        return self._arrays[name]
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def create_or_open(
+        cls, cache_dir: str | Path, signature: dict, level_shapes: dict[str, tuple[int, int, int]],
+        *, codec: str = DEFAULT_CODEC,
+    ) -> FeatureCache:
+        """Open the cache of `signature` for writing, creating it (with N = 0) if needed.
+
+        `level_shapes`: per level name, the (C, h, w) of one sample's features.
+        Call under `writer_lock`.
+        """
+        path = cache_path(cache_dir, signature)
+        if (path / "zarr.json").is_file():
+            cache = cls(zarr.open_group(path, mode="r+"), path)
+            cache.check_signature(signature)
+            return cache
+        for leftover in path.parent.glob(f".{path.name}.creating-*"):  # a killed creation's
+            shutil.rmtree(leftover, ignore_errors=True)  # (safe: we hold this cache's lock)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        group = zarr.open_group(tmp, mode="w")
+        # keys: every chunk written, even an all-empty one, so a missing file means lost keys.
+        group.create_array("keys", shape=(0,), chunks=(KEY_CHUNK,), dtype=str,
+                           compressors=[Crc32cCodec()], config={"write_empty_chunks": True})
+        group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False,
+                           compressors=[Crc32cCodec()])
+        for level, shape in sorted(level_shapes.items()):
+            group.create_array(
+                f"features/{level}", shape=(0, *shape), chunks=(1, *shape),
+                dtype=FEATURE_DTYPE, fill_value=0.0, compressors=CODECS[codec](),
+            )
+        group.attrs.update({
+            "signature": signature,
+            "signature_sha256": signature_digest(signature),
+            "cache_id": path.stem,
+            "layout_version": LAYOUT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "codec": codec,
+        })
+        tmp.rename(path)  # a cache appears whole or not at all
+        return cls(zarr.open_group(path, mode="r+"), path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, mode: str = "r") -> FeatureCache:
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise CacheError(f"{path} is not a feature cache (no zarr.json)")
+        group = zarr.open_group(path, mode=mode)
+        if group.attrs.get("layout_version") != LAYOUT_VERSION:
+            raise CacheError(f"{path} has layout {group.attrs.get('layout_version')}, "
+                             f"this version reads {LAYOUT_VERSION}")
+        return cls(group, path)
+
+    @classmethod
+    def find(cls, cache_dir: str | Path, signature: dict) -> FeatureCache | None:
+        """The cache of `signature` under `cache_dir`, read-only, or None."""
+        path = cache_path(cache_dir, signature)
+        if not (path / "zarr.json").is_file():
+            return None
+        cache = cls.open(path)
+        cache.check_signature(signature)
+        return cache
+
+    def check_signature(self, signature: dict) -> None:
+        if self.signature != signature:
+            raise CacheError(
+                f"{self.path} holds features with signature {self.signature}, "
+                f"not the requested {signature}; it will not be used"
+            )
+
+    # ---------------------------------------------------------------- reading
+    @property
+    def signature(self) -> dict:
+        return dict(self.group.attrs["signature"])
+
+    @property
+    def cache_id(self) -> str:
+        return self.path.stem
+
+    @property
+    def levels(self) -> list[str]:
+        return sorted(name for name, _ in self.group["features"].arrays())
+
+    def level(self, name: str) -> zarr.Array:
+        """The (N, C, h, w) float16 zarr array of one level."""
+        return self._array(f"features/{name}")
+
+    def level_shape(self, name: str) -> tuple[int, int, int]:
+        return tuple(self.level(name).shape[1:])
+
+    def keys(self) -> np.ndarray:
+        """(N,) str; empty strings mark rows reserved by an interrupted extension.
+
+        Raises `DamagedCacheError` for a lost or damaged keys chunk (zarr would read a lost one
+        as empty keys, and every row would look free) or a key on two rows."""
+        array = self._array("keys")
+        folder = self.path / "keys" / "c"
+        lost = [str(folder / str(c)) for c in range(-(-array.shape[0] // KEY_CHUNK))
+                if not (folder / str(c)).is_file()]
+        if lost:
+            raise DamagedCacheError(f"{lost[0]}: keys chunk lost (which image each row holds is "
+                                    f"unknown); run `{repair_command(self.path)}`")
+        try:
+            keys = np.asarray(array[:], dtype=object)
+        except Exception as err:
+            raise DamagedCacheError(f"{folder}: keys unreadable ({type(err).__name__}: "
+                                    f"{str(err)[:100]}); run `{repair_command(self.path)}`"
+                                    ) from None
+        named = keys[keys != ""]
+        if len(set(named)) != len(named):
+            raise DamagedCacheError(f"{folder}: a key is on two rows; run "
+                                    f"`{repair_command(self.path)}`")
+        return keys
+
+    def flagged(self) -> np.ndarray:
+        """(N,) bool: the `done` flags as stored (clipped to the rows that have a key); see
+        `done`. Raises `DamagedCacheError` naming the damaged flag chunks."""
+        n, array = len(self.keys()), self._array("done")
+        try:
+            return np.asarray(array[:n], dtype=bool)
+        except Exception:
+            bad = self.damaged_flags()
+            raise DamagedCacheError(
+                f"{self.path / 'done' / 'c'}: done flags of {len(bad)} row(s) unreadable (rows "
+                f"{bad[:10]}); run `{repair_command(self.path)}`") from None
+
+    def damaged_flags(self) -> list[int]:
+        """Rows whose `done` chunk fails its checksum (read one by one: slow, for repairs)."""
+        array = self._array("done")
+        return [row for row in range(len(self.keys())) if _unreadable(array, row)]
+
+    def missing_chunks(self, rows) -> dict[int, str]:
+        """row -> level, for those of `rows` with a level whose chunk file is gone (every chunk
+        this version writes has one; zarr would read a missing one as zeros)."""
+        missing = {}
+        for level in self.levels:
+            files = self._files(level)
+            if files is None:
+                continue
+            for row in rows:
+                if int(row) not in missing and not files.path(int(row)).is_file():
+                    missing[int(row)] = level
+        return missing
+
+    def done(self) -> np.ndarray:
+        """(N,) bool: flagged done and every level's chunk file present (one stat per row and
+        level), clipped to the rows that have a key."""
+        done = self.flagged()
+        done[list(self.missing_chunks(np.flatnonzero(done)))] = False
+        return done
+
+    def rows_for(self, keys: list[str]) -> np.ndarray:
+        """(len(keys),) int64 row of each key, -1 where the cache has none."""
+        index = {k: i for i, k in enumerate(self.keys()) if k}
+        return np.array([index.get(k, -1) for k in keys], dtype=np.int64)
+
+    def read(self, row: int, levels: list[str] | None = None, *,
+             strict: bool = False) -> dict[str, np.ndarray]:
+        """One sample's features: level -> (C, h, w) float16 (see `read_into`)."""
+        out = {}
+        for lvl in levels or self.levels:
+            out[lvl] = np.empty(self.level_shape(lvl), FEATURE_DTYPE)
+            self.read_into(row, lvl, out[lvl], strict=strict)
+        return out
+
+    def read_into(self, row: int, level: str, out: np.ndarray, *, strict: bool = False) -> None:
+        """Fill `out` ((C, h, w) float16, C-contiguous: a new array, or a slice of a batch
+        tensor) with one level of one sample: straight from its chunk file where the layout
+        allows (see `ChunkFiles`), else through zarr (another layout, or a chunk without a
+        file, which zarr reads as zeros). `strict` (the readers of training and predict): a
+        chunk without a file of a sample flagged done is lost data and raises
+        `DamagedCacheError`. Safe from several threads."""
+        files = self._files(level)
+        if files is not None and files.read_into(row, out):
+            return
+        if files is None or not strict or not self._array("done")[row]:
+            out[...] = self.level(level)[row]
+        else:
+            raise DamagedCacheError(f"{files.path(row)}: the {level} chunk of row {row} is "
+                                    "missing (zarr would read zeros)")
+
+    def _files(self, level: str) -> ChunkFiles | None:
+        if level not in self._chunk_files:
+            self._chunk_files[level] = ChunkFiles.for_array(self.level(level))
+        return self._chunk_files[level]
+
+    def as_dask(self, level: str = "1x"):
+        """A level as a dask array (N, C, h, w), one sample per block."""
+        import dask.array as da
+
+        return da.from_zarr(self.level(level))
+
+    def size_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    # ---------------------------------------------------------------- writing
+    def add_keys(self, keys: list[str]) -> np.ndarray:
+        """Give every new key a row (growing the arrays); returns the row of each of `keys`."""
+        rows = self.rows_for(keys)
+        new = list(dict.fromkeys(k for k, r in zip(keys, rows, strict=True) if r < 0))
+        if not new:
+            return rows
+        current = list(self.keys())
+        free = [i for i, k in enumerate(current) if not k]  # left by an interrupted extension
+        slots = free[: len(new)] + list(range(len(current), len(current) + len(new) - len(free)))
+        size = max(len(current), max(slots) + 1)
+        # Grow features and done before keys: a row exists once its key is written.
+        for name in [f"features/{lvl}" for lvl in self.levels] + ["done", "keys"]:
+            array = self._array(name)
+            if array.shape[0] < size:
+                array.resize((size, *array.shape[1:]))
+        current += [""] * (size - len(current))
+        done, reused = self._array("done"), set(free)
+        for slot, key in zip(slots, new, strict=True):
+            current[slot] = key
+            if slot in reused and done[slot]:  # a free row flagged done: not this key's data
+                done[slot] = False
+        self._array("keys")[:] = np.array(current, dtype=object)
+        return self.rows_for(keys)
+
+    def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
+        """Write one sample's features (level -> (C, h, w)), durably, then mark it done.
+        Feature chunks go straight to their files where the layout allows (`ChunkFiles.write`:
+        zarr's own bytes, without its ~3 ms per-call overhead), else through zarr."""
+        for level, value in features.items():
+            files = self._files(level)
+            if files is not None:
+                files.write(row, value)
+            else:
+                self.level(level)[row] = value
+        self._array("done")[row] = True
+
+    def mark_undone(self, rows: list[int]) -> None:
+        for row in rows:
+            self._array("done")[row] = False
+
+    # ---------------------------------------------------------------- checking
+    def verify(self) -> list[SampleProblem]:
+        """Re-read every sample flagged done as training reads it; report those unreadable (a
+        damaged chunk fails its checksum or its codec), without a chunk file (lost data) or not
+        finite. A damaged `keys` or `done` raises `DamagedCacheError` (see `repair_index`)."""
+        keys, done = self.keys(), self.flagged()
+        problems = []
+        missing = self.missing_chunks(np.flatnonzero(done))
+        for row in np.flatnonzero(done):
+            row = int(row)
+            if row in missing:
+                problems.append(SampleProblem(row, keys[row], f"{missing[row]} chunk file missing"))
+                continue
+            for level in self.levels:
+                try:
+                    value = self.read(row, [level])[level]
+                except Exception as err:
+                    problems.append(SampleProblem(row, keys[row], f"{level} unreadable: "
+                                                  f"{type(err).__name__}: {str(err)[:120]}"))
+                    break
+                if not np.isfinite(value).all():
+                    problems.append(SampleProblem(row, keys[row], f"{level} not finite"))
+                    break
+        return problems
+
+    def repair_index(self) -> list[str]:
+        """Rebuild damaged `keys` and `done` chunks (call under `writer_lock`, mode "r+").
+
+        A damaged done flag is derivable: it is cleared and extraction redoes that sample. Lost
+        or damaged keys are not (which image a row holds is known only from its key): those rows
+        lose their key and their flag, and extraction gives their images rows again. Returns
+        one line per repair."""
+        array, done, lines = self._array("keys"), self._array("done"), []
+        n, folder = array.shape[0], self.path / "keys" / "c"
+        keys = np.full(n, "", dtype=object)
+        for c in range(-(-n // KEY_CHUNK)):
+            lo, hi = c * KEY_CHUNK, min(n, (c + 1) * KEY_CHUNK)
+            try:
+                if not (folder / str(c)).is_file():
+                    raise FileNotFoundError(folder / str(c))
+                keys[lo:hi] = np.asarray(array[lo:hi], dtype=object)
+            except Exception as err:  # noqa: BLE001 - lost or damaged: these keys are gone
+                lines.append(f"rows {lo}-{hi - 1}: keys chunk {folder / str(c)} "
+                             f"{'lost' if isinstance(err, FileNotFoundError) else 'damaged'}; "
+                             "which image each row held cannot be derived: the rows are freed "
+                             "and their images will be extracted again")
+        seen: dict[str, int] = {}
+        for row, key in enumerate(keys):
+            if key and key in seen:
+                lines.append(f"rows {seen[key]} and {row}: the same key; both freed")
+                keys[[seen[key], row]] = ""
+            elif key:
+                seen[key] = row
+        freed = [r for r in range(n) if not keys[r]]
+        if lines:
+            array[:] = keys
+        kept = sorted(set(range(n)) - set(freed))
+        bad_flags = [] if not _unreadable(done, slice(0, n)) else [
+            r for r in kept if _unreadable(done, r)]  # one by one only when some are damaged
+        for row in bad_flags:
+            lines.append(f"row {row}: done flag damaged; cleared, extraction redoes the sample")
+        for row in freed + bad_flags:
+            done[row] = False
+        return lines
+
+    def summary(self) -> dict:
+        keys = self.keys()
+        return {
+            "cache_id": self.cache_id,
+            "path": str(self.path),
+            "samples": int(sum(1 for k in keys if k)),
+            "done": int(self.done().sum()),
+            "levels": {lvl: list(self.level_shape(lvl)) for lvl in self.levels},
+            "bytes_on_disk": self.size_on_disk(),
+            "codec": self.group.attrs.get("codec"),
+            "created": self.group.attrs.get("created"),
+            "signature": self.signature,
+        }
+
+
+def _unreadable(array: zarr.Array, row: int | slice) -> bool:
+    try:
+        array[row]
+    except Exception:  # noqa: BLE001 - any decode failure is damage
+        return True
+    return False
+
+
+def list_caches(cache_dir: str | Path) -> list[FeatureCache]:
+    return [FeatureCache.open(p) for p in sorted(Path(cache_dir).glob("*.zarr"))
+            if (p / "zarr.json").is_file()]
+

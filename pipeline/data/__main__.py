@@ -1,0 +1,7 @@
+"""`python -m pipeline.data import|check` (see `pipeline.data.cli`)."""
+
+import sys
+
+from pipeline.data.cli import main
+
+sys.exit(main())

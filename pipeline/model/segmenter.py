@@ -1,0 +1,144 @@
+"""The trainable model: SAM 3's backbone with a peft LoRA adapter, and the view-conditioned decoder.
+
+Cached steps feed stored features straight to the decoder; end-to-end steps run the backbone
+(LoRA active, base weights frozen; SAM 3's ViT recomputes each block in the backward pass unless
+`--no-activation-checkpointing`). With a split cache (`--cache-block K`) cached steps start from
+the stored trunk tokens after block K and run the rest of the trunk (LoRA there trains at every
+step, checkpointed as end to end), the neck's branches of the levels and the decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+from pipeline.data.images import normalize
+from pipeline.model.backbone import (
+    build_backbone,
+    features_from_tokens,
+    image_features,
+    token_level,
+    trunk_tokens,
+)
+from pipeline.model.decoder import ViewConditionedDecoder
+from pipeline.model.lora import attach_lora, load_adapter, set_trainable_params
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+class VesselSegmenter(nn.Module):
+    """`backbone` (a peft LoRA model around SAM 3's vision backbone, or the plain backbone of
+    an exported checkpoint) + `decoder`."""
+
+    def __init__(self, *, backbone: nn.Module, decoder: ViewConditionedDecoder, amp: str,
+                 cache_block: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.amp = amp
+        self.cache_block = cache_block
+        """K of a split cache: batch["features"] holds the trunk's tokens after block K."""
+        base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        self.resolution = base.preset.resolution
+
+    def train(self, mode: bool = True) -> VesselSegmenter:
+        """Train mode with the trunk's stochastic depth (DropPath) kept off: the cache holds
+        features of the backbone in eval mode, and the head must see those same features
+        whether a step is cached, split or end to end (measured: with drop-path on, end-to-end
+        intervals lowered val Dice on CHASE_DB1). LoRA's own dropout still applies."""
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, DropPath):
+                module.eval()
+        return self
+
+    def autocast(self, device: torch.device):
+        dtype = AMP_DTYPES[self.amp]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def live_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image (B, 3, R, R) uint8 (as `SegmentationSamples` gives it) -> {level: (B, 256, h, w)}
+        through the backbone."""
+        return self._backbone_features(normalize(image))
+
+    def _backbone_features(self, normalized: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast(normalized.device):
+            return image_features(self.backbone, normalized, self.decoder.levels)
+
+    def cache_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the cache would store for `image` (B, 3, R, R) uint8 with the adapter as it is
+        now: {level: (B, 256, h, w)}, or with a split {"block<K>": (B, h, w, C)}."""
+        if self.cache_block is None:
+            return self.live_features(image)
+        with self.autocast(image.device):
+            tokens = trunk_tokens(self.backbone, normalize(image), self.cache_block)
+        return {token_level(self.cache_block): tokens}
+
+    def cached_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The decoder's {level: (B, 256, h, w)} from a batch's cached `features`: as they are,
+        or from a split cache's tokens (B, h, w, C) (any float dtype) through the rest of the
+        trunk and the neck."""
+        if self.cache_block is None:
+            return features
+        tokens = features[token_level(self.cache_block)]
+        # float32 like the live trunk's residual stream (autocast casts inside the blocks).
+        with self.autocast(tokens.device):
+            return features_from_tokens(self.backbone, tokens.float(), self.cache_block,
+                                        self.decoder.levels)
+
+    def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
+        """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`.
+
+        live=False uses batch["features"] (cached: levels, or a split cache's tokens);
+        live=True runs the backbone on batch["image"] ((B, 3, R, R) uint8, normalised here, on
+        the model's device).
+        """
+        image = normalize(batch["image"]) if "image" in batch else None
+        features = (self._backbone_features(image) if live
+                    else self.cached_features(batch["features"]))
+        angles = batch["angles"] if self.decoder.use_angles else None
+        with self.autocast(batch["view"].device):
+            logits = self.decoder(features, batch["view"], image=image,
+                                  angles=angles, out_size=(self.resolution, self.resolution))
+        return logits.float()
+
+
+def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmenter:
+    """A fresh model for `config` (a TrainConfig): LoRA on the trunk, a new decoder."""
+    # The decoder first: its initial weights then depend on the seed alone, not on how many
+    # LoRA matrices were drawn before it (--cache-block K puts LoRA in fewer blocks).
+    decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
+                                     use_angles=use_angles, image_branch=config.image_branch,
+                                     width=config.width,
+                                     view_conditioning=config.view_conditioning)
+    backbone = build_backbone(config.backbone, config.checkpoint)
+    if config.adapter:
+        peft_model = load_adapter(backbone, config.adapter, trainable=True)
+    else:
+        peft_model = attach_lora(backbone, r=config.lora_r, alpha=config.lora_alpha,
+                                 dropout=config.lora_dropout,
+                                 after_block=config.lora_after_block)
+    # SAM 3's ViT checkpoints its blocks whenever it is in train mode and this is set.
+    peft_model.get_base_model().vision_backbone.trunk.use_act_checkpoint = (
+        config.activation_checkpointing)
+    model = VesselSegmenter(backbone=peft_model, decoder=decoder, amp=config.amp,
+                            cache_block=config.cache_block)
+    set_trainable_params(model)
+    return model
+
+
+def lora_state(model: VesselSegmenter) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model.backbone)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def load_lora_state(model: VesselSegmenter, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model.backbone, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"LoRA state has unexpected keys: {unexpected[:5]}")

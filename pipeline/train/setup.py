@@ -1,0 +1,266 @@
+"""Stage B: train the view-conditioned decoder from the cache, with periodic end-to-end epochs.
+
+`train(config)` prepares everything that needs no GPU (manifest check, cache lookup, run
+directory), then runs `train_process` once per process: in this process, in processes it spawns
+for `--gpus 0,1` / `--device cpu --workers N` (DDP over NCCL or gloo), or per torchrun rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.cache.extraction import cache_signature, run_extraction
+from pipeline.cache.store import CacheLockedError, FeatureCache, cache_path
+from pipeline.config import TrainConfig
+from pipeline.data.augment import VERSION, extraction_jobs
+from pipeline.data.checks import check_manifest
+from pipeline.data.manifest import Sample, data_manifest, read_manifest
+from pipeline.data.samples import ViewVocabulary, split_samples
+from pipeline.distributed import DistributedContext, die_with_parent, free_port, spawned_group_env
+from pipeline.train.reporting import write_json
+from pipeline.train.run_dir import check_resumable_manifest, claim_run_dir, manifest_record
+
+
+class MissingFeaturesError(RuntimeError):
+    """The cache of this model, adapter and preprocessing lacks images of the manifest."""
+
+
+RESUMABLE = frozenset({"steps", "epochs", "val_every", "cache_dir", "loader_workers",
+                       "memory_cache_mb", "extract_missing"})
+"""The only flags that `--resume` lets differ from the run's own: a longer (or shorter) budget in
+steps or epochs (the cosine schedule stretches to the new total), the validation interval, a
+cache folder that moved, loader processes and memory, and whether missing features are
+extracted. Any other differing flag is refused, by name."""
+
+
+@dataclass
+class Prepared:
+    """What every training process needs, computed once before any GPU work."""
+
+    config: TrainConfig
+    run_dir: Path
+    train: list[Sample]
+    val: list[Sample]
+    train_keys: list[str]
+    val_keys: list[str]
+    views: ViewVocabulary
+    cache: Path
+    signature: dict
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
+                 adapter: str | None = None) -> tuple[Path, dict]:
+    """The cache holding every key's features for `config` (and `adapter`), extracting if asked."""
+    extract = config.extract_config(adapter=adapter)
+    signature = cache_signature(extract)
+    path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
+    cache = FeatureCache.find(config.cache_dir, signature)
+    wanted = list(extraction_jobs(samples, keys, config.copy_plan))
+    lacking = wanted if cache is None else [
+        k for k, (r, d) in zip(wanted, _rows_done(cache, wanted), strict=True) if r < 0 or not d]
+    if lacking and config.extract_missing:
+        try:
+            run_extraction(extract, samples, keys)
+        except CacheLockedError as err:
+            raise CacheLockedError(f"{str(err).split(';')[0]}; wait for that run to finish and "
+                                   "run this command again") from None
+    elif lacking:
+        command = _extract_command(extract)
+        image_of = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
+        named = [image_of.get(k.split(":")[0], k) for k in lacking[:3]]
+        state = "does not exist" if cache is None else (
+            f"lacks {len(lacking)} of {len(wanted)} images ({', '.join(named)}"
+            f"{', ...' if len(lacking) > 3 else ''})")
+        raise MissingFeaturesError(
+            f"the feature cache {path} {state}. Extract them first:\n  {command}\n"
+            "or rerun with --extract-missing.")
+    return path, signature
+
+
+def _rows_done(cache: FeatureCache, keys: list[str]):
+    rows, done = cache.rows_for(keys), cache.done()
+    return [(int(r), bool(done[r]) if r >= 0 else False) for r in rows]
+
+
+def _extract_command(extract) -> str:
+    parts = ["python extract_features.py", f"--data {extract.data}",
+             f"--backbone {extract.backbone}"]
+    for flag, value in (("checkpoint", extract.checkpoint), ("adapter", extract.adapter)):
+        if value:
+            parts.append(f"--{flag} {value}")
+    parts += [f"--levels {','.join(extract.levels)}", f"--amp {extract.amp}",
+              f"--cache-dir {extract.cache_dir}"]
+    if extract.augment_copies:
+        parts.append(f"--augment-copies {extract.augment_copies}")
+        if extract.augment != "random":
+            parts.append(f"--augment {extract.augment}")
+        if extract.augment_seed:
+            parts.append(f"--augment-seed {extract.augment_seed}")
+    if extract.cache_block is not None:
+        parts.append(f"--cache-block {extract.cache_block}")
+    if extract.device == "cpu":
+        parts.append("--device cpu")
+    return " ".join(parts)
+
+
+def prepare(config: TrainConfig, context: DistributedContext | None = None) -> Prepared:
+    """Check the manifest, find the cache and create the run directory (no GPU work).
+
+    Under torchrun every rank calls this (extraction, if needed, is shared); rank 0 writes.
+    A new run records absolute paths and the manifest's rows (manifest.json) so that `--resume`
+    reads the same data from anywhere; a resume refuses a manifest that changed.
+    """
+    context = context or DistributedContext()
+    manifest = data_manifest(config.data, config.cache_dir)
+    config = replace(config, data=str(manifest), cache_dir=str(Path(config.cache_dir).resolve()))
+    samples = read_manifest(manifest)
+    report = check_manifest(samples, require_masks=True)
+    if report.warnings and context.is_leader:
+        print(report.format(), flush=True)
+    report.raise_if_errors()
+    record = manifest_record(samples, report.keys)
+    if config.resume:
+        check_resumable_manifest(Path(config.resume), manifest, record)
+    key_of = dict(zip(samples, report.keys, strict=True))
+    train, val = split_samples(samples, allow_empty_val=config.allow_empty_val,
+                               where=str(manifest))
+    views = ViewVocabulary.from_samples(train)
+    if context.is_leader:
+        views.warn_unseen(val, "validation")
+    cache, signature = ensure_cache(config, report.keys, samples)
+    run_dir = [str(Path(config.run_dir) if config.run_dir else default_run_dir())]
+    if context.distributed:
+        dist.broadcast_object_list(run_dir, src=0)  # ranks may disagree on the timestamp
+    run_dir = Path(run_dir[0])
+    config = replace(config, run_dir=str(run_dir))
+    if context.is_leader and not config.resume:
+        claim_run_dir(run_dir, overwrite=config.overwrite)
+        write_json(run_dir / "manifest.json", record)
+        write_json(run_dir / "config.json", {
+            "config": asdict(config), "cache": {"id": cache.stem, "path": str(cache),
+                                                "signature": signature},
+            "views": list(views.labels), "samples": {"train": len(train), "val": len(val)},
+            "manifest_sha256": record["sha256"], "augment_version": VERSION,
+        })
+    context.barrier()
+    return Prepared(config, run_dir, train, val, [key_of[s] for s in train],
+                    [key_of[s] for s in val], views, cache, signature)
+
+
+def train(config: TrainConfig, given: dict | None = None) -> Path:
+    """Run Stage B; returns the run directory. With `config.resume`, `given` holds the flags
+    the user set (default: every field that differs from TrainConfig's defaults)."""
+    from pipeline.train.loop import train_process
+
+    if config.resume:
+        config = resume_config(config.resume, requested_fields(config) if given is None
+                               else given)
+    if "WORLD_SIZE" in os.environ:  # torchrun: one process per device, across machines
+        context = DistributedContext.from_env(backend=_backend(config))
+        if context.is_leader:
+            print("config:", asdict(config), flush=True)
+        prepared = prepare(config, context)
+        train_process(prepared, context)
+        return prepared.run_dir
+    print("config:", asdict(config), flush=True)
+    prepared = prepare(config)
+    if config.world_size == 1:
+        train_process(prepared, DistributedContext(local_rank=_gpu(config, 0)))
+    else:
+        _spawn(prepared)
+    return prepared.run_dir
+
+
+def _gpu(config: TrainConfig, rank: int) -> int:
+    """The CUDA index of local process `rank` (`--gpus 2,3`: rank 0 uses GPU 2)."""
+    return config.gpus[rank] if config.device == "cuda" else rank
+
+
+def _backend(config: TrainConfig) -> str:
+    return "nccl" if config.device == "cuda" else "gloo"
+
+
+def requested_fields(config: TrainConfig) -> dict:
+    """The fields of `config` that differ from TrainConfig's defaults (for in-process callers,
+    which pass a whole config)."""
+    default = TrainConfig()
+    return {f: getattr(config, f) for f in asdict(config)
+            if getattr(config, f) != getattr(default, f)}
+
+
+def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainConfig:
+    """The saved configuration of a run, to continue it, with the `requested` values of the
+    `RESUMABLE` fields; any other requested field that differs raises `RunDirError`."""
+    import json
+
+    from pipeline.train.run_dir import RunDirError, resume_changes
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"{run_dir}: no config.json, so not a run directory train_head.py "
+                          "made; check the path given to --resume")
+    if not (run_dir / "last.pt").is_file():
+        raise RunDirError(f"{run_dir}/last.pt does not exist: the run stopped before it saved its "
+                          "first epoch, so there is nothing to resume; start it again with the "
+                          f"same flags and --run-dir {run_dir} --overwrite")
+    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    for name in ("levels", "gpus"):
+        saved[name] = tuple(saved[name])
+    saved.update(resume_changes(run_dir, saved, requested or {}, RESUMABLE))
+    saved.update(resume=str(run_dir), run_dir=str(run_dir))
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def _spawn(prepared: Prepared) -> None:
+    ctx, port = mp.get_context("spawn"), free_port()
+    world = prepared.config.world_size
+    processes = [ctx.Process(target=_spawned_main, args=(prepared, rank, world, port, os.getpid()))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    running, failed = list(processes), None
+    while running and failed is None:  # the first failure stops the others at once
+        wait([p.sentinel for p in running])
+        for process in [p for p in running if not p.is_alive()]:
+            running.remove(process)
+            if process.exitcode != 0:
+                failed = process.exitcode
+    for process in running:
+        process.terminate()
+        process.join()
+    if failed is not None:
+        raise RuntimeError(f"a training process exited with code {failed}")
+
+
+def _spawned_main(prepared: Prepared, rank: int, world: int, port: int, parent: int) -> None:
+    die_with_parent(parent)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    with spawned_group_env(rank, world, port, local_rank=_gpu(prepared.config, rank)):
+        context = DistributedContext.from_env(backend=_backend(prepared.config))
+        from pipeline.train.loop import train_process
+
+        try:
+            train_process(prepared, context)
+        finally:
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
