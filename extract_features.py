@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, add_arguments, from_arguments
 from pipeline.data.checks import check_manifest
-from pipeline.data.manifest import ManifestError, resolve_data
-from pipeline.errors import USER_ERRORS
+from pipeline.data.manifest import resolve_data
+from pipeline.errors import run_command
 
 
 def main(argv=None) -> int:
@@ -31,20 +31,17 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     print("config:", json.dumps(asdict(config)), flush=True)
-    try:
-        samples = resolve_data(config.data, config.cache_dir)
-    except ManifestError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _extract(config), resume="run the same command again: images "
+                       "already in the cache are kept, the others are extracted")
+
+
+def _extract(config: ExtractConfig) -> int:
+    samples = resolve_data(config.data, config.cache_dir)
     report = check_manifest(samples, require_masks=False)
     if not report.ok:
         print(report.format(), file=sys.stderr)
         return 1
-    try:
-        summary = run_extraction(config, samples, report.keys)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    summary = run_extraction(config, samples, report.keys)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print(f"cache {summary.cache_id} at {summary.path}")
         print(summary.line())

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from pipeline.config import TrainConfig, add_arguments, from_arguments, given_fields
-from pipeline.errors import USER_ERRORS
+from pipeline.errors import run_command
 from pipeline.train.setup import train
 
 
@@ -27,13 +27,20 @@ def main(argv=None) -> int:
         config = from_arguments(TrainConfig, parser.parse_args(argv))
     except ValueError as err:
         parser.error(str(err))
-    try:
-        given = given_fields(TrainConfig, argv if argv is not None else sys.argv[1:])
-        train(config, given={name: getattr(config, name) for name in given})
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    given = given_fields(TrainConfig, argv if argv is not None else sys.argv[1:])
+    return run_command(lambda: _train(config, given), resume=lambda: _resume_advice(config))
+
+
+def _train(config: TrainConfig, given: set[str]) -> int:
+    train(config, given={name: getattr(config, name) for name in given})
     return 0
+
+
+def _resume_advice(config: TrainConfig) -> str:
+    """How to continue: from the last checkpoint of the run directory, once there is one."""
+    run_dir = config.resume or config.run_dir or "RUN_DIR (run_dir in the config printed at start)"
+    return (f"continue with `python train_head.py --resume {run_dir}` (from its last "
+            "checkpoint, last.pt; a run stopped before its first one starts again)")
 
 
 if __name__ == "__main__":

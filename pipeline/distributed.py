@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
+
+class WorkerError(UserError, RuntimeError):
+    """A worker process this run spawned failed; the message is the worker's own, or its exit
+    code when it died without one."""
+
 
 def die_with_parent(parent_pid: int | None = None) -> None:
     """Have the kernel SIGKILL this process when its parent dies (Linux), so a killed run leaves

@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from pipeline.errors import DiskFullError
+
 
 def fsync_folder(folder: Path) -> None:
     """Make a rename into `folder` durable (POSIX: fsync the directory)."""
@@ -25,7 +27,7 @@ def fsync_folder(folder: Path) -> None:
 def write_atomically(path: Path, data: bytes, *, hint: str = "then run the same command again"
                      ) -> None:
     """Replace `path` by `data`, durably (see the module docstring). A full disk raises
-    OSError(ENOSPC) naming `path`, followed by `hint` (what the user does next)."""
+    DiskFullError (an OSError, ENOSPC) naming `path`, then `hint` (what the user does next)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -38,8 +40,9 @@ def write_atomically(path: Path, data: bytes, *, hint: str = "then run the same 
         fsync_folder(path.parent)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, f"No space left on device while writing {path} "
-                          f"({len(data)} bytes); free space in {path.parent}, {hint}") from err
+            raise DiskFullError(f"No space left on device while writing {path} "
+                                f"({len(data)} bytes); free space in {path.parent}, {hint}",
+                                err.errno) from err
         raise
     finally:
         tmp.unlink(missing_ok=True)

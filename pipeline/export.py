@@ -31,6 +31,7 @@ from peft.tuners.lora import LoraLayer
 
 from pipeline.cache.signature import checkpoint_digest
 from pipeline.data.samples import ViewVocabulary
+from pipeline.errors import UserError, run_command
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
@@ -41,7 +42,7 @@ from pipeline.train.setup import resume_config
 HEAD_FORMAT = 1
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The run or the checkpoint cannot be exported; the message says which and why."""
 
 
@@ -176,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path,
                         help="the merged checkpoint to write; the head goes to <stem>_head.pt")
     args = parser.parse_args(argv)
-    from pipeline.errors import USER_ERRORS
+    return run_command(lambda: _export(args), resume="run the same command again (the merged "
+                       "checkpoint is written whole or not at all)")
 
-    try:
-        out, head = export(args.run, args.out, args.checkpoint)
-    except (ExportError, *USER_ERRORS) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def _export(args) -> int:
+    out, head = export(args.run, args.out, args.checkpoint)
     print(f"wrote {out} (SAM 3 checkpoint, LoRA merged) and {head} (decoder and views)")
     return 0
 

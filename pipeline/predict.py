@@ -32,6 +32,7 @@ from pipeline.data.checks import check_manifest
 from pipeline.data.images import read_image, read_mask
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample, resolve_data
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
+from pipeline.errors import run_command
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import read_checkpoint, restore
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_image
@@ -170,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlays", type=int, default=6,
                         help="overlay PNGs of the first N rows in OUT/overlays (6)")
     args = parser.parse_args(argv)
-    try:
-        rows = predict(args.run, args.data, args.out, device=args.device,
-                       batch_size=args.batch_size, loader_workers=args.loader_workers,
-                       overlays=args.overlays)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _predict(args), resume="run the same command again (it writes "
+                       "every mask again)")
+
+
+def _predict(args) -> int:
+    rows = predict(args.run, args.data, args.out, device=args.device,
+                   batch_size=args.batch_size, loader_workers=args.loader_workers,
+                   overlays=args.overlays)
     live = sum(r["features"] == "live" for r in rows)
     print(f"{len(rows)} masks in {args.out} ({len(rows) - live} from cached features, "
           f"{live} through the backbone)")

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import UserError, run_command
 from pipeline.train.reporting import MetricsLog
 
 # Settings that name the run rather than describe it.
@@ -31,7 +32,7 @@ NOT_SCORES = ("n", "epoch", "step", "seconds", "lr", "e2e", "loss")
 VIEW_SEPARATOR = "/"
 
 
-class RunsError(ValueError):
+class RunsError(UserError, ValueError):
     """A run directory cannot be read; the message names it and the file."""
 
 
@@ -242,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument("--plot", metavar="OUT.png", type=Path,
                      help="overlay the runs' validation curves, one panel per score")
     args = parser.parse_args(argv)
-    try:
-        text = compare(args.runs, sort=args.sort, markdown=args.markdown, csv_out=args.csv,
-                       plot=args.plot)
-    except RunsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _compare(args), resume="run the same command again (it only "
+                       "reads the runs)")
+
+
+def _compare(args) -> int:
+    text = compare(args.runs, sort=args.sort, markdown=args.markdown, csv_out=args.csv,
+                   plot=args.plot)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
 

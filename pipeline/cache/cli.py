@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 from pipeline.cache.signature import describe
-from pipeline.cache.store import CacheError, DamagedCacheError, FeatureCache, writer_lock
+from pipeline.cache.store import (
+    CacheError,
+    DamagedCacheError,
+    FeatureCache,
+    find_cache,
+    writer_lock,
+)
+from pipeline.errors import run_command
 
 
 def _size(n: int) -> str:
@@ -18,16 +25,6 @@ def _size(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n} B"
-
-
-def _resolve(cache_dir: str, name: str) -> Path:
-    path = Path(name)
-    if not path.exists():
-        path = Path(cache_dir) / (name if name.endswith(".zarr") else f"{name}.zarr")
-    if not (path / "zarr.json").is_file():
-        raise CacheError(f"no cache {name!r} under {cache_dir} (see `python -m pipeline.cache "
-                         "list`)")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--repair", action="store_true",
                              help="mark bad samples not done, so extraction redoes them")
     args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except CacheError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _run(args), resume="run the same command again (a cache is "
+                       "changed only under its lock, by renames and whole chunk writes)")
 
 
 def _list(cache_dir: str) -> int:
@@ -94,7 +88,7 @@ def _verify(path: Path, repair: bool) -> int:
 def _run(args) -> int:
     if args.command == "list":
         return _list(args.cache_dir)
-    path = _resolve(args.cache_dir, args.cache)
+    path = find_cache(args.cache, args.cache_dir)
     if args.command == "info":
         print(json.dumps(FeatureCache.open(path).summary(), indent=2))
         return 0

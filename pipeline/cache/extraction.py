@@ -31,7 +31,8 @@ from pipeline.config import ExtractConfig
 from pipeline.data.augment import extraction_jobs, transform_image
 from pipeline.data.images import normalize, read_image, sam3_resize
 from pipeline.data.manifest import Sample
-from pipeline.distributed import DistributedContext, die_with_parent
+from pipeline.distributed import DistributedContext, WorkerError, die_with_parent
+from pipeline.errors import DiskFullError, UserError
 from pipeline.model.backbone import (
     PRESETS,
     build_backbone,
@@ -43,12 +44,8 @@ from pipeline.model.backbone import (
 from pipeline.model.lora import adapter_changes_tokens
 
 
-class NonFiniteFeaturesError(RuntimeError):
+class NonFiniteFeaturesError(UserError, RuntimeError):
     """The backbone produced NaN or Inf for an image."""
-
-
-class WorkerError(RuntimeError):
-    """An extraction worker process failed; the message is the worker's own."""
 
 
 @dataclass(frozen=True)
@@ -248,10 +245,10 @@ def _write(cache: FeatureCache, row: int, sample: dict, image: str) -> None:
         cache.write_sample(row, sample)
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"No space left on device while writing the features of "
-                          f"{image} into {cache.path}. Samples written before stay valid: free "
-                          "space (`python -m pipeline.cache list` shows what caches take) and "
-                          "run the same command again") from err
+            raise DiskFullError(f"No space left on device while writing the features of "
+                                f"{image} into {cache.path}. Samples written before stay valid: "
+                                "free space (`python -m pipeline.cache list` shows what caches "
+                                "take) and run the same command again") from err
         raise
 
 

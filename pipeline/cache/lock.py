@@ -15,8 +15,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import UserError
 
-class CacheError(RuntimeError):
+
+class CacheError(UserError, RuntimeError):
     """A cache that is missing, locked, stale or damaged; the message says what to do."""
 
 

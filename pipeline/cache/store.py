@@ -51,6 +51,7 @@ from pipeline.cache.lock import (  # noqa: F401 - the cache's public names live 
 )
 from pipeline.cache.signature import cache_id as derive_cache_id
 from pipeline.cache.signature import signature_digest
+from pipeline.errors import UsageError
 
 LAYOUT_VERSION = 1
 FEATURE_DTYPE = "float16"
@@ -434,3 +435,19 @@ def list_caches(cache_dir: str | Path) -> list[FeatureCache]:
     return [FeatureCache.open(p) for p in sorted(Path(cache_dir).glob("*.zarr"))
             if (p / "zarr.json").is_file()]
 
+
+class UnknownCacheError(CacheError, UsageError):
+    """A cache id or path given on the command line names no cache (exit status 2)."""
+
+
+def find_cache(id_or_path: str | Path, cache_dir: str | Path) -> Path:
+    """The folder of the cache `id_or_path` names: a path to a `.zarr` folder, or an id (as
+    `python -m pipeline.cache list` prints it) under `cache_dir`."""
+    name = str(id_or_path)
+    path = Path(name)
+    if not path.exists():
+        path = Path(cache_dir) / (name if name.endswith(".zarr") else f"{name}.zarr")
+    if not (path / "zarr.json").is_file():
+        raise UnknownCacheError(f"no cache {name!r} under {cache_dir} (see `python -m "
+                                "pipeline.cache list`)")
+    return path

@@ -20,12 +20,13 @@ from pathlib import Path
 from pipeline.data.dicom import DicomError, is_dicom, mask_problems, read_info
 from pipeline.data.images import ImageError, read_image, read_mask
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample, file_sha256
+from pipeline.errors import UserError
 
 _LEVELS = ("errors", "warnings", "infos")
 _VALUES = re.compile(r"values \[([\d, ]*)\]")
 
 
-class ManifestCheckError(ValueError):
+class ManifestCheckError(UserError, ValueError):
     """A manifest whose check found errors; the message is the full report."""
 
 

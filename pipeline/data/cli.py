@@ -21,8 +21,9 @@ from pathlib import Path
 
 from pipeline.data.checks import check_manifest
 from pipeline.data.dicom_import import MASK_PATTERN, import_dicom
-from pipeline.data.importers import import_coco, import_folder
+from pipeline.data.importers import DatasetImportError, import_coco, import_folder
 from pipeline.data.manifest import UNKNOWN_VIEW, read_manifest
+from pipeline.errors import run_command
 
 
 def _split_options(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +109,7 @@ def _import(args: argparse.Namespace) -> int:
                   group_regex=args.group_regex, seed=args.seed)
     if args.source == "folder":
         if args.view_regex and args.view_from_subfolder:
-            raise ValueError("give --view-regex or --view-from-subfolder, not both")
+            raise DatasetImportError("give --view-regex or --view-from-subfolder, not both")
         target = Path(args.out)
         # Appending: import beside the manifest (same folder, so relative paths stay valid).
         fresh = target.with_name(f".{target.stem}.append.csv") if args.append else target
@@ -170,11 +171,8 @@ def _check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the exit status (0 success, 1 failure or check errors)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _import(args) if args.command == "import" else _check(args)
-    except (ValueError, OSError) as err:  # ManifestError, ImageError, import errors, I/O
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _import(args) if args.command == "import" else _check(args),
+                       resume="nothing is left half-written; run the same command again")
 
 
 if __name__ == "__main__":

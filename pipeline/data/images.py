@@ -21,12 +21,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from pipeline.errors import UserError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 NORM_MEAN = (0.5, 0.5, 0.5)
 NORM_STD = (0.5, 0.5, 0.5)
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image or mask file that cannot be used; the message names the file."""
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline.data.dicom import header_angles, view_label
 from pipeline.data.images import is_image_file
 from pipeline.data.manifest import write_manifest
+from pipeline.errors import UserError
 
 TRAIN, VAL = "train", "val"
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -28,7 +29,7 @@ _PRIMARY = re.compile(rf"(?<![A-Za-z])(LAO|RAO)[ _-]?{_NUMBER}", re.IGNORECASE)
 _SECONDARY = re.compile(rf"(?<![A-Za-z])(CRAN?|CAUD?)[ _-]?{_NUMBER}", re.IGNORECASE)
 
 
-class DatasetImportError(ValueError):
+class DatasetImportError(UserError, ValueError):
     """A dataset that cannot be imported; the message names the files and the problem."""
 
 

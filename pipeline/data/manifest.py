@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 COLUMNS = ("image", "mask", "view", "split")
 # Optional: C-arm primary (LAO+/RAO-) and secondary (CRA+/CAU-) angles in degrees.
 ANGLE_COLUMNS = ("primary_angle", "secondary_angle")
@@ -36,7 +38,7 @@ split trains; `test` rows are held out: neither trained on nor validated."""
 UNKNOWN_VIEW = "<unknown>"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest that cannot be read; the message names the file and row."""
 
 

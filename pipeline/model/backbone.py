@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils import checkpoint
 
+from pipeline.errors import UserError
+
 with warnings.catch_warnings():
     # sam3 imports modules that warn about CUDA autocast on CPU-only machines at import time.
     warnings.simplefilter("ignore")
@@ -106,11 +108,11 @@ def cache_levels(levels: tuple[str, ...], cache_block: int | None) -> tuple[str,
     return tuple(levels) if cache_block is None else (token_level(cache_block),)
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """No SAM 3 checkpoint was given and none could be fetched."""
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint lacks a vision-backbone tensor, or holds one of the wrong shape."""
 
 

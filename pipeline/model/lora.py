@@ -14,6 +14,12 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from pipeline.errors import UserError
+
+
+class AdapterError(UserError, FileNotFoundError):
+    """A directory given as a LoRA adapter is not one (a file is missing)."""
+
 ATTENTION_TARGETS = r".*trunk\.blocks\.\d+\.attn\.(qkv|proj)"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -77,7 +83,7 @@ def load_adapter(backbone: nn.Module, adapter_dir: str | Path, *, trainable: boo
     adapter_dir = Path(adapter_dir)
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise AdapterError(
             f"{adapter_dir} is not a LoRA adapter directory: missing {', '.join(missing)} "
             "(train_head.py writes one to <run-dir>/adapter)"
         )

@@ -9,7 +9,6 @@ or a full disk leaves the previous one, and no temporary file.
 
 from __future__ import annotations
 
-import errno
 import io
 import random
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.durable import disk_full, write_atomically
+from pipeline.errors import DiskFullError
 from pipeline.model.segmenter import load_lora_state, lora_state
 
 
@@ -95,9 +95,9 @@ def save_adapter(model, directory: Path) -> None:
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(err):
-            raise OSError(errno.ENOSPC, f"No space left on device while writing {directory}; "
-                          f"free space in {directory.parent}, then continue with "
-                          f"`python train_head.py --resume {directory.parent}`") from err
+            raise DiskFullError(f"No space left on device while writing {directory}; "
+                                f"free space in {directory.parent}, then continue with "
+                                f"`python train_head.py --resume {directory.parent}`") from err
         raise
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():

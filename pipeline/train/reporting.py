@@ -22,6 +22,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.durable import disk_full, write_atomically  # noqa: E402
+from pipeline.errors import DiskFullError
 from pipeline.train.metrics import SCORES  # noqa: E402
 
 E2E_COLOUR = "orange"
@@ -91,10 +92,10 @@ class MetricsLog:
             except OSError as err:
                 handle.truncate(size)  # no half record
                 if disk_full(err):
-                    raise OSError(err.errno, f"No space left on device while appending to "
-                                  f"{self.path}; free space in {self.path.parent}, then continue "
-                                  f"with `python train_head.py --resume {self.path.parent}`"
-                                  ) from err
+                    raise DiskFullError(f"No space left on device while appending to "
+                                        f"{self.path}; free space in {self.path.parent}, then "
+                                        f"continue with `python train_head.py --resume "
+                                        f"{self.path.parent}`", err.errno) from err
                 raise
 
     def read(self) -> list[dict]:

@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 RUN_FILES = ("config.json", "manifest.json", "metrics.jsonl", "last.pt", "best.pt",
              "report.json", "curves.png", "caches.json", "adapter", "adapters", "overlays",
              "tensorboard")
@@ -20,7 +22,7 @@ RUN_FILES = ("config.json", "manifest.json", "metrics.jsonl", "last.pt", "best.p
 SHOWN = 3
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used as asked; the message says what to do."""
 
 

@@ -25,12 +25,19 @@ from pipeline.data.augment import VERSION, extraction_jobs
 from pipeline.data.checks import check_manifest
 from pipeline.data.manifest import Sample, data_manifest, read_manifest
 from pipeline.data.samples import ViewVocabulary, split_samples
-from pipeline.distributed import DistributedContext, die_with_parent, free_port, spawned_group_env
+from pipeline.distributed import (
+    DistributedContext,
+    WorkerError,
+    die_with_parent,
+    free_port,
+    spawned_group_env,
+)
+from pipeline.errors import UserError
 from pipeline.train.reporting import write_json
 from pipeline.train.run_dir import check_resumable_manifest, claim_run_dir, manifest_record
 
 
-class MissingFeaturesError(RuntimeError):
+class MissingFeaturesError(UserError, RuntimeError):
     """The cache of this model, adapter and preprocessing lacks images of the manifest."""
 
 
@@ -242,7 +249,7 @@ def _spawn(prepared: Prepared) -> None:
         process.terminate()
         process.join()
     if failed is not None:
-        raise RuntimeError(f"a training process exited with code {failed}")
+        raise WorkerError(f"a training process exited with code {failed} (its error is above)")
 
 
 def _spawned_main(prepared: Prepared, rank: int, world: int, port: int, parent: int) -> None:

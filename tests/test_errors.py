@@ -1,0 +1,89 @@
+"""The one error policy of every command, on real processes: a user error is one line and exit
+1 (a usage error 2), a bug keeps its traceback, Ctrl-C ends with one line saying how to resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, subprocess_env, validated_past
+
+from pipeline.errors import DiskFullError, UsageError, UserError
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_user_error_prints_one_line_and_exits_1(tmp_path):
+    out = _run([REPO / "extract_features.py", "--data", tmp_path / "none.csv", "--backbone",
+                "tiny", "--device", "cpu", "--cache-dir", tmp_path / "cache"], tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [f"error: {tmp_path / 'none.csv'}: manifest not found"]
+
+
+def test_each_cli_applies_the_same_policy(tmp_path):
+    for args, code in [(["-m", "pipeline.data", "check", "none.csv"], 1),
+                       (["-m", "pipeline.cache", "--cache-dir", tmp_path, "info", "nope"], 2),
+                       (["-m", "pipeline.runs", "compare", tmp_path / "no-run"], 1),
+                       (["-m", "pipeline.predict", "--run", tmp_path / "no-run", "--data",
+                         "none.csv", "--out", tmp_path / "p", "--device", "cpu"], 1)]:
+        out = _run(args, tmp_path)
+        assert out.returncode == code, (args, out.stderr)
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    # A real bug inside a command run under the policy: not a UserError, so not hidden.
+    code = ("import sys\nfrom pipeline.errors import run_command\n"
+            "def main():\n    return {}['missing']\n"
+            "sys.exit(run_command(main, resume='again'))\n")
+    out = _run(["-c", code], tmp_path)
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.rstrip().endswith("KeyError: 'missing'")
+    assert "error: " not in out.stderr
+
+
+def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train_head.py"), "--data", str(dataset), "--backbone",
+         "tiny", "--cache-dir", str(tmp_path / "cache"), "--extract-missing", "--run-dir",
+         str(run), "--steps", "100000", "--val-every", "2", "--batch-size", "2",
+         "--loader-workers", "0", "--device", "cpu"],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not validated_past(run, 2) and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGINT)  # Ctrl-C, to the command's own process
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: continue with `python train_head.py --resume {run}` (from "
+                     "its last checkpoint, last.pt; a run stopped before its first one starts "
+                     "again)"]
+
+
+def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
+    from pipeline.cache.extraction import NonFiniteFeaturesError
+    from pipeline.cache.store import CacheError, UnknownCacheError
+    from pipeline.data.images import ImageError
+    from pipeline.data.manifest import ManifestError
+    from pipeline.distributed import WorkerError
+    from pipeline.model.lora import AdapterError
+    from pipeline.train.run_dir import RunDirError
+
+    for cls, base in [(ManifestError, ValueError), (ImageError, ValueError),
+                      (CacheError, RuntimeError), (RunDirError, RuntimeError),
+                      (WorkerError, RuntimeError), (NonFiniteFeaturesError, RuntimeError),
+                      (AdapterError, FileNotFoundError), (DiskFullError, OSError)]:
+        assert issubclass(cls, UserError) and issubclass(cls, base), cls
+    assert issubclass(UnknownCacheError, UsageError)
+    assert str(DiskFullError("No space left on device while writing x")) == (
+        "No space left on device while writing x")
