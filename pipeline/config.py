@@ -240,6 +240,10 @@ class TrainConfig(FeatureSource):
 
     extract_missing: bool = False
     """Run Stage A first for images the cache lacks, instead of stopping."""
+    cache: str | None = None
+    """A cache to train on (its id, as `python -m pipeline.cache list` prints it, or its path):
+    --backbone, --levels, --amp, --cache-block and --cache-dir are read from its signature, and
+    any of them given as well must agree."""
     steps: int | None = None
     """Total optimizer steps. Without --steps or --epochs: `default_steps` of the training set
     (20 epochs, at least 600 and at most 20000 steps)."""

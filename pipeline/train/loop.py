@@ -50,7 +50,7 @@ class _Data:
     def __init__(self, prepared: Prepared, cache: Path, context):
         self.prepared, self.context = prepared, context
         config = prepared.config
-        self.resolution = _resolution(config.backbone)
+        self.resolution = prepared.signature["resolution"]  # (R, R) of the cached features
         self.per_rank_batch = max(1, config.batch_size // context.world_size)
         augment = [config.copy_plan.names(k) for k in prepared.train_keys]
         self.memory = {
@@ -126,12 +126,6 @@ class _Data:
         return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl], strict=True)[lvl])
                                   for r in rows])
                 for lvl in self.prepared.config.cache_levels}
-
-
-def _resolution(backbone: str) -> int:
-    from pipeline.model.backbone import PRESETS
-
-    return PRESETS[backbone].resolution
 
 
 def _gather_meter(meter: SegmentationMeter, context) -> SegmentationMeter:

@@ -33,6 +33,7 @@ from pipeline.distributed import (
     spawned_group_env,
 )
 from pipeline.errors import UserError
+from pipeline.train.cache_choice import check_agrees, from_cache
 from pipeline.train.reporting import write_json
 from pipeline.train.run_dir import check_resumable_manifest, claim_run_dir, manifest_record
 
@@ -73,6 +74,8 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
     """The cache holding every key's features for `config` (and `adapter`), extracting if asked."""
     extract = config.extract_config(adapter=adapter)
     signature = cache_signature(extract)
+    if config.cache:
+        check_agrees(config, signature)
     path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
     cache = FeatureCache.find(config.cache_dir, signature)
     wanted = list(extraction_jobs(samples, keys, config.copy_plan))
@@ -172,6 +175,8 @@ def train(config: TrainConfig, given: dict | None = None) -> Path:
     the user set (default: every field that differs from TrainConfig's defaults)."""
     from pipeline.train.loop import train_process
 
+    if config.cache and not config.resume:
+        config = from_cache(config, requested_fields(config) if given is None else given)
     if config.resume:
         config = resume_config(config.resume, requested_fields(config) if given is None
                                else given)
