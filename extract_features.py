@@ -15,11 +15,11 @@ import os
 import sys
 from dataclasses import asdict
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, add_arguments, from_arguments
 from pipeline.data.checks import check_manifest
-from pipeline.data.manifest import resolve_data
+from pipeline.data.demo import resolve_data
 from pipeline.errors import run_command
+from pipeline.extraction import run_extraction
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import sys
 
 from pipeline.config import TrainConfig, add_arguments, from_arguments, given_fields
 from pipeline.errors import run_command
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 
 
 def main(argv=None) -> int:

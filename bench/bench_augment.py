@@ -4,10 +4,10 @@
 
 `--data` is a manifest of real images with masks (train and val rows). Cost: the CPU time of
 one copy's transform (image and mask, one thread, at the images' own size), Stage A from an
-empty cache with and without `--copies K` (`pipeline.cache.extraction.run_extraction`, the real
+empty cache with and without `--copies K` (`pipeline.extraction.run_extraction`, the real
 path: the difference over the copies is the marginal seconds per copy), the bytes each cache
 row takes on disk, and those of the sam3 preset computed from its level shapes. Dice: the real
-training loop (`pipeline.train.setup.train`, one process) from the cache with `--lr`, batch
+training loop (`pipeline.train.launch.train`, one process) from the cache with `--lr`, batch
 `--batch-size`, no end-to-end epochs, as many epochs as make `--steps` optimizer steps, once
 per K in `0,K` and seed; the best epoch's validation scores from report.json.
 """
@@ -23,11 +23,11 @@ import _common as C
 import numpy as np
 import torch
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.augment import CopyPlan, transform_image, transform_mask
 from pipeline.data.images import read_image, read_mask
 from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.extraction import run_extraction
 from pipeline.model.backbone import PRESETS
 
 
@@ -106,7 +106,7 @@ def train_rows(args) -> list[list]:
                 cache_dir=str(args.work_dir / f"augment-extract-{args.copies}"),
                 run_dir=str(run), extract_missing=True, augment_copies=copies, lr=args.lr,
                 batch_size=args.batch_size, epochs=epochs, e2e_every=0, seed=seed, overlays=0)
-            from pipeline.train.setup import train
+            from pipeline.train.launch import train
 
             start = time.perf_counter()
             with C.Others() as others:

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.cache.feature_batches import FeatureBatches
 from pipeline.cache.store import CODECS, DEFAULT_CODEC, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig
@@ -43,6 +42,7 @@ from pipeline.data.samples import (
     ViewVocabulary,
     collate_samples,
 )
+from pipeline.extraction import run_extraction
 from pipeline.model.backbone import PRESETS
 
 

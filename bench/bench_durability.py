@@ -40,9 +40,10 @@ def _write_rate(folder: Path, shape, samples: int, durable: bool, threads: int) 
 
 def _extraction_seconds(folder: Path, durable: bool, repeat: int) -> float:
     """Wall seconds of a whole Stage A run over the demo set into a fresh cache."""
-    from pipeline.cache.extraction import run_extraction
     from pipeline.config import ExtractConfig
-    from pipeline.data.manifest import resolve_data, sample_keys
+    from pipeline.data.demo import resolve_data
+    from pipeline.data.manifest import sample_keys
+    from pipeline.extraction import run_extraction
 
     samples = resolve_data("demo", folder / "demo")
     keys = sample_keys(samples)

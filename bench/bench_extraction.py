@@ -4,7 +4,7 @@
     python bench/bench_extraction.py --backbone sam3 --random-weights --device cuda \
         --batch-size 16 --images 256 --image-side 1024
 
-Measures (1) images/s of `cache.extraction.run_extraction` into a fresh cache against a bare
+Measures (1) images/s of `pipeline.extraction.run_extraction` into a fresh cache against a bare
 loop of the same backbone call (`image_features` of --levels; SAM 3's `forward_image`, which
 computes every level, for reference) on the same device, batch size and preprocessed inputs,
 (2) bytes per image on disk per level and codec, (3) the time split of one worker (decode +
@@ -29,11 +29,11 @@ import _common as C
 import numpy as np
 import torch
 
-from pipeline.cache.extraction import run_extraction, stored_features
 from pipeline.cache.store import CODECS, DEFAULT_CODEC, FeatureCache
 from pipeline.config import ExtractConfig
 from pipeline.data.images import load_preprocessed, normalize, read_image, sam3_resize
 from pipeline.data.manifest import read_manifest, sample_keys, write_manifest
+from pipeline.extraction import run_extraction, stored_features
 from pipeline.model.backbone import PRESETS, image_features
 
 RSS_WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
@@ -78,9 +78,9 @@ def config_for(args, manifest: Path, cache_dir: Path, **overrides) -> ExtractCon
 
 @contextmanager
 def forward_stamps(stamps: list):
-    """Record when each backbone call (`pipeline.cache.extraction.image_features`) of the in-process
+    """Record when each backbone call (`pipeline.extraction.image_features`) of the in-process
     extraction worker starts; nothing is recorded in spawned workers."""
-    import pipeline.cache.extraction as extraction
+    import pipeline.extraction as extraction
 
     original = extraction.image_features
 

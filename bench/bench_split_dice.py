@@ -22,9 +22,9 @@ import time
 
 import _common as C
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.extraction import run_extraction
 
 
 def parse_args(argv=None):
@@ -61,7 +61,7 @@ def extraction_minutes(args, cache_block: int | None) -> float:
 
 
 def one_run(args, name: str, overrides: dict) -> list[dict]:
-    from pipeline.train.setup import train
+    from pipeline.train.launch import train
 
     block = overrides.get("cache_block")
     run_dir = args.work_dir / ("dice-run-" + name.split(" (")[0].replace(" ", "-"))

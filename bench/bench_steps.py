@@ -5,7 +5,7 @@ validation, scoring, checkpoints).
     python bench/bench_steps.py --data chase.csv                        # this tree
     python bench/bench_steps.py --data chase.csv --before /tmp/old-tree # and an older tree
 
-Each tree runs in its own process: `pipeline.train.setup.train` (the real loop) for `--steps`
+Each tree runs in its own process: `pipeline.train.launch.train` (the real loop) for `--steps`
 cached steps (tiny backbone, CPU, default batch, no end-to-end steps), with timers around the
 segmenter's training forward, `Tensor.backward` and `AdamW.step`. A tree whose TrainConfig has no
 `steps` field (the epoch loop) gets `--epochs` of one step each (the set must fit one batch).
@@ -33,7 +33,7 @@ def measure(data: str, steps: int, cache_dir: str) -> dict:
 
     from pipeline.config import TrainConfig
     from pipeline.model.segmenter import VesselSegmenter
-    from pipeline.train.setup import train
+    from pipeline.train.launch import train
 
     clock, lock = {"compute": 0.0}, threading.Lock()
 

@@ -4,7 +4,7 @@
     python bench/bench_training.py --backbone sam3 --random-weights --device cuda \
         --batch-size 16 --images 128 --image-side 1024
 
-Runs `pipeline.train.setup.train` (the real loop, one process) with `--e2e-every E --epochs E`:
+Runs `pipeline.train.launch.train` (the real loop, one process) with `--e2e-every E --epochs E`:
 epochs 1..E-1 train from the cache and epoch E runs end to end through the LoRA'd backbone,
 with the same head on the same device, once per `--loader-workers` value. Reads `seconds` and
 `data_wait` from metrics.jsonl, and times `score_batch` (Dice and IoU of every training image,
@@ -109,7 +109,7 @@ def metric_timer(spent: list):
 
 def train_run(args, manifest: Path, workers: int) -> list[dict]:
     """One real training run; its train records from metrics.jsonl, with `metrics_s` added."""
-    from pipeline.train.setup import train
+    from pipeline.train.launch import train
 
     run_dir = args.work_dir / f"run-w{workers}"
     shutil.rmtree(run_dir, ignore_errors=True)

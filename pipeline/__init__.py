@@ -4,8 +4,8 @@ The public entry points, imported on first use (importing sam3 takes seconds):
 
 - `build_backbone(name, checkpoint=None, adapter=None)`: SAM 3's vision backbone
 - `FeatureCache`: open, query and read feature caches (`pipeline.cache.store`)
-- `ExtractConfig`, `run_extraction`: Stage A (`pipeline.config`, `pipeline.cache.extraction`)
-- `TrainConfig`, `train`: Stage B (`pipeline.config`, `pipeline.train.setup`)
+- `ExtractConfig`, `run_extraction`: Stage A (`pipeline.config`, `pipeline.extraction`)
+- `TrainConfig`, `train`: Stage B (`pipeline.config`, `pipeline.train.launch`)
 """
 
 from importlib import import_module
@@ -15,8 +15,8 @@ _EXPORTS = {
     "FeatureCache": "pipeline.cache.store",
     "ExtractConfig": "pipeline.config",
     "TrainConfig": "pipeline.config",
-    "run_extraction": "pipeline.cache.extraction",
-    "train": "pipeline.train.setup",
+    "run_extraction": "pipeline.extraction",
+    "train": "pipeline.train.launch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.cache.store import CODECS
 from pipeline.data.augment import CopyPlan
 from pipeline.model.backbone import LEVELS, PRESETS, cache_levels
 
@@ -220,8 +221,6 @@ class ExtractConfig(FeatureSource):
         super().__post_init__()
         if self.batch_size < 1 or self.loader_workers < 0:
             raise ValueError("--batch-size must be >= 1, --loader-workers >= 0")
-        from pipeline.cache.store import CODECS
-
         if self.codec not in CODECS:
             raise ValueError(f"--codec must be one of {sorted(CODECS)}, not {self.codec!r}")
 

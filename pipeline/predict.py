@@ -29,10 +29,12 @@ from tqdm import tqdm
 from pipeline.cache.feature_batches import FeatureBatches
 from pipeline.cache.store import FeatureCache
 from pipeline.data.checks import check_manifest
+from pipeline.data.demo import resolve_data
 from pipeline.data.images import read_image, read_mask
-from pipeline.data.manifest import UNKNOWN_VIEW, Sample, resolve_data
+from pipeline.data.manifest import UNKNOWN_VIEW, Sample
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.errors import run_command
+from pipeline.extraction import cache_signature
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import read_checkpoint, restore
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_image
@@ -55,7 +57,6 @@ def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
     if state.get("cache_current"):  # missing (moved or removed): through the backbone
         path = Path(state["cache"])
         return FeatureCache.open(path) if (path / "zarr.json").is_file() else None
-    from pipeline.cache.extraction import cache_signature
 
     signature = cache_signature(config.extract_config(adapter=str(run_dir / "adapter")))
     return FeatureCache.find(config.cache_dir, signature)

@@ -11,7 +11,7 @@ from conftest import make_dataset
 from pipeline.cache.signature import checkpoint_digest
 from pipeline.config import TrainConfig
 from pipeline.durable import write_atomically
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 
 
 @pytest.fixture

@@ -170,12 +170,12 @@ def test_drive_layout_import_check_extract_train_predict(tmp_path, spawn):
 def test_lzw_fundus_tiffs_pass_check_extract_and_train(tmp_path):
     """The most used public retinal set ships 40 LZW-compressed 565 x 584 RGB TIFFs: the same
     count, size and compression go through import, check, extraction and training."""
-    from pipeline.cache.extraction import run_extraction
     from pipeline.config import ExtractConfig, TrainConfig
     from pipeline.data.checks import check_manifest
     from pipeline.data.importers import import_folder
     from pipeline.data.manifest import sample_keys
-    from pipeline.train.setup import train
+    from pipeline.extraction import run_extraction
+    from pipeline.train.launch import train
 
     rng = np.random.default_rng(5)
     images, manual = tmp_path / "images", tmp_path / "1st_manual"

@@ -71,11 +71,11 @@ def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):
 
 
 def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
-    from pipeline.cache.extraction import NonFiniteFeaturesError
     from pipeline.cache.store import CacheError, UnknownCacheError
     from pipeline.data.images import ImageError
     from pipeline.data.manifest import ManifestError
     from pipeline.distributed import WorkerError
+    from pipeline.extraction import NonFiniteFeaturesError
     from pipeline.model.lora import AdapterError
     from pipeline.train.run_dir import RunDirError
 

@@ -17,7 +17,7 @@ from pipeline.model.backbone import (
     write_official_checkpoint,
 )
 from pipeline.predict import load_run
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 
 EXTRA = {  # parts of the full SAM 3 checkpoint that the vision backbone does not use
     "detector.transformer.encoder.layers.0.weight": torch.randn(4, 4),

@@ -1,7 +1,7 @@
 """Faults a real cache meets, each with real processes, files and zarr stores: a second writer,
 a full disk, a damaged chunk, an image replaced on disk, and a cache made with something else.
 
-(SIGKILL during extraction and during training is covered in cache/test_extraction.py and
+(SIGKILL during extraction and during training is covered in test_extraction.py and
 train/test_setup.py.)
 """
 
@@ -25,15 +25,16 @@ from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 from PIL import Image
 
 from pipeline.cache.cli import main as cache_cli
-from pipeline.cache.extraction import run_extraction
 from pipeline.cache.store import CacheError, ChunkFiles, FeatureCache
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.checks import check_manifest
 from pipeline.data.images import load_preprocessed
 from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
 from pipeline.model.lora import attach_lora
-from pipeline.train.setup import MissingFeaturesError, ensure_cache, train
+from pipeline.train.launch import train
+from pipeline.train.setup import MissingFeaturesError, ensure_cache
 
 
 @pytest.fixture(autouse=True)
@@ -445,7 +446,7 @@ def test_a_truncated_keys_or_done_chunk_is_named_and_repaired(tmp_path, capsys):
 
 def test_a_killed_cache_creation_leaves_nothing_behind(tmp_path):
     manifest = make_dataset(tmp_path / "d", 2, size=32)
-    from pipeline.cache.extraction import cache_signature
+    from pipeline.extraction import cache_signature
 
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "c"),
                            device="cpu")
@@ -460,8 +461,8 @@ def test_a_killed_cache_creation_leaves_nothing_behind(tmp_path):
 
 
 def test_training_while_another_run_extracts_offers_no_missing_flag(tmp_path):
-    from pipeline.cache.extraction import cache_signature
     from pipeline.cache.store import cache_path, writer_lock
+    from pipeline.extraction import cache_signature
 
     manifest = make_dataset(tmp_path / "d", 4, size=32)
     config = _train_config(manifest, tmp_path, extract_missing=True)

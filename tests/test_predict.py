@@ -11,8 +11,8 @@ from pipeline.config import TrainConfig
 from pipeline.data.images import read_mask
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.predict import main as predict_main
+from pipeline.train.launch import train
 from pipeline.train.metrics import SCORES
-from pipeline.train.setup import train
 
 
 def _rows(out):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.config import TrainConfig
 from pipeline.runs import RunsError, compare, main
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 
 
 @pytest.fixture(scope="module")

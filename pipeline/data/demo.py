@@ -22,7 +22,7 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.signal import lfilter
 
-from pipeline.data.manifest import write_manifest
+from pipeline.data.manifest import Sample, read_manifest, write_manifest
 
 SIZE = 320
 PER_VIEW = 24
@@ -231,3 +231,15 @@ def _background(rng: np.random.Generator, view: View) -> np.ndarray:
     tilt = rng.normal(0.0, 12.0, 2)
     fine = rng.normal(0.0, 4.0, (SIZE, SIZE))
     return (view.background + smooth + tilt[0] * x + tilt[1] * y + fine).astype(np.float32)
+
+
+def resolve_data(data: str, cache_dir: str | Path) -> list[Sample]:
+    """`--data`: a manifest path, or `demo` (made under `<cache-dir>/demo-data` on first use)."""
+    return read_manifest(data_manifest(data, cache_dir))
+
+
+def data_manifest(data: str, cache_dir: str | Path) -> Path:
+    """The absolute manifest path that `--data` names (`demo`: made on first use)."""
+    if data == "demo":
+        return Path(ensure_demo(Path(cache_dir) / "demo-data")).resolve()
+    return Path(data).resolve()

@@ -196,17 +196,3 @@ def sample_keys(samples: list[Sample], threads: int = 8) -> list[str]:
     """The key of each sample (sha256 of its image file), in order."""
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda s: file_sha256(s.image), samples))
-
-
-def resolve_data(data: str, cache_dir: str | Path) -> list[Sample]:
-    """`--data`: a manifest path, or `demo` (made under `<cache-dir>/demo-data` on first use)."""
-    return read_manifest(data_manifest(data, cache_dir))
-
-
-def data_manifest(data: str, cache_dir: str | Path) -> Path:
-    """The absolute manifest path that `--data` names (`demo`: made on first use)."""
-    if data == "demo":
-        from pipeline.data.demo import ensure_demo
-
-        return Path(ensure_demo(Path(cache_dir) / "demo-data")).resolve()
-    return Path(data).resolve()

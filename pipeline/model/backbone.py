@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils import checkpoint
 
 from pipeline.errors import UserError
+from pipeline.model.lora import load_adapter
 
 with warnings.catch_warnings():
     # sam3 imports modules that warn about CUDA autocast on CPU-only machines at import time.
@@ -267,8 +268,6 @@ def build_backbone(
     if path is not None:
         load_vision_state(backbone, path)
     if adapter is not None:
-        from pipeline.model.lora import load_adapter
-
         backbone = load_adapter(backbone, adapter).get_base_model()
     backbone.preset = preset
     backbone.checkpoint_path = path

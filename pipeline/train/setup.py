@@ -1,41 +1,40 @@
-"""Stage B: train the view-conditioned decoder from the cache, with periodic end-to-end epochs.
-
-`train(config)` prepares everything that needs no GPU (manifest check, cache lookup, run
-directory), then runs `train_process` once per process: in this process, in processes it spawns
-for `--gpus 0,1` / `--device cpu --workers N` (DDP over NCCL or gloo), or per torchrun rank.
+"""Stage B's preparation: what needs no GPU (manifest check, cache lookup, run directory),
+the resumable settings of a run, and seeding. `pipeline.train.launch.train` runs it, then the
+step loop (`pipeline.train.loop`) once per process.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from dataclasses import asdict, dataclass, replace
-from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from pipeline.cache.extraction import cache_signature, run_extraction
 from pipeline.cache.store import CacheLockedError, FeatureCache, cache_path
 from pipeline.config import TrainConfig
 from pipeline.data.augment import VERSION, extraction_jobs
 from pipeline.data.checks import check_manifest
-from pipeline.data.manifest import Sample, data_manifest, read_manifest
+from pipeline.data.demo import data_manifest
+from pipeline.data.manifest import Sample, read_manifest
 from pipeline.data.samples import ViewVocabulary, split_samples
 from pipeline.distributed import (
     DistributedContext,
-    WorkerError,
-    die_with_parent,
-    free_port,
-    spawned_group_env,
 )
 from pipeline.errors import UserError
-from pipeline.train.cache_choice import check_agrees, from_cache
+from pipeline.extraction import cache_signature, run_extraction
+from pipeline.train.cache_choice import check_agrees
 from pipeline.train.reporting import write_json
-from pipeline.train.run_dir import check_resumable_manifest, claim_run_dir, manifest_record
+from pipeline.train.run_dir import (
+    RunDirError,
+    check_resumable_manifest,
+    claim_run_dir,
+    manifest_record,
+    resume_changes,
+)
 
 
 class MissingFeaturesError(UserError, RuntimeError):
@@ -170,41 +169,6 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
                     [key_of[s] for s in val], views, cache, signature)
 
 
-def train(config: TrainConfig, given: dict | None = None) -> Path:
-    """Run Stage B; returns the run directory. With `config.resume`, `given` holds the flags
-    the user set (default: every field that differs from TrainConfig's defaults)."""
-    from pipeline.train.loop import train_process
-
-    if config.cache and not config.resume:
-        config = from_cache(config, requested_fields(config) if given is None else given)
-    if config.resume:
-        config = resume_config(config.resume, requested_fields(config) if given is None
-                               else given)
-    if "WORLD_SIZE" in os.environ:  # torchrun: one process per device, across machines
-        context = DistributedContext.from_env(backend=_backend(config))
-        if context.is_leader:
-            print("config:", asdict(config), flush=True)
-        prepared = prepare(config, context)
-        train_process(prepared, context)
-        return prepared.run_dir
-    print("config:", asdict(config), flush=True)
-    prepared = prepare(config)
-    if config.world_size == 1:
-        train_process(prepared, DistributedContext(local_rank=_gpu(config, 0)))
-    else:
-        _spawn(prepared)
-    return prepared.run_dir
-
-
-def _gpu(config: TrainConfig, rank: int) -> int:
-    """The CUDA index of local process `rank` (`--gpus 2,3`: rank 0 uses GPU 2)."""
-    return config.gpus[rank] if config.device == "cuda" else rank
-
-
-def _backend(config: TrainConfig) -> str:
-    return "nccl" if config.device == "cuda" else "gloo"
-
-
 def requested_fields(config: TrainConfig) -> dict:
     """The fields of `config` that differ from TrainConfig's defaults (for in-process callers,
     which pass a whole config)."""
@@ -216,10 +180,6 @@ def requested_fields(config: TrainConfig) -> dict:
 def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainConfig:
     """The saved configuration of a run, to continue it, with the `requested` values of the
     `RESUMABLE` fields; any other requested field that differs raises `RunDirError`."""
-    import json
-
-    from pipeline.train.run_dir import RunDirError, resume_changes
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise RunDirError(f"{run_dir}: no config.json, so not a run directory train_head.py "
@@ -234,40 +194,6 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
     saved.update(resume_changes(run_dir, saved, requested or {}, RESUMABLE))
     saved.update(resume=str(run_dir), run_dir=str(run_dir))
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-
-
-def _spawn(prepared: Prepared) -> None:
-    ctx, port = mp.get_context("spawn"), free_port()
-    world = prepared.config.world_size
-    processes = [ctx.Process(target=_spawned_main, args=(prepared, rank, world, port, os.getpid()))
-                 for rank in range(world)]
-    for process in processes:
-        process.start()
-    running, failed = list(processes), None
-    while running and failed is None:  # the first failure stops the others at once
-        wait([p.sentinel for p in running])
-        for process in [p for p in running if not p.is_alive()]:
-            running.remove(process)
-            if process.exitcode != 0:
-                failed = process.exitcode
-    for process in running:
-        process.terminate()
-        process.join()
-    if failed is not None:
-        raise WorkerError(f"a training process exited with code {failed} (its error is above)")
-
-
-def _spawned_main(prepared: Prepared, rank: int, world: int, port: int, parent: int) -> None:
-    die_with_parent(parent)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    with spawned_group_env(rank, world, port, local_rank=_gpu(prepared.config, rank)):
-        context = DistributedContext.from_env(backend=_backend(prepared.config))
-        from pipeline.train.loop import train_process
-
-        try:
-            train_process(prepared, context)
-        finally:
-            dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.train.reporting import _clean, error_overlay
+from pipeline.train.reporting import _clean, _numpy, error_overlay
 
 LOG_DIR = "tensorboard"
 # Identify a record or are not measurements; everything else numeric is logged.
@@ -83,8 +83,6 @@ class TensorBoardLog:
         images (N, 3, R, R) float in [-1, 1]; masks, preds (N, R, R) bool (numpy or torch),
         as `reporting.save_overlays` takes them.
         """
-        from pipeline.train.reporting import _numpy
-
         images = np.clip((_numpy(images, np.float32) + 1) / 2, 0, 1)
         masks, preds = _numpy(masks, bool), _numpy(preds, bool)
         for image, mask, pred, name in zip(images, masks, preds, names, strict=True):

@@ -9,7 +9,6 @@ import torch
 from conftest import REPO, subprocess_env
 from PIL import Image
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.cache.store import FeatureCache
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.augment import (
@@ -26,9 +25,11 @@ from pipeline.data.images import read_image, read_mask, sam3_resize, sam3_transf
 from pipeline.data.manifest import read_manifest, sample_keys, write_manifest
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, resize_mask
 from pipeline.distributed import DistributedContext
+from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
+from pipeline.train.launch import train
 from pipeline.train.loop import _Data
-from pipeline.train.setup import MissingFeaturesError, prepare, train
+from pipeline.train.setup import MissingFeaturesError, prepare
 
 KEYS = [hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
 

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 from conftest import REPO, subprocess_env
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.cache.store import FeatureCache, UnknownCacheError
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.manifest import read_manifest, sample_keys
 from pipeline.errors import UsageError
+from pipeline.extraction import run_extraction
 from pipeline.train.cache_choice import CacheMismatchError, check_agrees, from_cache
 
 

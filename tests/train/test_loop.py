@@ -1,7 +1,7 @@
 import re
 
 from pipeline.config import TrainConfig
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 
 
 def test_one_bar_counts_the_runs_steps_and_never_shows_nan(dataset, tmp_path, capsys):

@@ -9,8 +9,8 @@ from conftest import make_dataset
 
 from pipeline.config import TrainConfig
 from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.train.launch import train
 from pipeline.train.run_dir import RunDirError
-from pipeline.train.setup import train
 
 
 def _config(manifest, tmp_path, **kw) -> TrainConfig:

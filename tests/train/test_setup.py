@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import REPO, make_dataset, run_records, subprocess_env, validated_past
 
-from pipeline.cache.extraction import run_extraction
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.manifest import ManifestError, read_manifest, sample_keys
+from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
-from pipeline.train.setup import MissingFeaturesError, train
+from pipeline.train.launch import train
+from pipeline.train.setup import MissingFeaturesError
 
 FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "seconds"}
 

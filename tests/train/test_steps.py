@@ -111,7 +111,7 @@ def test_a_run_given_only_data_trains_the_rules_steps(tmp_path, monkeypatch):
     epochs) to keep the test seconds long; the rule itself is checked in test_config."""
     from conftest import make_dataset
 
-    from pipeline.train.setup import train
+    from pipeline.train.launch import train
 
     monkeypatch.setattr(config_module, "MIN_STEPS", 5)
     monkeypatch.setattr(config_module, "DEFAULT_EPOCHS", 2)

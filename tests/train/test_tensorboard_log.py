@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from pipeline.config import TrainConfig
-from pipeline.train.setup import train
+from pipeline.train.launch import train
 from pipeline.train.tensorboard_log import TensorBoardLog, record_step, scalar_fields
 
 

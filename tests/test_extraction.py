@@ -10,16 +10,16 @@ import torch
 import zarr
 from conftest import REPO, finished_done_chunks, make_dataset, subprocess_env
 
-from pipeline.cache.extraction import (
+from pipeline.cache.store import CacheLockedError, FeatureCache, writer_lock
+from pipeline.config import ExtractConfig
+from pipeline.data.images import load_preprocessed
+from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.extraction import (
     NonFiniteFeaturesError,
     cache_signature,
     run_extraction,
     stored_features,
 )
-from pipeline.cache.store import CacheLockedError, FeatureCache, writer_lock
-from pipeline.config import ExtractConfig
-from pipeline.data.images import load_preprocessed
-from pipeline.data.manifest import read_manifest, sample_keys
 from pipeline.model.backbone import build_backbone
 from pipeline.model.lora import attach_lora
 
