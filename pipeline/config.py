@@ -311,8 +311,8 @@ class TrainConfig(FeatureSource):
     this many MB: each file is decoded once per run and cached steps need no loader workers
     (0: decode every time, in --loader-workers processes)."""
     train_cldice: int = 64
-    """Training images per validation interval and process that also get clDice (a skeleton
-    costs 5-40 ms of CPU per 1008 px mask); Dice and IoU score every image, validation
+    """Training images per validation interval and process that also get clDice (its skeleton
+    is the costly score, see BENCHMARKS.md); Dice and IoU score every image, validation
     every score."""
     tensorboard: bool = True
     """Write TensorBoard event files into <run-dir>/tensorboard/ (rank 0): scores, lr, data

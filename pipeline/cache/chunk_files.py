@@ -41,14 +41,15 @@ class ChunkFiles:
     """Reads and writes one sample's chunk of a level straight in its file, without zarr's
     machinery.
 
-    Through zarr, `Array[row]` costs about 0.7 ms of fixed overhead per call (its async codec
-    pipeline), more than reading and decoding a 166 KB chunk. The layout here is simple enough to
-    handle directly: one chunk per sample at `<array>/c/<row>/0/0/0`, holding little-endian bytes,
-    then at most one compressor of `CODECS` (each decodes its own frame), then optionally a
-    crc32c of what came before (zarr's `Crc32cCodec`: 4 bytes, little-endian), checked here as
-    zarr checks it. `for_array` returns None for an array whose metadata differs from that, and
-    `read` returns None for a chunk without a file (zarr writes none for a chunk that holds only
-    the fill value); callers then read through zarr.
+    Through zarr, `Array[row]` pays a fixed overhead per call (its async codec pipeline) larger
+    than reading and decoding a 166 KB chunk (BENCHMARKS.md, "Timings behind the code"). The
+    layout here is simple enough to handle directly: one chunk per sample at
+    `<array>/c/<row>/0/0/0`, holding little-endian bytes, then at most one compressor of
+    `CODECS` (each decodes its own frame), then optionally a crc32c of what came before (zarr's
+    `Crc32cCodec`: 4 bytes, little-endian), checked here as zarr checks it. `for_array` returns
+    None for an array whose metadata differs from that, and `read` returns None for a chunk
+    without a file (zarr writes none for a chunk that holds only the fill value); callers then
+    read through zarr.
     """
 
     def __init__(self, folder: Path, shape: tuple[int, ...], dtype: np.dtype, compressor,

@@ -56,8 +56,8 @@ from pipeline.errors import UsageError
 LAYOUT_VERSION = 1
 FEATURE_DTYPE = "float16"
 KEY_CHUNK = 65536
-# Every chunk ends with a crc32c of its bytes (zarr's Crc32cCodec; about 0.1 ms per 2.65 MB
-# here), so a damaged chunk fails its read and `verify` names it, whatever the compressor.
+# Every chunk ends with a crc32c of its bytes (zarr's Crc32cCodec, cheap beside the read:
+# BENCHMARKS.md), so a damaged chunk fails its read and `verify` names it, whatever the codec.
 CODECS = {
     "none": lambda: [Crc32cCodec()],
     "zstd": lambda: [ZstdCodec(level=1), Crc32cCodec()],
@@ -99,8 +99,8 @@ class FeatureCache:
         self._chunk_files: dict[str, ChunkFiles | None] = {}
 
     def _array(self, name: str) -> zarr.Array:
-        """One handle per array: opening one re-reads its metadata (about 0.4 ms), and a resize
-        through the handle updates it in place."""
+        """One handle per array: opening one re-reads its metadata (a cost per open), and a
+        resize through the handle updates it in place."""
         if name not in self._arrays:
             array = self.group[name]
             if name == "keys":  # a runtime setting, not stored: see `keys`
@@ -330,7 +330,7 @@ class FeatureCache:
     def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
         """Write one sample's features (level -> (C, h, w)), durably, then mark it done.
         Feature chunks go straight to their files where the layout allows (`ChunkFiles.write`:
-        zarr's own bytes, without its ~3 ms per-call overhead), else through zarr."""
+        zarr's own bytes, without its per-call overhead), else through zarr."""
         for level, value in features.items():
             files = self._files(level)
             if files is not None:

@@ -84,9 +84,9 @@ def collate_samples(items: list[dict]) -> dict:
     default collate), the `SMALL_FIELDS` stacked into numpy arrays.
 
     From a DataLoader worker, every tensor crosses to the trainer in its own shared-memory file
-    handed over a socket; numpy arrays are pickled inline. For the four small fields that is
-    0.3 instead of 2.3 ms of wall time per batch, 0.1 instead of 1.1 ms of the trainer's CPU
-    (BENCHMARKS.md). `to_device` makes them tensors.
+    handed over a socket; numpy arrays are pickled inline, which for the four small fields costs
+    a fraction of the wall time and of the trainer's CPU (BENCHMARKS.md, "Timings behind the
+    code"). `to_device` makes them tensors.
     """
     rest = [{k: v for k, v in item.items() if k not in SMALL_FIELDS} for item in items]
     batch = default_collate(rest) if rest[0] else {}

@@ -17,9 +17,12 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.backbone import LEVELS
+
 FEATURE_CHANNELS = 256
 """Channels of every SAM 3 backbone level."""
-DECODER_LEVELS = ("1x", "2x", "4x")
+DECODER_LEVELS = tuple(sorted(LEVELS, key=lambda level: int(level[:-1])))
+"""The levels a decoder fuses, coarsest first: the backbone's `LEVELS`, the one list."""
 IMAGE_CHANNELS = 16
 """Channels of the full-resolution image branch (and of the fusion stage after it)."""
 

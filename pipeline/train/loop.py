@@ -164,7 +164,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
     """
     training = optimizer is not None
     meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
-    # Scoring (a skeleton per mask for clDice: 5-40 ms at 1008 px) runs in threads beside the
+    # Scoring (a skeleton per mask for clDice, the costly part) runs in threads beside the
     # next steps; results join the meter in step order.
     scoring, scored, joined = ThreadPoolExecutor(min(4, os.cpu_count() or 1)), [], 0
     if steps is None:

@@ -131,8 +131,7 @@ def auc(prob: np.ndarray, target: np.ndarray, fov: np.ndarray | None = None) -> 
     Exact, ties included: the Mann-Whitney statistic, the share of (positive, negative) pixel
     pairs the positive wins, a tie counting one half, which is what
     `sklearn.metrics.roc_auc_score` returns. It sorts the negatives only and looks each positive
-    up in them: 4x faster than ranking every pixel (0.23 against 0.96 s for a 960 x 999 image on
-    the 2-core test machine under load).
+    up in them, faster than ranking every pixel (BENCHMARKS.md, "Timings behind the code").
     """
     prob = np.asarray(prob)
     if not np.issubdtype(prob.dtype, np.floating):

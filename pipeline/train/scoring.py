@@ -6,8 +6,8 @@ resized bilinearly to the image's (H, W), thresholded at 0 (probability 0.5) and
 the mask as `data.images.read_mask` reads it, inside the FOV mask when the manifest has one.
 
 Native masks are decoded once and kept in memory as packed bits (1 bit a pixel: 120 KB for a
-999 x 960 CHASE_DB1 mask). On the 2-core test machine decoding such a PNG took 6.3 ms and
-unpacking the kept bits 0.33 ms, so a validation pass re-reads nothing from disk.
+999 x 960 CHASE_DB1 mask): unpacking bits costs far less than decoding the PNG again
+(BENCHMARKS.md, "Timings behind the code"), so a validation pass re-reads nothing from disk.
 """
 
 from __future__ import annotations
