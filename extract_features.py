@@ -30,12 +30,13 @@ def main(argv=None) -> int:
         config = from_arguments(ExtractConfig, parser.parse_args(argv))
     except ValueError as err:
         parser.error(str(err))
-    print("config:", json.dumps(asdict(config)), flush=True)
     try:
         samples = resolve_data(config.data, config.cache_dir)
     except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    config = config.with_copies_for(samples)
+    print("config:", json.dumps(asdict(config)), flush=True)
     report = check_manifest(samples, require_masks=False)
     if not report.ok:
         print(report.format(), file=sys.stderr)
