@@ -30,13 +30,14 @@ def main(argv=None) -> int:
         config = from_arguments(ExtractConfig, parser.parse_args(argv))
     except ValueError as err:
         parser.error(str(err))
-    print("config:", json.dumps(asdict(config)), flush=True)
     return run_command(lambda: _extract(config), resume="run the same command again: images "
                        "already in the cache are kept, the others are extracted")
 
 
 def _extract(config: ExtractConfig) -> int:
     samples = resolve_data(config.data, config.cache_dir)
+    config = config.with_copies_for(samples)
+    print("config:", json.dumps(asdict(config)), flush=True)
     report = check_manifest(samples, require_masks=False)
     if not report.ok:
         print(report.format(), file=sys.stderr)

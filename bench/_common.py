@@ -203,7 +203,7 @@ def gpu_peak(fn) -> float:
 
 
 def numcodec(codec: str):
-    """The numcodecs codec doing the same compression as `pipeline.cache.CODECS[codec]` (or
+    """The numcodecs codec doing the same compression as `pipeline.cache.store.CODECS[codec]` (or
     None), without the crc32c every chunk carries."""
     from zarr.codecs import Crc32cCodec
 

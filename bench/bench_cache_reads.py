@@ -14,7 +14,7 @@ features read in the loader's workers and for features read by `FeatureBatches` 
 process (as Stage B reads them), alone and with Stage B's masks and images, against the DataLoader
 alone and raw reads of the same bytes from a numpy memmap (same order, same collate; target ratio
 >= 0.8); (2) what one
-sample's read costs, piece by piece; (3) the codecs of `pipeline.cache.CODECS` on the cached
+sample's read costs, piece by piece; (3) the codecs of `pipeline.cache.store.CODECS` on the cached
 outputs: compression ratio, write and read MB/s through zarr, encode/decode MB/s alone.
 All reads hit a warm page cache (the files were just written).
 """

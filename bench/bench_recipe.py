@@ -25,13 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def summarise(run: Path, minutes: float | None = None) -> dict:
-    """Best val Dice/clDice (overall, per view), its step, the last val Dice, minutes."""
+    """Best val Dice/clDice/AUC (overall, per view), its step, the last val Dice, minutes."""
     report = json.loads((run / "report.json").read_text())["val"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if r["split"] == "val"]
     if minutes is None:  # the time inside the loop: training intervals and validations
         minutes = sum(r["seconds"] for r in records) / 60
     return {"run": str(run), "dice": report["dice"], "cldice": report["cldice"],
+            "auc": report.get("auc", float("nan")),
             "step": report.get("step", report.get("epoch")), "last_dice": val[-1]["dice"],
             "per_view": {v: s["dice"] for v, s in report.get("per_view", {}).items()},
             "minutes": minutes}
@@ -39,7 +40,7 @@ def summarise(run: Path, minutes: float | None = None) -> dict:
 
 def row(name: str, s: dict) -> str:
     views = ", ".join(f"{v} {d:.3f}" for v, d in sorted(s["per_view"].items()))
-    return (f"| {name} | {s['dice']:.3f} | {s['cldice']:.3f} | {s['step']} | "
+    return (f"| {name} | {s['dice']:.3f} | {s['cldice']:.3f} | {s['auc']:.3f} | {s['step']} | "
             f"{s['last_dice']:.3f} | {views} | {s['minutes']:.1f} |")
 
 
@@ -52,9 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default="bench-recipe")
     parser.add_argument("--tabulate", nargs="*", default=[], help="existing run directories")
     args = parser.parse_args(argv)
-    print("| recipe | best val Dice | its clDice | at step | last val Dice | per view Dice | "
-          "minutes |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | best val Dice | its clDice | its AUC | at step | last val Dice | "
+          "per view Dice | minutes |")
+    print("|---|---|---|---|---|---|---|---|")
     for run in args.tabulate:
         print(row(Path(run).name, summarise(Path(run))), flush=True)
     for recipe in args.recipes:

@@ -8,7 +8,15 @@ The public entry points, imported on first use (importing sam3 takes seconds):
 - `TrainConfig`, `train`: Stage B (`pipeline.config`, `pipeline.train.launch`)
 """
 
+import os
 from importlib import import_module
+
+# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when this is
+# set. Without it a step's large activations (e.g. 16 x 16 x 252 x 252 floats) come from fresh
+# mmap'd 4 KB pages on every step, and CPU training spends much of its time in page faults
+# (BENCHMARKS.md, "Page faults"). Read by torch at its first large allocation, so setting it
+# here, before any training, is enough; a value the user set is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _EXPORTS = {
     "build_backbone": "pipeline.model.backbone",

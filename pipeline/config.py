@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache.store import CODECS
-from pipeline.data.augment import CopyPlan
+from pipeline.data.augment import CopyPlan, auto_copies
 from pipeline.model.backbone import LEVELS, PRESETS, cache_levels
+from pipeline.model.decoder import IMAGE_CHANNELS
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -152,9 +153,11 @@ class FeatureSource:
     """Feature levels: 1x (vision_features), and the FPN levels 2x and 4x."""
     amp: str = "auto"
     """Autocast dtype of the backbone: bf16, fp16 or off; auto is bf16 on a GPU, off on the CPU."""
-    augment_copies: int = 0
+    augment_copies: int | None = None
     """K extracted augmented copies of each training image (at most 32); Stage B draws the
-    original or one copy per sample and epoch (feature maps themselves are never transformed)."""
+    original or one copy per sample and epoch (feature maps themselves are never transformed).
+    Default: by the number of training images n, min(4, ceil(500 / n) - 1) (4 up to 100 images,
+    none from 500)."""
     augment: str = "random"
     """Family of the copies: random (transforms drawn from the aug-v1 distribution: flips,
     rotation, scale, shift, brightness, contrast, gamma, noise) or flips (the five fixed flips
@@ -187,12 +190,23 @@ class FeatureSource:
             raise ValueError("--workers must be >= 1")
         if self.workers > 1 and device == "cuda":
             raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
-        CopyPlan(self.augment, self.augment_copies, self.augment_seed)  # raises if invalid
+        CopyPlan(self.augment, self.augment_copies or 0, self.augment_seed)  # raises if invalid
 
     @property
     def copy_plan(self) -> CopyPlan:
-        """The augmented copies of each training image (`pipeline.data.augment`)."""
+        """The augmented copies of each training image (`pipeline.data.augment`); needs
+        `augment_copies` resolved (`with_copies_for`)."""
+        if self.augment_copies is None:
+            raise RuntimeError("augment_copies is not resolved: call with_copies_for(samples)")
         return CopyPlan(self.augment, self.augment_copies, self.augment_seed)
+
+    def with_copies_for(self, samples):
+        """This config with `augment_copies` resolved for `samples` (manifest rows): kept when
+        given, else `auto_copies` of the number of training images (split `train` or empty)."""
+        if self.augment_copies is not None:
+            return self
+        train = len({s.image for s in samples if (s.split or "train") == "train"})
+        return dataclasses.replace(self, augment_copies=auto_copies(train))
 
     @property
     def cache_levels(self) -> tuple[str, ...]:
@@ -284,6 +298,8 @@ class TrainConfig(FeatureSource):
     """A shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64
     """Decoder width."""
+    image_channels: int = IMAGE_CHANNELS
+    """Channels of the full-resolution image branch and the stage that fuses it."""
     loader_workers: int = 2
     """DataLoader processes per training process."""
     seed: int = 0

@@ -127,6 +127,7 @@ def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
         "decoder_args": {"levels": list(config.levels), "num_views": len(payload["views"]),
                          "use_angles": payload["use_angles"],
                          "image_branch": config.image_branch, "width": config.width,
+                         "image_channels": config.image_channels,
                          "view_conditioning": config.view_conditioning},
         "views": list(payload["views"]),
         "backbone": config.backbone,

@@ -93,6 +93,7 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
     (`config.copy_plan`).
     """
     start = time.perf_counter()
+    config = config.with_copies_for(samples)
     signature = cache_signature(config)
     context = DistributedContext.from_env(backend="gloo")  # coordination only
     jobs = extraction_jobs(samples, keys, config.copy_plan)

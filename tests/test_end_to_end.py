@@ -122,7 +122,8 @@ def test_drive_layout_import_check_extract_train_predict(tmp_path, spawn):
     check = spawn(["pipeline.data", "check", "m.csv"], tmp_path, module=True)
     out = _ok(_run([REPO / "extract_features.py", "--data", "m.csv", "--backbone", "tiny",
                     "--device", "cpu"], tmp_path))
-    assert "extracted 12, reused 0, total 12" in out
+    rows = 12 + 4 * (12 - n_val)  # the default: 4 random copies of each training image
+    assert f"extracted {rows}, reused 0, total {rows}" in out
     cache_id = out.split("cache ", 1)[1].split()[0]
     assert (tmp_path / "cache" / f"{cache_id}.zarr" / "zarr.json").is_file()
     check_out, _ = check.communicate(timeout=300)

@@ -26,7 +26,8 @@ from pipeline.model.lora import attach_lora
 
 def _run(manifest, cache_dir, **overrides):
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(cache_dir),
-                           batch_size=2, loader_workers=0, **overrides)
+                           batch_size=2, loader_workers=0,
+                           **{"augment_copies": 0, **overrides})  # cache mechanics: no copies
     samples = read_manifest(manifest)
     return run_extraction(config, samples, sample_keys(samples)), config
 
@@ -136,7 +137,7 @@ def test_gpus_without_cuda_is_a_clear_error():
 def _extract_cmd(manifest, cache_dir):
     return [sys.executable, str(REPO / "extract_features.py"), "--data", str(manifest),
             "--backbone", "tiny", "--cache-dir", str(cache_dir), "--batch-size", "1",
-            "--loader-workers", "0", "--device", "cpu"]
+            "--loader-workers", "0", "--device", "cpu", "--augment-copies", "0"]
 
 
 def test_sigkill_then_rerun_completes_with_clean_features(tmp_path):

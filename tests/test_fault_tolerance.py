@@ -50,7 +50,8 @@ def _one_torch_thread():
 def _extract(manifest, cache_dir, **kw):
     """In-process Stage A, one image per forward so every run computes identical features."""
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(cache_dir),
-                           batch_size=1, loader_workers=0, device="cpu", **kw)
+                           batch_size=1, loader_workers=0, device="cpu",
+                           **{"augment_copies": 0, **kw})  # cache mechanics: no copies
     samples = read_manifest(manifest)
     return run_extraction(config, samples, sample_keys(samples))
 
@@ -58,13 +59,13 @@ def _extract(manifest, cache_dir, **kw):
 def _extract_cmd(manifest, cache_dir, *extra):
     return [sys.executable, str(REPO / "extract_features.py"), "--data", str(manifest),
             "--backbone", "tiny", "--cache-dir", str(cache_dir), "--batch-size", "1",
-            "--loader-workers", "0", "--device", "cpu", *extra]
+            "--loader-workers", "0", "--device", "cpu", "--augment-copies", "0", *extra]
 
 
 def _train_config(manifest, tmp_path, **kw) -> TrainConfig:
     values = dict(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "cache"),
                   run_dir=str(tmp_path / "run"), epochs=1, batch_size=4, e2e_every=0,
-                  loader_workers=0, overlays=0, device="cpu")
+                  loader_workers=0, overlays=0, device="cpu", augment_copies=0)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -322,7 +323,8 @@ def test_training_with_an_adapter_refuses_the_frozen_cache(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest), "--backbone",
          "tiny", "--cache-dir", str(cache_dir), "--run-dir", str(run), "--adapter",
-         str(adapter), "--epochs", "1", "--loader-workers", "0", "--device", "cpu"],
+         str(adapter), "--epochs", "1", "--loader-workers", "0", "--device", "cpu",
+         "--augment-copies", "0"],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     err = result.stderr
     assert result.returncode == 1, err[-2000:]

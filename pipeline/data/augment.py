@@ -37,6 +37,22 @@ FAMILIES = ("random", "flips")
 FLIPS = ("hflip", "vflip", "rot180", "rot90", "rot270")
 MAX_COPIES = 32
 """Copies per training image at most: each costs one extraction and one cache row."""
+AUTO_ROWS, AUTO_MAX_COPIES = 500, 4
+"""Without --augment-copies: copies until the training set holds AUTO_ROWS rows, at most
+AUTO_MAX_COPIES an image (`auto_copies`)."""
+
+
+def auto_copies(train_images: int) -> int:
+    """Random copies per training image when --augment-copies is not given:
+    min(AUTO_MAX_COPIES, ceil(AUTO_ROWS / train_images) - 1), never below 0.
+
+    4 for sets up to 100 training images (CHASE_DB1, DRIVE, HRF, most angiography sets), fewer
+    above, none from 500 on: the copies pay where a small set overfits (BENCHMARKS.md, "Training
+    recipe"), and a large set would pay their extraction and disk for little.
+    """
+    if train_images <= 0:
+        return 0
+    return max(0, min(AUTO_MAX_COPIES, -(-AUTO_ROWS // train_images) - 1))
 
 
 @dataclass(frozen=True)

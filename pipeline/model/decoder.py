@@ -23,8 +23,8 @@ FEATURE_CHANNELS = 256
 """Channels of every SAM 3 backbone level."""
 DECODER_LEVELS = tuple(sorted(LEVELS, key=lambda level: int(level[:-1])))
 """The levels a decoder fuses, coarsest first: the backbone's `LEVELS`, the one list."""
-IMAGE_CHANNELS = 16
-"""Channels of the full-resolution image branch (and of the fusion stage after it)."""
+IMAGE_CHANNELS = 32
+"""Default channels of the full-resolution image branch (and of the fusion stage after it)."""
 
 
 def _groups(channels: int) -> int:
@@ -120,7 +120,7 @@ class ViewConditioning(nn.Module):
 class ImageBranch(nn.Sequential):
     """Two 3x3 conv blocks on the normalised image at full resolution.
 
-    (B, 3, R, R) float in [-1, 1] -> (B, IMAGE_CHANNELS, R, R) float, >= -0.17 (after GELU).
+    (B, 3, R, R) float in [-1, 1] -> (B, channels, R, R) float, >= -0.17 (after GELU).
     """
 
     def __init__(self, *, channels: int = IMAGE_CHANNELS) -> None:
@@ -135,16 +135,17 @@ class ViewConditionedDecoder(nn.Module):
 
     1x map -> `projection` -> `conditioning` (FiLM; none with `view_conditioning=False`) ->
     conv block (2*width channels) -> x2 up (+ 1x1-reduced 2x map when used) -> conv block
-    (width) -> x2 up (+ 1x1-reduced 4x map when used) -> conv block (width/2) -> [1x1 to 16,
-    bilinear to the image's size, plus `image_branch`, conv block (16)] -> 1x1 conv to one
-    logit -> bilinear to `out_size`.
+    (width) -> x2 up (+ 1x1-reduced 4x map when used) -> conv block (width/2) -> [1x1 to
+    `image_channels`, bilinear to the image's size, plus `image_branch`, conv block] -> 1x1 conv
+    to one logit -> bilinear to `out_size`.
     Without the image branch the decoder's output (at 4x the 1x side) goes straight to the logit.
-    The full-resolution stages are kept at 16 channels: they run on R x R pixels.
+    The full-resolution stages are kept narrow (`image_channels`): they run on R x R pixels.
     """
 
     def __init__(self, *, levels: tuple[str, ...] = ("1x",), num_views: int,
                  use_angles: bool = False, image_branch: bool = True, width: int = 64,
-                 in_channels: int = FEATURE_CHANNELS, view_conditioning: bool = True) -> None:
+                 in_channels: int = FEATURE_CHANNELS, view_conditioning: bool = True,
+                 image_channels: int = IMAGE_CHANNELS) -> None:
         super().__init__()
         levels = tuple(levels)
         unknown = [lv for lv in levels if lv not in DECODER_LEVELS]
@@ -154,6 +155,8 @@ class ViewConditionedDecoder(nn.Module):
             )
         if width < 2 or width % 2:
             raise ValueError(f"width must be a positive even number, got {width}")
+        if image_channels < 1:
+            raise ValueError(f"image_channels must be positive, got {image_channels}")
         self.levels = tuple(lv for lv in DECODER_LEVELS if lv in levels)
         self.num_views = num_views
         self.use_angles = use_angles
@@ -170,10 +173,10 @@ class ViewConditionedDecoder(nn.Module):
         self.up1 = ConvBlock(in_channels=2 * width, out_channels=width)
         self.up2 = ConvBlock(in_channels=width, out_channels=width // 2)
         if image_branch:
-            self.image_branch = ImageBranch()
-            self.reduce = nn.Conv2d(width // 2, IMAGE_CHANNELS, 1)
-            self.fuse = ConvBlock(in_channels=IMAGE_CHANNELS, out_channels=IMAGE_CHANNELS)
-            self.head = nn.Conv2d(IMAGE_CHANNELS, 1, 1)
+            self.image_branch = ImageBranch(channels=image_channels)
+            self.reduce = nn.Conv2d(width // 2, image_channels, 1)
+            self.fuse = ConvBlock(in_channels=image_channels, out_channels=image_channels)
+            self.head = nn.Conv2d(image_channels, 1, 1)
         else:
             self.image_branch = None
             self.head = nn.Conv2d(width // 2, 1, 1)

@@ -111,6 +111,7 @@ def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmen
     decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
                                      use_angles=use_angles, image_branch=config.image_branch,
                                      width=config.width,
+                                     image_channels=config.image_channels,
                                      view_conditioning=config.view_conditioning)
     backbone = build_backbone(config.backbone, config.checkpoint)
     if config.adapter:

@@ -64,6 +64,11 @@ class Prepared:
     signature: dict
 
 
+FIELDS_ADDED = {"image_channels": 16}
+"""TrainConfig fields added after runs were made, with the value those runs used (a config.json
+without the field is read with it, so --resume and predict rebuild the same model)."""
+
+
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
@@ -71,6 +76,7 @@ def default_run_dir() -> Path:
 def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
                  adapter: str | None = None) -> tuple[Path, dict]:
     """The cache holding every key's features for `config` (and `adapter`), extracting if asked."""
+    config = config.with_copies_for(samples)
     extract = config.extract_config(adapter=adapter)
     signature = cache_signature(extract)
     if config.cache:
@@ -136,6 +142,7 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
     manifest = data_manifest(config.data, config.cache_dir)
     config = replace(config, data=str(manifest), cache_dir=str(Path(config.cache_dir).resolve()))
     samples = read_manifest(manifest)
+    config = config.with_copies_for(samples)
     report = check_manifest(samples, require_masks=True)
     if report.warnings and context.is_leader:
         print(report.format(), flush=True)
@@ -189,6 +196,8 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
                           "first epoch, so there is nothing to resume; start it again with the "
                           f"same flags and --run-dir {run_dir} --overwrite")
     saved = json.loads((run_dir / "config.json").read_text())["config"]
+    for name, value in FIELDS_ADDED.items():  # a run from before the field keeps its behaviour
+        saved.setdefault(name, value)
     for name in ("levels", "gpus"):
         saved[name] = tuple(saved[name])
     saved.update(resume_changes(run_dir, saved, requested or {}, RESUMABLE))

@@ -17,6 +17,7 @@ from pipeline.data.augment import (
     CopyPlan,
     RandomTransform,
     augmented_key,
+    auto_copies,
     extraction_jobs,
     transform_image,
     transform_mask,
@@ -244,3 +245,30 @@ def test_training_with_copies_needs_them_extracted_then_trains(dataset, tmp_path
     saved = json.loads((run / "config.json").read_text())
     assert saved["augment_version"] == VERSION
     assert (saved["config"]["augment"], saved["config"]["augment_seed"]) == ("random", 4)
+
+
+@pytest.mark.parametrize("train_images, copies", [
+    (0, 0), (1, 4), (14, 4), (100, 4), (101, 4), (125, 3), (250, 1), (499, 1), (500, 0),
+    (50_000, 0)])
+def test_automatic_copies_shrink_with_the_training_set(train_images, copies):
+    assert auto_copies(train_images) == copies
+
+
+def test_without_a_count_both_stages_agree_on_the_automatic_copies(dataset, tmp_path):
+    samples = read_manifest(dataset)
+    n_train = sum(s.split == "train" for s in samples)
+    common = dict(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"))
+    config = ExtractConfig(loader_workers=0, **common)
+    assert config.augment_copies is None
+    assert config.with_copies_for(samples).augment_copies == auto_copies(n_train) == 4
+    assert ExtractConfig(augment_copies=1, **common).with_copies_for(samples).augment_copies == 1
+    held = [dataclasses.replace(s, split="test") for s in samples if s.split == "train"]
+    assert config.with_copies_for(held).augment_copies == 0  # test and val rows do not count
+    summary = run_extraction(config, samples, sample_keys(samples))
+    assert summary.extracted == len(samples) + 4 * n_train
+    prepared = prepare(TrainConfig(run_dir=str(tmp_path / "run"), **common))  # no extraction
+    assert prepared.config.augment_copies == 4
+    import json
+
+    saved = json.loads((prepared.run_dir / "config.json").read_text())
+    assert saved["config"]["augment_copies"] == 4

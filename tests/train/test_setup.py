@@ -21,7 +21,7 @@ FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "secon
 
 def _extract(manifest, cache_dir, **kw):
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(cache_dir),
-                           loader_workers=0, **kw)
+                           loader_workers=0, **{"augment_copies": 0, **kw})  # no copies
     samples = read_manifest(manifest)
     return run_extraction(config, samples, sample_keys(samples))
 
@@ -29,7 +29,7 @@ def _extract(manifest, cache_dir, **kw):
 def _config(manifest, tmp_path, **kw) -> TrainConfig:
     values = dict(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "cache"),
                   run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
-                  loader_workers=0, overlays=2, lr=1e-3)
+                  loader_workers=0, overlays=2, lr=1e-3, augment_copies=0)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -196,7 +196,7 @@ def _train_cmd(manifest, tmp_path, run_dir, *extra):
             "--backbone", "tiny", "--cache-dir", str(tmp_path / "cache"), "--run-dir",
             str(run_dir), "--steps", "8", "--val-every", "3", "--batch-size", "2",
             "--e2e-every", "2", "--e2e-steps", "1", "--loader-workers", "0", "--device", "cpu",
-            *extra]
+            "--augment-copies", "0", *extra]
 
 
 def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
@@ -290,3 +290,16 @@ def test_without_validation_rows_the_last_epoch_is_kept(tmp_path):
                         allow_empty_val=True))
     assert [r["split"] for r in run_records(run)] == ["train", "train"]
     assert torch.load(run / "best.pt", weights_only=False)["state"]["best"]["step"] == 2
+
+
+def test_a_run_from_before_a_field_existed_is_read_with_the_value_it_used(tmp_path):
+    from dataclasses import asdict
+
+    from pipeline.train.setup import FIELDS_ADDED, resume_config
+
+    config = asdict(TrainConfig(device="cpu", backbone="tiny"))
+    del config["image_channels"]  # config.json of a run made before --image-channels
+    (tmp_path / "config.json").write_text(json.dumps({"config": config}))
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert resume_config(tmp_path).image_channels == FIELDS_ADDED["image_channels"] == 16
+    assert TrainConfig(device="cpu").image_channels == 32  # what a new run gets

@@ -27,7 +27,8 @@ K = 1  # tiny: blocks 0..3, global attention in 1 and 3
 
 def _extract(manifest, cache_dir, **kw):
     config = ExtractConfig(data=str(manifest), backbone="tiny", cache_dir=str(cache_dir),
-                           batch_size=2, loader_workers=0, **kw)
+                           batch_size=2, loader_workers=0,
+                           **{"augment_copies": 0, **kw})  # cache mechanics: no copies
     samples = read_manifest(manifest)
     return run_extraction(config, samples, sample_keys(samples))
 
@@ -35,7 +36,8 @@ def _extract(manifest, cache_dir, **kw):
 def _config(manifest, tmp_path, **kw) -> TrainConfig:
     values = dict(data=str(manifest), backbone="tiny", cache_dir=str(tmp_path / "cache"),
                   run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
-                  loader_workers=0, overlays=1, lr=1e-2, cache_block=K, device="cpu")
+                  loader_workers=0, overlays=1, lr=1e-2, cache_block=K, device="cpu",
+                  augment_copies=0)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -151,7 +153,8 @@ def test_adapter_reaching_k_or_earlier_is_in_the_signature(dataset, tmp_path):
 def test_cli_extract_then_train_with_cache_block(dataset, tmp_path):
     env, run = subprocess_env(), tmp_path / "run"
     common = ["--data", str(dataset), "--backbone", "tiny", "--cache-dir", str(tmp_path / "c"),
-              "--device", "cpu", "--cache-block", "1", "--loader-workers", "0"]
+              "--device", "cpu", "--cache-block", "1", "--loader-workers", "0",
+              "--augment-copies", "0"]
     subprocess.run([sys.executable, str(REPO / "extract_features.py"), *common], env=env,
                    check=True, capture_output=True)
     subprocess.run([sys.executable, str(REPO / "train_head.py"), *common, "--run-dir", str(run),
@@ -193,7 +196,7 @@ def test_resume_after_sigkill_with_a_split_cache_ends_with_the_same_metrics(data
                 "--backbone", "tiny", "--cache-dir", str(tmp_path / "cache"), "--run-dir",
                 str(run_dir), "--epochs", "3", "--batch-size", "4", "--e2e-every", "0",
                 "--cache-block", str(K), "--loader-workers", "0", "--lr", "1e-2",
-                "--device", "cpu", "--overlays", "0"]
+                "--device", "cpu", "--overlays", "0", "--augment-copies", "0"]
 
     subprocess.run(command(tmp_path / "clean"), env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
