@@ -18,7 +18,7 @@ import torch
 
 from pipeline.cache.store import CODECS
 from pipeline.data.augment import CopyPlan, auto_copies
-from pipeline.model.backbone import LEVELS, PRESETS, cache_levels
+from pipeline.model.backbone import AMP_DTYPES, LEVELS, PRESETS, cache_levels
 from pipeline.model.decoder import IMAGE_CHANNELS
 
 
@@ -111,8 +111,8 @@ def _check_backbone(backbone: str, levels: tuple[str, ...], amp: str) -> None:
     unknown = [lvl for lvl in levels if lvl not in LEVELS]
     if unknown or "1x" not in levels:
         raise ValueError(f"--levels must include 1x and use only {sorted(LEVELS)}, got {levels}")
-    if amp not in ("auto", "bf16", "fp16", "off"):
-        raise ValueError(f"--amp must be bf16, fp16 or off, not {amp!r}")
+    if amp != "auto" and amp not in AMP_DTYPES:
+        raise ValueError(f"--amp must be auto or one of {sorted(AMP_DTYPES)}, not {amp!r}")
 
 
 def _resolve_devices(gpus: tuple[int, ...], device: str) -> tuple[str, tuple[int, ...]]:
@@ -205,7 +205,7 @@ class FeatureSource:
         given, else `auto_copies` of the number of training images (split `train` or empty)."""
         if self.augment_copies is not None:
             return self
-        train = len({s.image for s in samples if (s.split or "train") == "train"})
+        train = len({s.image for s in samples if s.is_train})
         return dataclasses.replace(self, augment_copies=auto_copies(train))
 
     @property

@@ -35,6 +35,7 @@ from pipeline.distributed import DistributedContext, WorkerError, die_with_paren
 from pipeline.errors import DiskFullError, UserError
 from pipeline.model.backbone import (
     PRESETS,
+    amp_autocast,
     build_backbone,
     image_features,
     resolve_checkpoint,
@@ -194,13 +195,10 @@ def extract_rows(config: ExtractConfig, path: Path, share: list, device: str, on
         pin_memory=device.type == "cuda", persistent_workers=False,
     )
     image_of_row = {row: path + (f" ({aug})" if aug else "") for row, path, aug in share}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     pending = []
     with ThreadPoolExecutor(config.writer_threads) as writers, torch.inference_mode():
         for batch_rows, images in loader:
-            autocast = torch.autocast(device.type, dtype=dtype or torch.float32,
-                                      enabled=dtype is not None)
-            with autocast:
+            with amp_autocast(config.amp, device):
                 out = _cached_outputs(backbone, normalize(images.to(device, non_blocking=True)),
                                       config)
             features, finite = stored_features(out)

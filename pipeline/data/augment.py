@@ -225,7 +225,7 @@ def extraction_jobs(samples, keys: list[str], plan: CopyPlan
     jobs: dict[str, tuple[str, str | None]] = {}
     for sample, key in zip(samples, keys, strict=True):
         jobs.setdefault(key, (str(sample.image), None))
-        if (sample.split or "train") == "train":
+        if sample.is_train:
             for name in plan.names(key):
                 jobs.setdefault(augmented_key(key, name), (str(sample.image), name))
     return jobs

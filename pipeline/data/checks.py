@@ -194,7 +194,7 @@ def _duplicates(samples: list[Sample], keys: list[str | None]) -> list[Problem]:
 
 def _unseen_views(samples: list[Sample]) -> list[Problem]:
     """A warning per view found in val rows but in no train row (when there are train rows)."""
-    train = {s.view or UNKNOWN_VIEW for s in samples if (s.split or "train") == "train"}
+    train = {s.view or UNKNOWN_VIEW for s in samples if s.is_train}
     if not train:
         return []
     unseen: dict[str, list[Sample]] = defaultdict(list)

@@ -59,6 +59,11 @@ class Sample:
     fov: Path | None = None
     """Field-of-view mask (optional column `fov`): every score counts only pixels inside it."""
 
+    @property
+    def is_train(self) -> bool:
+        """Whether the row trains: split `train`, or no split (the one definition)."""
+        return (self.split or "train") == "train"
+
 
 def read_manifest(path: str | Path) -> list[Sample]:
     """Parse a manifest CSV; paths resolved against its folder, splits as `SPLITS` maps them."""

@@ -59,7 +59,7 @@ def split_samples(samples: list[Sample], *, allow_empty_val: bool = False,
     """(train, val) by the manifest's `split` (normalised by `read_manifest`); rows without one
     train, `test` rows are held out (neither list). No val rows is an error unless
     `allow_empty_val`."""
-    train = [s for s in samples if (s.split or "train") == "train"]
+    train = [s for s in samples if s.is_train]
     val = [s for s in samples if s.split == "val"]
     if not train:
         raise ManifestError(f"{where} has no training rows (split `train` or empty)")

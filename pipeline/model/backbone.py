@@ -86,6 +86,16 @@ PRESETS: dict[str, BackbonePreset] = {
     ),
 }
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+"""Values of --amp (after "auto" is resolved) and the autocast dtype of each: the one map."""
+
+
+def amp_autocast(amp: str, device: torch.device):
+    """The autocast context of `amp` on `device` (disabled for "off")."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 # `backbone_fpn` levels after SAM 3's `scalp=1`, named by their scale relative to vision_features.
 LEVELS = {"4x": 0, "2x": 1, "1x": 2}
 # A split cache (`--cache-block K`) stores one level instead: the trunk's tokens after block K.

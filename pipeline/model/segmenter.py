@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.data.images import normalize
 from pipeline.model.backbone import (
+    amp_autocast,
     build_backbone,
     features_from_tokens,
     image_features,
@@ -23,8 +24,6 @@ from pipeline.model.backbone import (
 )
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import attach_lora, load_adapter, set_trainable_params
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 
 
 class VesselSegmenter(nn.Module):
@@ -54,8 +53,7 @@ class VesselSegmenter(nn.Module):
         return self
 
     def autocast(self, device: torch.device):
-        dtype = AMP_DTYPES[self.amp]
-        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return amp_autocast(self.amp, device)
 
     def live_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """image (B, 3, R, R) uint8 (as `SegmentationSamples` gives it) -> {level: (B, 256, h, w)}

@@ -154,8 +154,6 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
     train, val = split_samples(samples, allow_empty_val=config.allow_empty_val,
                                where=str(manifest))
     views = ViewVocabulary.from_samples(train)
-    if context.is_leader:
-        views.warn_unseen(val, "validation")
     cache, signature = ensure_cache(config, report.keys, samples)
     run_dir = [str(Path(config.run_dir) if config.run_dir else default_run_dir())]
     if context.distributed:
