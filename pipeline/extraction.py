@@ -109,9 +109,8 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
             cache.add_keys(unique)
         context.barrier()
         cache = cache or FeatureCache.open(path)
-        rows = cache.rows_for(unique)
-        done = cache.done()
-        todo = [(int(r), *jobs[k]) for r, k in zip(rows, unique, strict=True) if not done[r]]
+        rows, done = cache.done_for(unique)
+        todo = [(int(r), *jobs[k]) for r, k, d in zip(rows, unique, done, strict=True) if not d]
         reused = len(unique) - len(todo)
         share = todo[context.rank :: context.world_size]
         if share:

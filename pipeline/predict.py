@@ -75,9 +75,8 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     report.raise_if_errors()
     views.warn_unseen(samples, str(data))
     cache = _feature_cache(run_dir, state, config)
-    rows = cache.rows_for(report.keys) if cache is not None else np.full(len(samples), -1)
-    done = cache.done() if cache is not None else np.zeros(0, bool)
-    cached = np.array([r >= 0 and bool(done[r]) for r in rows], dtype=bool)
+    rows, cached = (cache.done_for(report.keys) if cache is not None
+                    else (np.full(len(samples), -1), np.zeros(len(samples), bool)))
     out.mkdir(parents=True, exist_ok=True)
     written, outputs = [], _Outputs(samples, out, overlays)
     pin = device.type == "cuda"

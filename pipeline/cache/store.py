@@ -263,6 +263,16 @@ class FeatureCache:
         index = {k: i for i, k in enumerate(self.keys()) if k}
         return np.array([index.get(k, -1) for k in keys], dtype=np.int64)
 
+    def done_for(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The one answer to "which of these keys are done here": (rows, done), rows
+        (len(keys),) int64 as `rows_for` (-1: no row), done (len(keys),) bool, True where the
+        key has a row and that row is `done()`."""
+        rows, done = self.rows_for(keys), self.done()
+        has = rows >= 0
+        out = np.zeros(len(rows), dtype=bool)
+        out[has] = done[rows[has]]
+        return rows, out
+
     def read(self, row: int, levels: list[str] | None = None, *,
              strict: bool = False) -> dict[str, np.ndarray]:
         """One sample's features: level -> (C, h, w) float16 (see `read_into`)."""

@@ -86,10 +86,10 @@ class _Data:
         store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
         train_keys = [[k] + [augmented_key(k, a) for a in names]
                       for k, names in zip(p.train_keys, augment, strict=True)]
-        train_rows, val_rows = store.rows_for(sum(train_keys, [])), store.rows_for(p.val_keys)
-        done = store.done()
-        for rows in (train_rows, val_rows):
-            if (rows < 0).any() or not done[rows].all():
+        (train_rows, train_done), (val_rows, val_done) = (store.done_for(sum(train_keys, [])),
+                                                          store.done_for(p.val_keys))
+        for rows, done in ((train_rows, train_done), (val_rows, val_done)):
+            if not done.all():
                 raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
                                  "extract them first (extract_features.py)")
         self.cache = cache

@@ -106,8 +106,8 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
 
 
 def _rows_done(cache: FeatureCache, keys: list[str]):
-    rows, done = cache.rows_for(keys), cache.done()
-    return [(int(r), bool(done[r]) if r >= 0 else False) for r in rows]
+    rows, done = cache.done_for(keys)
+    return [(int(r), bool(d)) for r, d in zip(rows, done, strict=True)]
 
 
 def _extract_command(extract) -> str:

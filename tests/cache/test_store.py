@@ -162,6 +162,18 @@ def test_verify_names_a_done_sample_whose_chunk_file_is_gone(tmp_path):
     assert [(p.row, p.key, p.problem) for p in problems] == [(1, "bb", "1x chunk file missing")]
 
 
+def test_done_for_answers_per_key_unknown_unwritten_and_lost_chunks_are_not_done(tmp_path):
+    cache = _cache(tmp_path)
+    cache.add_keys(["aa", "bb", "cc"])
+    for row in (0, 2):
+        cache.write_sample(row, {"1x": _value(row)})
+    (cache.path / "features/1x/c/2/0/0/0").unlink()  # flagged done, chunk gone
+    rows, done = FeatureCache.open(cache.path).done_for(["cc", "zz", "bb", "aa"])
+    assert rows.tolist() == [2, -1, 1, 0]
+    assert done.tolist() == [False, False, False, True]
+    assert FeatureCache.open(cache.path).done_for([])[1].tolist() == []
+
+
 def test_other_signature_is_refused(tmp_path):
     cache = _cache(tmp_path)
     cache.group.attrs["signature"] = {**SIGNATURE, "amp": "bf16"}  # tampered on disk
