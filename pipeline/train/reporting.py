@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.durable import disk_full, write_atomically  # noqa: E402
 from pipeline.errors import DiskFullError
-from pipeline.train.metrics import SCORES  # noqa: E402
+from pipeline.train.metrics import SCORES, dice  # noqa: E402
 
 E2E_COLOUR = "orange"
 TP_RGB, FP_RGB, FN_RGB = (0.1, 0.9, 0.1), (1.0, 0.1, 0.1), (1.0, 0.0, 1.0)
@@ -268,11 +268,6 @@ def _numpy(array, dtype) -> np.ndarray:
     return np.asarray(array).astype(dtype, copy=False)
 
 
-def _dice(mask: np.ndarray, pred: np.ndarray) -> float:
-    total = int(mask.sum()) + int(pred.sum())
-    return 1.0 if total == 0 else 2.0 * int((mask & pred).sum()) / total
-
-
 def _safe(name: str) -> str:
     stem = Path(name).stem or "sample"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
@@ -302,7 +297,7 @@ def save_overlays(out_dir: Path, images, masks, preds, names: list[str], views: 
         fig, title = _overlay_figure(rgb, mask, pred)
         given = scores[i].get("dice") if scores else None
         if mask is not None:
-            title += f"   Dice {float(given) if given is not None else _dice(mask, pred):.3f}"
+            title += f"   Dice {float(given) if given is not None else dice(pred, mask):.3f}"
         fig.suptitle(f"{name}   view {views[i]}{title}", fontsize=12)
         fig.tight_layout()
         path = out_dir / f"{i:02d}_{_safe(name)}.png"
