@@ -79,12 +79,16 @@ class _PreprocessedImages(Dataset):
         return row, self.transform(transform_image(name, read_image(path)))
 
 
+SIGNATURE_FIELDS = ("backbone", "checkpoint", "adapter", "levels", "amp", "cache_block")
+"""The `ExtractConfig` fields the cache signature is built from (the one list: the signature and
+the extraction command that training prints both read it)."""
+
+
 def cache_signature(config: ExtractConfig) -> dict:
     """Signature of the features `config` produces (fetches sam3.pt from the hub if needed)."""
-    checkpoint = resolve_checkpoint(config.backbone, config.checkpoint)
-    return build_signature(backbone=config.backbone, checkpoint=checkpoint,
-                           adapter=config.adapter, amp=config.amp, levels=config.levels,
-                           cache_block=config.cache_block)
+    values = {name: getattr(config, name) for name in SIGNATURE_FIELDS}
+    values["checkpoint"] = resolve_checkpoint(config.backbone, config.checkpoint)
+    return build_signature(**values)
 
 
 def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]) -> ExtractSummary:

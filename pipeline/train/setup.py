@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.cache.store import CacheLockedError, FeatureCache, cache_path
-from pipeline.config import TrainConfig
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.augment import VERSION, extraction_jobs
 from pipeline.data.checks import check_manifest
 from pipeline.data.demo import data_manifest
@@ -25,7 +25,7 @@ from pipeline.distributed import (
     DistributedContext,
 )
 from pipeline.errors import UserError
-from pipeline.extraction import cache_signature, run_extraction
+from pipeline.extraction import SIGNATURE_FIELDS, cache_signature, run_extraction
 from pipeline.train.cache_choice import check_agrees
 from pipeline.train.reporting import write_json
 from pipeline.train.run_dir import (
@@ -110,24 +110,26 @@ def _rows_done(cache: FeatureCache, keys: list[str]):
     return [(int(r), bool(d)) for r, d in zip(rows, done, strict=True)]
 
 
-def _extract_command(extract) -> str:
-    parts = ["python extract_features.py", f"--data {extract.data}",
-             f"--backbone {extract.backbone}"]
-    for flag, value in (("checkpoint", extract.checkpoint), ("adapter", extract.adapter)):
-        if value:
-            parts.append(f"--{flag} {value}")
-    parts += [f"--levels {','.join(extract.levels)}", f"--amp {extract.amp}",
-              f"--cache-dir {extract.cache_dir}"]
-    if extract.augment_copies:
-        parts.append(f"--augment-copies {extract.augment_copies}")
-        if extract.augment != "random":
-            parts.append(f"--augment {extract.augment}")
-        if extract.augment_seed:
-            parts.append(f"--augment-seed {extract.augment_seed}")
-    if extract.cache_block is not None:
-        parts.append(f"--cache-block {extract.cache_block}")
-    if extract.device == "cpu":
-        parts.append("--device cpu")
+_SHOWN = {"data", "backbone", "levels", "amp", "cache_dir"}  # always named, default or not
+_WITH_COPIES = {"augment", "augment_seed"}  # mean something only with augmented copies
+
+
+def _extract_command(extract: ExtractConfig) -> str:
+    """The extract_features.py command that makes `extract`'s cache: every signature field
+    (`SIGNATURE_FIELDS`, so a new one cannot be left out), where the keys come from (data, the
+    copies) and the device, each only where it differs from its default or is in `_SHOWN`."""
+    defaults = {f.name: f.default for f in fields(ExtractConfig)}
+    parts = ["python extract_features.py"]
+    for name in ("data", *SIGNATURE_FIELDS, "cache_dir", "augment_copies", *sorted(_WITH_COPIES),
+                 "device"):
+        value = getattr(extract, name)
+        if name in _WITH_COPIES and not extract.augment_copies:
+            continue
+        if (value is None or value == "" or (name not in _SHOWN and value == defaults[name])
+                or (name == "augment_copies" and not value)):  # 0 copies: none, as the default
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        parts.append(f"--{name.replace('_', '-')} {text}")
     return " ".join(parts)
 
 

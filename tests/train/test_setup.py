@@ -14,7 +14,7 @@ from pipeline.data.manifest import ManifestError, read_manifest, sample_keys
 from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
 from pipeline.train.launch import train
-from pipeline.train.setup import MissingFeaturesError
+from pipeline.train.setup import MissingFeaturesError, _extract_command
 
 FIELDS = {"epoch", "split", "loss", "dice", "iou", "cldice", "lr", "e2e", "seconds"}
 
@@ -41,6 +41,23 @@ def test_missing_cache_gives_the_extraction_command(dataset, tmp_path):
     assert "python extract_features.py --data" in text and "--backbone tiny" in text
     assert "--extract-missing" in text
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_extraction_command_names_every_signature_flag_that_differs(tmp_path):
+    base = dict(data="m.csv", backbone="tiny", cache_dir="c", device="cpu")  # amp: off
+    assert _extract_command(ExtractConfig(**base)) == (
+        "python extract_features.py --data m.csv --backbone tiny --levels 1x --amp off "
+        "--cache-dir c --device cpu")
+    given = ExtractConfig(**base, checkpoint="w.pt", adapter="a", levels=("1x", "2x"),
+                          cache_block=0, augment_copies=2, augment="flips", augment_seed=3,
+                          workers=3)
+    assert _extract_command(given) == (
+        "python extract_features.py --data m.csv --backbone tiny --checkpoint w.pt --adapter a "
+        "--levels 1x,2x --amp off --cache-block 0 --cache-dir c --augment-copies 2 "
+        "--augment flips --augment-seed 3 --device cpu")
+    # augment settings without copies make no cache of their own
+    assert "--augment" not in _extract_command(ExtractConfig(**base, augment="flips",
+                                                             augment_copies=0))
 
 
 def test_run_directory_holds_every_promised_file(dataset, tmp_path):
