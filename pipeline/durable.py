@@ -1,8 +1,11 @@
 """Writes whose loss would lose results: whole or not at all, on disk before they count.
 
-`write_atomically` writes a temporary file beside the target, fsyncs it, renames it over the
+`write_atomically`, the one whole-file write (checkpoints, reports, manifests, imported PNGs,
+exported heads), writes a temporary file beside the target, fsyncs it, renames it over the
 target and fsyncs the folder, so a crash or power cut leaves the old file or the new one, and a
 failure (a full disk above all) leaves no temporary file and says which file and what to do.
+Folders published by one rename (the adapter) use `fsync_files` and `fsync_folder`; cache chunk
+files keep their own `.partial` name, which the next writer cleans up.
 """
 
 from __future__ import annotations
@@ -22,6 +25,18 @@ def fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(folder: Path) -> None:
+    """fsync every file under `folder` (written by a library that does not, e.g. peft), so that
+    a rename of `folder` that follows publishes data already on disk."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_atomically(path: Path, data: bytes, *, hint: str = "then run the same command again"

@@ -21,8 +21,8 @@ official layout first.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from peft.tuners.lora import LoraLayer
 
 from pipeline.cache.signature import checkpoint_digest
 from pipeline.data.samples import ViewVocabulary
+from pipeline.durable import write_atomically
 from pipeline.errors import UserError, run_command
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
 from pipeline.model.decoder import ViewConditionedDecoder
@@ -139,10 +140,9 @@ def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
 
 
 def _save_atomically(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def load_head(path: str | Path) -> tuple[ViewConditionedDecoder, ViewVocabulary, dict]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from pipeline.data.checks import check_manifest
 from pipeline.data.dicom_import import MASK_PATTERN, import_dicom
 from pipeline.data.importers import DatasetImportError, import_coco, import_folder
 from pipeline.data.manifest import UNKNOWN_VIEW, read_manifest
+from pipeline.durable import write_atomically
 from pipeline.errors import run_command
 
 
@@ -150,13 +152,12 @@ def _append_rows(target: Path, fresh: Path) -> Path:
             reader = csv.DictReader(handle)
             tables.append((list(reader.fieldnames or []), list(reader)))
     columns = list(dict.fromkeys(c for header, _ in tables for c in header))
-    tmp = target.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
-        writer.writeheader()
-        for _, rows in tables:
-            writer.writerows(rows)
-    tmp.replace(target)
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+    writer.writeheader()
+    for _, rows in tables:
+        writer.writerows(rows)
+    write_atomically(target, handle.getvalue().encode("utf-8"))
     fresh.unlink()
     return target
 

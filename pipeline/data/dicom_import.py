@@ -44,6 +44,7 @@ from pipeline.data.importers import (
     _split_by_group,
 )
 from pipeline.data.manifest import write_manifest
+from pipeline.durable import write_atomically
 
 MASK_PATTERN = r"^(?P<key>.+)_(?P<frame>\d+)\.[^.]+$"
 
@@ -199,9 +200,7 @@ def _write_once(path: Path, pixels) -> None:
     data = buffer.getvalue()
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_atomically(path, data)
 
 
 def _splits(rows: list[dict], groups: list[str], ratio: float | None, fixed: str | None,

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.durable import write_atomically
 from pipeline.errors import UserError
 
 COLUMNS = ("image", "mask", "view", "split")
@@ -139,21 +140,19 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     """Write rows (dicts with the COLUMNS, optionally angles and `fov`) as a manifest; paths
     made relative where possible."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        optional = ANGLE_COLUMNS + SOURCE_COLUMNS
-        columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
-        columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            out = {c: "" if row.get(c) is None else row[c] for c in columns}
-            for column in ("image", "mask", "source", FOV_COLUMN):
-                if out.get(column):
-                    out[column] = _relative(path.parent, Path(out[column]))
-            writer.writerow(out)
-    tmp.replace(path)
+    handle = io.StringIO(newline="")
+    optional = ANGLE_COLUMNS + SOURCE_COLUMNS
+    columns = COLUMNS + tuple(c for c in optional if any(c in r for r in rows))
+    columns += (FOV_COLUMN,) if any(r.get(FOV_COLUMN) for r in rows) else ()
+    writer = csv.DictWriter(handle, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        out = {c: "" if row.get(c) is None else row[c] for c in columns}
+        for column in ("image", "mask", "source", FOV_COLUMN):
+            if out.get(column):
+                out[column] = _relative(path.parent, Path(out[column]))
+        writer.writerow(out)
+    write_atomically(path, handle.getvalue().encode("utf-8"))  # the folder is made there
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.durable import disk_full, write_atomically
+from pipeline.durable import disk_full, fsync_files, fsync_folder, write_atomically
 from pipeline.errors import DiskFullError
 from pipeline.model.segmenter import load_lora_state, lora_state
 
@@ -92,6 +92,7 @@ def save_adapter(model, directory: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.backbone.save_pretrained(str(tmp))
+        fsync_files(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(err):
@@ -104,4 +105,5 @@ def save_adapter(model, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         directory.rename(old)
     tmp.rename(directory)
+    fsync_folder(directory.parent)  # the rename itself survives a crash
     shutil.rmtree(old, ignore_errors=True)
