@@ -14,118 +14,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from pipeline.cache.feature_batches import FeatureBatches
-from pipeline.cache.store import CacheError, FeatureCache
-from pipeline.data.augment import augmented_key
 from pipeline.data.images import normalize
 from pipeline.data.manifest import UNKNOWN_VIEW
-from pipeline.data.samples import DecodedSamples, SegmentationSamples, collate_samples, to_device
+from pipeline.data.samples import collate_samples, to_device
 from pipeline.model.losses import training_loss
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_batch
 from pipeline.train.reporting import MetricsLog, plot_curves, write_json, write_report
+from pipeline.train.run_data import RunData
 from pipeline.train.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.train.setup import Prepared, ensure_cache, seed_everything
 from pipeline.train.steps import (
-    BatchStream,
-    EpochSampler,
     build_optimizer,
     build_scheduler,
     warmup_steps,
 )
 from pipeline.train.tensorboard_log import TensorBoardLog
-
-
-class _Data:
-    """The datasets and loaders of one process, re-pointed at a new cache after a refresh.
-
-    Loaders live for the whole run (persistent workers, or none when the split's decoded
-    samples fit in `--memory-cache-mb`): a small set pays no start-up per epoch.
-    """
-
-    def __init__(self, prepared: Prepared, cache: Path, context):
-        self.prepared, self.context = prepared, context
-        config = prepared.config
-        self.resolution = prepared.signature["resolution"]  # (R, R) of the cached features
-        self.per_rank_batch = max(1, config.batch_size // context.world_size)
-        augment = [config.copy_plan.names(k) for k in prepared.train_keys]
-        self.memory = {
-            split: DecodedSamples() if DecodedSamples.fits(count, self.resolution,
-                                                           config.memory_cache_mb) else None
-            for split, count in (("train", len(prepared.train) * (1 + len(augment[0]))),
-                                 ("val", len(prepared.val)))}
-        common = dict(resolution=self.resolution, views=prepared.views)
-        self.train_cached = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
-                                                with_image=config.image_branch,
-                                                memory=self.memory["train"], **common)
-        self.val_cached = SegmentationSamples(prepared.val, with_image=config.image_branch,
-                                              memory=self.memory["val"], **common)
-        self.train_live = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
-                                              memory=self.memory["train"], **common)
-        self.val_live = SegmentationSamples(prepared.val, memory=self.memory["val"], **common)
-        self.sampler = EpochSampler(self.train_cached, num_replicas=context.world_size,
-                                    rank=context.rank, seed=config.seed,
-                                    batch_size=self.per_rank_batch)
-        mine = list(range(context.rank, len(prepared.val), context.world_size))
-        self.loaders = {
-            ("train", False): self._loader(self.train_cached, self.sampler, "train"),
-            ("train", True): self._loader(self.train_live, self.sampler, "train"),
-            ("val", False): self._loader(Subset(self.val_cached, mine), None, "val"),
-            ("val", True): self._loader(Subset(self.val_live, mine), None, "val")}
-        self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
-                                  lambda live: self.train_loader(live))
-        self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
-        self.point_at(cache)
-
-    def point_at(self, cache: Path) -> None:
-        p, cfg = self.prepared, self.prepared.config
-        store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
-        train_keys = [[k] + [augmented_key(k, a) for a in names]
-                      for k, names in zip(p.train_keys, augment, strict=True)]
-        (train_rows, train_done), (val_rows, val_done) = (store.done_for(sum(train_keys, [])),
-                                                          store.done_for(p.val_keys))
-        for rows, done in ((train_rows, train_done), (val_rows, val_done)):
-            if not done.all():
-                raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
-                                 "extract them first (extract_features.py)")
-        self.cache = cache
-        self.rows = {"train": train_rows.reshape(len(p.train), -1),
-                     "val": val_rows.reshape(len(p.val), 1)}
-
-    def train_loader(self, live: bool):
-        """The training loader (its order: `self.sampler`); cached: wrapped in FeatureBatches."""
-        return self._with_features(self.loaders["train", live], None if live else "train")
-
-    def val_loader(self, live: bool):
-        return self._with_features(self.loaders["val", live], None if live else "val")
-
-    def _loader(self, dataset, sampler, split: str) -> DataLoader:
-        cfg = self.prepared.config
-        # Decoded samples in memory leave the workers nothing to do but start up.
-        workers = 0 if self.memory[split] is not None else cfg.loader_workers
-        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples)
-
-    def _with_features(self, loader, cached_split: str | None):
-        """`loader` as is (live), or wrapped in `FeatureBatches`, which adds the features."""
-        if cached_split is None:
-            return loader
-        samples = self.prepared.train if cached_split == "train" else self.prepared.val
-        return FeatureBatches(loader, cache_path=self.cache, rows=self.rows[cached_split],
-                              levels=self.prepared.config.cache_levels, samples=samples,
-                              pin_memory=self.prepared.config.device == "cuda")
-
-    def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
-        """{stored level: (len(indices), ...) float16} of the original images (not copies)."""
-        store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
-        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl], strict=True)[lvl])
-                                  for r in rows])
-                for lvl in self.prepared.config.cache_levels}
 
 
 def _gather_meter(meter: SegmentationMeter, context) -> SegmentationMeter:
@@ -220,7 +127,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
 
 
 @torch.no_grad()
-def feature_drift(model, data: _Data, device, probe: int) -> float:
+def feature_drift(model, data: RunData, device, probe: int) -> float:
     """Mean cosine similarity of cached and live features (1x, or a split cache's tokens) on the
     first `probe` train images."""
     model.eval()
@@ -258,7 +165,7 @@ def train_process(prepared: Prepared, context) -> None:
     log = MetricsLog(run_dir / "metrics.jsonl")
     if leader and config.resume:
         log.truncate_after(state["step"], key="step")
-    data = _Data(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
+    data = RunData(prepared, _cache_under(Path(state["cache"]), config.cache_dir), context)
     data.stream.seek(state["stream"])
     if leader:
         per_epoch = data.stream.sampler.batches()
@@ -322,7 +229,7 @@ def _fresh_state(prepared: Prepared, total: int) -> dict:
                         "adapter_sha256": prepared.signature["adapter_sha256"]}]}
 
 
-def _train_interval(net, model, data: _Data, prepared: Prepared, state: dict, steps: int,
+def _train_interval(net, model, data: RunData, prepared: Prepared, state: dict, steps: int,
                     e2e: bool, optimizer, scheduler, device, context, bar: tqdm) -> dict:
     """`steps` optimizer steps (the first `--e2e-steps` end to end when `e2e`); the train
     record of metrics.jsonl. Updates state["step"] (and the cache state after e2e steps)."""
@@ -396,7 +303,7 @@ def _save(model, optimizer, scheduler, state, prepared, val, live_val) -> None:
     save_checkpoint(run_dir / "last.pt", model, optimizer, scheduler, state, prepared)
 
 
-def _refresh(model, prepared: Prepared, data: _Data, state: dict, step: int, context) -> None:
+def _refresh(model, prepared: Prepared, data: RunData, state: dict, step: int, context) -> None:
     """Extract the cache of the adapter as it is now (all processes share the work)."""
     adapter_dir = prepared.run_dir / "adapters" / f"step-{step:06d}"
     if context.is_leader:
@@ -430,7 +337,7 @@ def _spread_over_views(samples, count: int) -> list[int]:
     return chosen
 
 
-def _overlay_inputs(model, prepared: Prepared, data: _Data, device, chosen: list[int],
+def _overlay_inputs(model, prepared: Prepared, data: RunData, device, chosen: list[int],
                     live: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Validation samples `chosen` through the model: images (N, 3, R, R) in [-1, 1], masks and
     predictions (N, R, R) bool, on the CPU, and the image names."""
@@ -450,7 +357,7 @@ def _overlay_inputs(model, prepared: Prepared, data: _Data, device, chosen: list
             [prepared.val[i].image.name for i in chosen])
 
 
-def _finish(model, prepared: Prepared, data: _Data, device, log: MetricsLog, caches,
+def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, caches,
             tb: TensorBoardLog | None = None) -> None:
     """report.json, curves.png and overlays/ for the best checkpoint."""
     run_dir, config = prepared.run_dir, prepared.config

@@ -29,7 +29,7 @@ from pipeline.distributed import DistributedContext
 from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
 from pipeline.train.launch import train
-from pipeline.train.loop import _Data
+from pipeline.train.run_data import RunData
 from pipeline.train.setup import MissingFeaturesError, prepare
 
 KEYS = [hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
@@ -212,7 +212,7 @@ def test_stage_a_extracts_the_copies_stage_b_reads(dataset, tmp_path):
                           samples, sample_keys(samples))
     assert (more.extracted, more.reused) == (n_train, summary.total)  # the first two are kept
     prepared = prepare(TrainConfig(run_dir=str(tmp_path / "run"), augment_copies=3, **common))
-    data = _Data(prepared, prepared.cache, DistributedContext())
+    data = RunData(prepared, prepared.cache, DistributedContext())
     cache = FeatureCache.open(more.path)
     keys = np.asarray(cache.keys())
     read = set(keys[data.rows["train"].ravel()]) | set(keys[data.rows["val"].ravel()])

@@ -124,12 +124,12 @@ def test_training_batches_carry_small_fields_inline_from_loader_workers(dataset,
 
     from pipeline.data.samples import SMALL_FIELDS
     from pipeline.distributed import DistributedContext
-    from pipeline.train.loop import _Data
+    from pipeline.train.run_data import RunData
     from pipeline.train.setup import prepare
 
     prepared = prepare(_config(dataset, tmp_path, extract_missing=True, loader_workers=2,
                                memory_cache_mb=0))
-    data = _Data(prepared, prepared.cache, DistributedContext())
+    data = RunData(prepared, prepared.cache, DistributedContext())
     for live in (False, True):
         batches = iter(data.train_loader(live))
         batch = next(batches)

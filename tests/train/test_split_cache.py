@@ -84,11 +84,12 @@ def test_split_cache_stores_tokens_that_give_forward_image(dataset, tmp_path):
 def test_split_steps_train_lora_after_k_and_the_head_only(dataset, tmp_path):
     from pipeline.distributed import DistributedContext
     from pipeline.model.segmenter import build_segmenter
-    from pipeline.train.loop import _Data, run_epoch
+    from pipeline.train.loop import run_epoch
+    from pipeline.train.run_data import RunData
     from pipeline.train.setup import prepare
 
     prepared = prepare(_config(dataset, tmp_path, extract_missing=True))
-    data = _Data(prepared, prepared.cache, DistributedContext())
+    data = RunData(prepared, prepared.cache, DistributedContext())
     model = build_segmenter(prepared.config, num_views=2, use_angles=False)
     base = {n: p.detach().clone() for n, p in model.named_parameters()
             if n.startswith("backbone.") and "lora_" not in n}

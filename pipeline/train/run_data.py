@@ -1,0 +1,105 @@
+"""The datasets and loaders of one training process (`RunData`): cached and live samples of
+both splits, their loaders, and the cache rows they read (re-pointed after a refresh)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.cache.store import CacheError, FeatureCache
+from pipeline.data.augment import augmented_key
+from pipeline.data.samples import DecodedSamples, SegmentationSamples, collate_samples
+from pipeline.train.scoring import NativeTargets
+from pipeline.train.setup import Prepared
+from pipeline.train.steps import BatchStream, EpochSampler
+
+
+class RunData:
+    """The datasets and loaders of one process, re-pointed at a new cache after a refresh.
+
+    Loaders live for the whole run (persistent workers, or none when the split's decoded
+    samples fit in `--memory-cache-mb`): a small set pays no start-up per epoch.
+    """
+
+    def __init__(self, prepared: Prepared, cache: Path, context):
+        self.prepared, self.context = prepared, context
+        config = prepared.config
+        self.resolution = prepared.signature["resolution"]  # (R, R) of the cached features
+        self.per_rank_batch = max(1, config.batch_size // context.world_size)
+        augment = [config.copy_plan.names(k) for k in prepared.train_keys]
+        self.memory = {
+            split: DecodedSamples() if DecodedSamples.fits(count, self.resolution,
+                                                           config.memory_cache_mb) else None
+            for split, count in (("train", len(prepared.train) * (1 + len(augment[0]))),
+                                 ("val", len(prepared.val)))}
+        common = dict(resolution=self.resolution, views=prepared.views)
+        self.train_cached = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
+                                                with_image=config.image_branch,
+                                                memory=self.memory["train"], **common)
+        self.val_cached = SegmentationSamples(prepared.val, with_image=config.image_branch,
+                                              memory=self.memory["val"], **common)
+        self.train_live = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
+                                              memory=self.memory["train"], **common)
+        self.val_live = SegmentationSamples(prepared.val, memory=self.memory["val"], **common)
+        self.sampler = EpochSampler(self.train_cached, num_replicas=context.world_size,
+                                    rank=context.rank, seed=config.seed,
+                                    batch_size=self.per_rank_batch)
+        mine = list(range(context.rank, len(prepared.val), context.world_size))
+        self.loaders = {
+            ("train", False): self._loader(self.train_cached, self.sampler, "train"),
+            ("train", True): self._loader(self.train_live, self.sampler, "train"),
+            ("val", False): self._loader(Subset(self.val_cached, mine), None, "val"),
+            ("val", True): self._loader(Subset(self.val_live, mine), None, "val")}
+        self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
+                                  lambda live: self.train_loader(live))
+        self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
+        self.point_at(cache)
+
+    def point_at(self, cache: Path) -> None:
+        p, cfg = self.prepared, self.prepared.config
+        store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
+        train_keys = [[k] + [augmented_key(k, a) for a in names]
+                      for k, names in zip(p.train_keys, augment, strict=True)]
+        (train_rows, train_done), (val_rows, val_done) = (store.done_for(sum(train_keys, [])),
+                                                          store.done_for(p.val_keys))
+        for rows, done in ((train_rows, train_done), (val_rows, val_done)):
+            if not done.all():
+                raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
+                                 "extract them first (extract_features.py)")
+        self.cache = cache
+        self.rows = {"train": train_rows.reshape(len(p.train), -1),
+                     "val": val_rows.reshape(len(p.val), 1)}
+
+    def train_loader(self, live: bool):
+        """The training loader (its order: `self.sampler`); cached: wrapped in FeatureBatches."""
+        return self._with_features(self.loaders["train", live], None if live else "train")
+
+    def val_loader(self, live: bool):
+        return self._with_features(self.loaders["val", live], None if live else "val")
+
+    def _loader(self, dataset, sampler, split: str) -> DataLoader:
+        cfg = self.prepared.config
+        # Decoded samples in memory leave the workers nothing to do but start up.
+        workers = 0 if self.memory[split] is not None else cfg.loader_workers
+        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples)
+
+    def _with_features(self, loader, cached_split: str | None):
+        """`loader` as is (live), or wrapped in `FeatureBatches`, which adds the features."""
+        if cached_split is None:
+            return loader
+        samples = self.prepared.train if cached_split == "train" else self.prepared.val
+        return FeatureBatches(loader, cache_path=self.cache, rows=self.rows[cached_split],
+                              levels=self.prepared.config.cache_levels, samples=samples,
+                              pin_memory=self.prepared.config.device == "cuda")
+
+    def cached_features(self, split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        """{stored level: (len(indices), ...) float16} of the original images (not copies)."""
+        store, rows = FeatureCache.open(self.cache), self.rows[split][list(indices), 0]
+        return {lvl: torch.stack([torch.from_numpy(store.read(int(r), [lvl], strict=True)[lvl])
+                                  for r in rows])
+                for lvl in self.prepared.config.cache_levels}
