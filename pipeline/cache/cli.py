@@ -16,6 +16,7 @@ from pipeline.cache.store import (
     find_cache,
     writer_lock,
 )
+from pipeline.cache.verify import repair_index, verify
 from pipeline.errors import run_command
 
 
@@ -68,10 +69,10 @@ def _verify(path: Path, repair: bool) -> int:
     cache = FeatureCache.open(path, mode="r+" if repair else "r")
     if repair:
         with writer_lock(path):
-            for line in cache.repair_index():
+            for line in repair_index(cache):
                 print(line)
     try:
-        problems = cache.verify()
+        problems = verify(cache)
     except DamagedCacheError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The feature cache: the one module that knows the zarr layout.
+"""The feature cache: the zarr layout (checked and its index rebuilt in `verify`).
 
 ``<cache-dir>/<cache-id>.zarr`` is a zarr v3 group that plain zarr and dask read without this
 project::
@@ -22,7 +22,7 @@ One writer run holds ``<cache-id>.lock`` (an flock, released by the kernel if th
 Every chunk, `keys` and `done` included, ends with a crc32c. A done sample whose feature chunk
 file is gone counts as not done (extraction redoes it; a reader raises); a lost or damaged `keys`
 or `done` chunk is a `DamagedCacheError` naming the file and `verify --repair`, which rebuilds
-what can be derived and says what cannot.
+what can be derived and says what cannot (`pipeline.cache.verify`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +78,6 @@ def repair_command(path: Path) -> str:
     return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
 
 
-@dataclass(frozen=True)
-class SampleProblem:
-    row: int
-    key: str
-    problem: str
-
-
 def cache_path(cache_dir: str | Path, signature: dict) -> Path:
     return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
 
@@ -98,7 +90,7 @@ class FeatureCache:
         self._arrays: dict[str, zarr.Array] = {}
         self._chunk_files: dict[str, ChunkFiles | None] = {}
 
-    def _array(self, name: str) -> zarr.Array:
+    def array(self, name: str) -> zarr.Array:
         """One handle per array: opening one re-reads its metadata (a cost per open), and a
         resize through the handle updates it in place."""
         if name not in self._arrays:
@@ -192,7 +184,7 @@ class FeatureCache:
 
     def level(self, name: str) -> zarr.Array:
         """The (N, C, h, w) float16 zarr array of one level."""
-        return self._array(f"features/{name}")
+        return self.array(f"features/{name}")
 
     def level_shape(self, name: str) -> tuple[int, int, int]:
         return tuple(self.level(name).shape[1:])
@@ -202,7 +194,7 @@ class FeatureCache:
 
         Raises `DamagedCacheError` for a lost or damaged keys chunk (zarr would read a lost one
         as empty keys, and every row would look free) or a key on two rows."""
-        array = self._array("keys")
+        array = self.array("keys")
         folder = self.path / "keys" / "c"
         lost = [str(folder / str(c)) for c in range(-(-array.shape[0] // KEY_CHUNK))
                 if not (folder / str(c)).is_file()]
@@ -224,7 +216,7 @@ class FeatureCache:
     def flagged(self) -> np.ndarray:
         """(N,) bool: the `done` flags as stored (clipped to the rows that have a key); see
         `done`. Raises `DamagedCacheError` naming the damaged flag chunks."""
-        n, array = len(self.keys()), self._array("done")
+        n, array = len(self.keys()), self.array("done")
         try:
             return np.asarray(array[:n], dtype=bool)
         except Exception:
@@ -235,8 +227,8 @@ class FeatureCache:
 
     def damaged_flags(self) -> list[int]:
         """Rows whose `done` chunk fails its checksum (read one by one: slow, for repairs)."""
-        array = self._array("done")
-        return [row for row in range(len(self.keys())) if _unreadable(array, row)]
+        array = self.array("done")
+        return [row for row in range(len(self.keys())) if unreadable(array, row)]
 
     def missing_chunks(self, rows) -> dict[int, str]:
         """row -> level, for those of `rows` with a level whose chunk file is gone (every chunk
@@ -292,7 +284,7 @@ class FeatureCache:
         files = self._files(level)
         if files is not None and files.read_into(row, out):
             return
-        if files is None or not strict or not self._array("done")[row]:
+        if files is None or not strict or not self.array("done")[row]:
             out[...] = self.level(level)[row]
         else:
             raise DamagedCacheError(f"{files.path(row)}: the {level} chunk of row {row} is "
@@ -325,16 +317,16 @@ class FeatureCache:
         size = max(len(current), max(slots) + 1)
         # Grow features and done before keys: a row exists once its key is written.
         for name in [f"features/{lvl}" for lvl in self.levels] + ["done", "keys"]:
-            array = self._array(name)
+            array = self.array(name)
             if array.shape[0] < size:
                 array.resize((size, *array.shape[1:]))
         current += [""] * (size - len(current))
-        done, reused = self._array("done"), set(free)
+        done, reused = self.array("done"), set(free)
         for slot, key in zip(slots, new, strict=True):
             current[slot] = key
             if slot in reused and done[slot]:  # a free row flagged done: not this key's data
                 done[slot] = False
-        self._array("keys")[:] = np.array(current, dtype=object)
+        self.array("keys")[:] = np.array(current, dtype=object)
         return self.rows_for(keys)
 
     def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
@@ -347,76 +339,11 @@ class FeatureCache:
                 files.write(row, value)
             else:
                 self.level(level)[row] = value
-        self._array("done")[row] = True
+        self.array("done")[row] = True
 
     def mark_undone(self, rows: list[int]) -> None:
         for row in rows:
-            self._array("done")[row] = False
-
-    # ---------------------------------------------------------------- checking
-    def verify(self) -> list[SampleProblem]:
-        """Re-read every sample flagged done as training reads it; report those unreadable (a
-        damaged chunk fails its checksum or its codec), without a chunk file (lost data) or not
-        finite. A damaged `keys` or `done` raises `DamagedCacheError` (see `repair_index`)."""
-        keys, done = self.keys(), self.flagged()
-        problems = []
-        missing = self.missing_chunks(np.flatnonzero(done))
-        for row in np.flatnonzero(done):
-            row = int(row)
-            if row in missing:
-                problems.append(SampleProblem(row, keys[row], f"{missing[row]} chunk file missing"))
-                continue
-            for level in self.levels:
-                try:
-                    value = self.read(row, [level])[level]
-                except Exception as err:
-                    problems.append(SampleProblem(row, keys[row], f"{level} unreadable: "
-                                                  f"{type(err).__name__}: {str(err)[:120]}"))
-                    break
-                if not np.isfinite(value).all():
-                    problems.append(SampleProblem(row, keys[row], f"{level} not finite"))
-                    break
-        return problems
-
-    def repair_index(self) -> list[str]:
-        """Rebuild damaged `keys` and `done` chunks (call under `writer_lock`, mode "r+").
-
-        A damaged done flag is derivable: it is cleared and extraction redoes that sample. Lost
-        or damaged keys are not (which image a row holds is known only from its key): those rows
-        lose their key and their flag, and extraction gives their images rows again. Returns
-        one line per repair."""
-        array, done, lines = self._array("keys"), self._array("done"), []
-        n, folder = array.shape[0], self.path / "keys" / "c"
-        keys = np.full(n, "", dtype=object)
-        for c in range(-(-n // KEY_CHUNK)):
-            lo, hi = c * KEY_CHUNK, min(n, (c + 1) * KEY_CHUNK)
-            try:
-                if not (folder / str(c)).is_file():
-                    raise FileNotFoundError(folder / str(c))
-                keys[lo:hi] = np.asarray(array[lo:hi], dtype=object)
-            except Exception as err:  # noqa: BLE001 - lost or damaged: these keys are gone
-                lines.append(f"rows {lo}-{hi - 1}: keys chunk {folder / str(c)} "
-                             f"{'lost' if isinstance(err, FileNotFoundError) else 'damaged'}; "
-                             "which image each row held cannot be derived: the rows are freed "
-                             "and their images will be extracted again")
-        seen: dict[str, int] = {}
-        for row, key in enumerate(keys):
-            if key and key in seen:
-                lines.append(f"rows {seen[key]} and {row}: the same key; both freed")
-                keys[[seen[key], row]] = ""
-            elif key:
-                seen[key] = row
-        freed = [r for r in range(n) if not keys[r]]
-        if lines:
-            array[:] = keys
-        kept = sorted(set(range(n)) - set(freed))
-        bad_flags = [] if not _unreadable(done, slice(0, n)) else [
-            r for r in kept if _unreadable(done, r)]  # one by one only when some are damaged
-        for row in bad_flags:
-            lines.append(f"row {row}: done flag damaged; cleared, extraction redoes the sample")
-        for row in freed + bad_flags:
-            done[row] = False
-        return lines
+            self.array("done")[row] = False
 
     def summary(self) -> dict:
         keys = self.keys()
@@ -433,7 +360,7 @@ class FeatureCache:
         }
 
 
-def _unreadable(array: zarr.Array, row: int | slice) -> bool:
+def unreadable(array: zarr.Array, row: int | slice) -> bool:
     try:
         array[row]
     except Exception:  # noqa: BLE001 - any decode failure is damage

@@ -15,6 +15,7 @@ from pipeline.cache.store import (
     list_caches,
     writer_lock,
 )
+from pipeline.cache.verify import verify
 
 SIGNATURE = {"backbone": "tiny", "resolution": 252, "levels": ["1x"], "amp": "off",
              "checkpoint_sha256": None, "adapter_sha256": None}
@@ -134,7 +135,7 @@ def test_a_flipped_byte_fails_the_checksum_and_verify_names_the_sample(tmp_path,
         reader.read(1)
     with pytest.raises(ValueError, match="checksum"):  # zarr checks the same crc32c
         reader.level("1x")[1]
-    problems = reader.verify()
+    problems = verify(reader)
     assert [(p.row, p.key) for p in problems] == [(1, "bb")]
     assert "ChunkChecksumError" in problems[0].problem
 
@@ -158,7 +159,7 @@ def test_verify_names_a_done_sample_whose_chunk_file_is_gone(tmp_path):
     for row in range(2):
         cache.write_sample(row, {"1x": _value(row)})
     (cache.path / "features/1x/c/1/0/0/0").unlink()
-    problems = FeatureCache.open(cache.path).verify()
+    problems = verify(FeatureCache.open(cache.path))
     assert [(p.row, p.key, p.problem) for p in problems] == [(1, "bb", "1x chunk file missing")]
 
 
@@ -198,7 +199,7 @@ def test_verify_names_corrupt_and_non_finite_samples_and_repair_undoes_them(tmp_
         cache.write_sample(row, {"1x": _value(row)})
     (cache.path / "features/1x/c/1/0/0/0").write_bytes(b"not zstd at all")
     cache.level("1x")[2] = np.full((4, 3, 3), np.nan, np.float16)
-    problems = cache.verify()
+    problems = verify(cache)
     assert [(p.row, p.key) for p in problems] == [(1, "bb"), (2, "cc")]
     assert "unreadable" in problems[0].problem and "not finite" in problems[1].problem
     assert cache_cli(["--cache-dir", str(tmp_path), "verify", cache.cache_id]) == 1
