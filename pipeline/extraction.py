@@ -117,6 +117,7 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
         todo = [(int(r), *jobs[k]) for r, k, d in zip(rows, unique, done, strict=True) if not d]
         reused = len(unique) - len(todo)
         share = todo[context.rank :: context.world_size]
+        context.barrier()  # every rank reads `done` before any rank's writes can change it
         if share:
             _extract_local(config, cache.path, share, context)
         context.barrier()
