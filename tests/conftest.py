@@ -67,6 +67,25 @@ def validated_past(run_dir: Path, step: int) -> bool:
         return False
 
 
+def sigkill_after_validation(command: list, run_dir: Path, step: int, env: dict) -> None:
+    """Start a training `command`, SIGKILL its process group once `run_dir` has validated at
+    `step` and saved last.pt (renamed into place after the val line), and check the kill landed
+    before the run's end."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (validated_past(run_dir, step)
+                                          and (run_dir / "last.pt").exists()):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "report.json").exists(), "the kill should land before the end"
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

@@ -75,8 +75,8 @@ def default_run_dir() -> Path:
 
 def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
                  adapter: str | None = None) -> tuple[Path, dict]:
-    """The cache holding every key's features for `config` (and `adapter`), extracting if asked."""
-    config = config.with_copies_for(samples)
+    """The cache holding every key's features for `config` (and `adapter`), extracting if asked.
+    `config.augment_copies` must be resolved (`prepare` does it, from the manifest)."""
     extract = config.extract_config(adapter=adapter)
     signature = cache_signature(extract)
     if config.cache:

@@ -1,13 +1,17 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, make_dataset, run_records, subprocess_env, validated_past
+from conftest import (
+    REPO,
+    make_dataset,
+    run_records,
+    sigkill_after_validation,
+    subprocess_env,
+)
 
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.manifest import ManifestError, read_manifest, sample_keys
@@ -222,17 +226,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(dataset, tmp_path):
     subprocess.run(_train_cmd(dataset, tmp_path, tmp_path / "clean"), env=env, check=True,
                    capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_train_cmd(dataset, tmp_path, killed), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.time() + 180
-    # last.pt is written (renamed into place) after the validation's metrics line.
-    while time.time() < deadline and not (validated_past(killed, 3)
-                                          and (killed / "last.pt").exists()):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "report.json").exists(), "the kill should land before the end"
+    sigkill_after_validation(_train_cmd(dataset, tmp_path, killed), killed, 3, env)
     subprocess.run([sys.executable, str(REPO / "train_head.py"), "--resume", str(killed)],
                    env=env, check=True, capture_output=True)
     # Steps 1-3 cached, 4 end to end, 5-6 cached, 7-8 cached: the stream resumes mid-epoch

@@ -2,15 +2,12 @@
 trained at every Stage B step, across extraction, training, predict, resume, DDP and refresh."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
-from conftest import REPO, make_dataset, run_records, subprocess_env, validated_past
+from conftest import REPO, make_dataset, run_records, sigkill_after_validation, subprocess_env
 from safetensors.torch import load_file
 
 from pipeline.cache.store import FeatureCache
@@ -201,15 +198,7 @@ def test_resume_after_sigkill_with_a_split_cache_ends_with_the_same_metrics(data
 
     subprocess.run(command(tmp_path / "clean"), env=env, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and not (validated_past(killed, 1)
-                                          and (killed / "last.pt").exists()):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (killed / "report.json").exists(), "the kill should land before the end"
+    sigkill_after_validation(command(killed), killed, 1, env)
     subprocess.run([sys.executable, str(REPO / "train_head.py"), "--resume", str(killed)],
                    env=env, check=True, capture_output=True)
     keep = ("epoch", "split", "loss", "dice", "iou", "lr", "e2e")
