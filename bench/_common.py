@@ -88,15 +88,15 @@ def load_backbone(args):
 
 
 # ---------------------------------------------------------------- synthetic data
-def make_images(folder: Path, n: int, side: int, *, seed: int = 0) -> Path:
+def make_images(folder: Path, n: int, side: int, *, seed: int = 0, workers: int = 1) -> Path:
     """n vessel-like PNGs (side x side, gray) with masks, 4 views, 3/4 train; manifest path.
 
     Rendered by the demo generator at 320 px, resized, with fresh fine noise so the PNGs are as
-    hard to decode as real ones. Reused when present.
+    hard to decode as real ones; `workers` processes render them. Reused when present.
     """
-    from PIL import Image
+    from functools import partial
+    from multiprocessing import get_context
 
-    from pipeline.data.demo import VIEWS, render_sample
     from pipeline.data.manifest import write_manifest
 
     manifest = folder / "manifest.csv"
@@ -104,21 +104,33 @@ def make_images(folder: Path, n: int, side: int, *, seed: int = 0) -> Path:
         return manifest
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(parents=True, exist_ok=True)
-    views = [v for v in sorted(VIEWS) if VIEWS[v].tint is None]
-    rows = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        view = views[i % len(views)]
-        image, mask = render_sample(VIEWS[view], rng)
-        image = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), float)
-        image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
-        mask = Image.fromarray(mask).resize((side, side), Image.NEAREST)
-        stem = f"{i:05d}.png"
-        Image.fromarray(image).save(folder / "images" / stem)
-        mask.save(folder / "masks" / stem)
-        rows.append({"image": folder / "images" / stem, "mask": folder / "masks" / stem,
-                     "view": view, "split": "val" if i % 4 == 3 else "train"})
+    render = partial(_make_image, folder, side, seed)
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            rows = pool.map(render, range(n), chunksize=4)
+    else:
+        rows = [render(i) for i in range(n)]
     return write_manifest(manifest, rows)
+
+
+def _make_image(folder: Path, side: int, seed: int, i: int) -> dict:
+    """Image i of `make_images`: writes its PNG and mask; its manifest row."""
+    from PIL import Image
+
+    from pipeline.data.demo import VIEWS, render_sample
+
+    views = [v for v in sorted(VIEWS) if VIEWS[v].tint is None]
+    rng = np.random.default_rng([seed, i])
+    view = views[i % len(views)]
+    image, mask = render_sample(VIEWS[view], rng)
+    image = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR), float)
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    mask = Image.fromarray(mask).resize((side, side), Image.NEAREST)
+    stem = f"{i:05d}.png"
+    Image.fromarray(image).save(folder / "images" / stem)
+    mask.save(folder / "masks" / stem)
+    return {"image": folder / "images" / stem, "mask": folder / "masks" / stem,
+            "view": view, "split": "val" if i % 4 == 3 else "train"}
 
 
 # ---------------------------------------------------------------- timing

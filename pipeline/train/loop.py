@@ -236,6 +236,8 @@ def _train_interval(net, model, data: RunData, prepared: Prepared, state: dict, 
     config, first = prepared.config, state["step"]
     live_steps = (min(config.e2e_steps, steps) if config.e2e_steps else steps) if e2e else 0
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start, lrs = time.perf_counter(), {g["name"]: g["lr"] for g in optimizer.param_groups}
     meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
     for live, n in ((True, live_steps), (False, steps - live_steps)):
@@ -262,6 +264,8 @@ def _train_interval(net, model, data: RunData, prepared: Prepared, state: dict, 
               "data_wait": wait / seconds, "compute": compute / seconds,
               "samples_per_s": count / seconds, "cache": data.cache.stem,
               **_scores(_gather_meter(meter, context).summary())}
+    if device.type == "cuda":  # this process's peak of the interval's steps, in GiB
+        record["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     if e2e:
         if context.is_leader:
             record["drift_cosine"] = feature_drift(model, data, device, config.probe_size)
