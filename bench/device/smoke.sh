@@ -24,7 +24,7 @@ SIDE=${SIDE:-1024}
 STEPS=${STEPS:-120}
 SPLIT_BLOCK=${SPLIT_BLOCK:-23}
 ONLY=${ONLY:-}  # a space-separated list of steps to run (a rerun of what failed); empty: all
-DEADLINE=${DEADLINE:-390}  # seconds for the whole script; keep it under the call's timeout_s
+DEADLINE=${DEADLINE:-395}  # seconds for the whole script; keep it under the call's timeout_s
 LOGS="$WORK/logs"
 mkdir -p "$OUT" "$LOGS"
 if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
@@ -84,6 +84,9 @@ SHORT=$((VAL * 2))  # the torchrun and split trainings: two validation intervals
 TRAIN=(--data "$MANIFEST" "${MODEL[@]}" --val-every "$VAL" --e2e-steps 5 --overlays 4
        --loader-workers 4)
 
+# First the GPU-marked tests on the tiny backbone (every one lives there; the rest of the suite
+# needs packages the image lacks): quick, and they name what broke.
+step gpu-tests 100 $PY -m pytest -q -x -m gpu tests/test_cuda.py -p no:cacheprovider
 step extract 150 $PY extract_features.py --data "$MANIFEST" "${MODEL[@]}" "${PLACE[@]}" \
     --loader-workers 6
 # Intervals 3 and 6 of 6 start with 5 end-to-end steps each (then the drift probe).
@@ -99,8 +102,6 @@ step split-extract 120 $PY extract_features.py --data "$MANIFEST" "${MODEL[@]}" 
 step split-train 150 $PY train_head.py "${TRAIN[@]}" "${PLACE[@]}" --steps "$SHORT" \
     --cache-block "$SPLIT_BLOCK" --augment-copies 0 --e2e-every 2 \
     --run-dir "$WORK/run-split" --overwrite
-# Every GPU-marked test lives there (the rest of the suite needs packages the image lacks).
-step gpu-tests 150 $PY -m pytest -q -x -m gpu tests/test_cuda.py -p no:cacheprovider
 
 for run in run-train run-torchrun run-split; do
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$LOGS/$run-metrics.jsonl"
