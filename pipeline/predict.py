@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,26 +84,24 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     written, outputs = [], _Outputs(samples, out, overlays)
     pin = device.type == "cuda"
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
-    for use_cache in (True, False):
-        chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
-        if not chosen:
-            continue
-        subset = [samples[i] for i in chosen]
-        dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
-                                      with_masks=False,
-                                      with_image=config.image_branch or not use_cache)
-        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
-                             num_workers=loader_workers, pin_memory=pin)
-        if use_cache:
-            batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
-                                     levels=config.cache_levels, samples=subset,
-                                     pin_memory=pin)
-        for batch in batches:
-            with torch.no_grad():
-                logits = model(to_device(batch, device), live=not use_cache)
-            for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
-                written.append(outputs.add(subset[j], item_logits, use_cache))
-            bar.update(len(logits))
+    # Resizing, writing and scoring each image at its own size is CPU work (clDice's skeletons,
+    # AUC's sort): done in threads while the model runs the next batch.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        pending = []
+        for use_cache in (True, False):
+            chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
+            if not chosen:
+                continue
+            subset = [samples[i] for i in chosen]
+            for batch in _batches(subset, rows[chosen], use_cache, model, views, config, cache,
+                                  batch_size, loader_workers, pin):
+                with torch.no_grad():
+                    logits = model(to_device(batch, device), live=not use_cache).cpu()
+                pending += [pool.submit(outputs.add, subset[j], item_logits, use_cache)
+                            for j, item_logits in zip(batch["index"].tolist(), logits,
+                                                      strict=True)]
+                pending = _collect(pending, written, bar, keep=2 * batch_size)
+        _collect(pending, written, bar, keep=0)
     bar.close()
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
@@ -112,6 +113,30 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     return written
 
 
+def _batches(subset: list[Sample], rows: np.ndarray, use_cache: bool, model, views, config,
+             cache: FeatureCache | None, batch_size: int, loader_workers: int, pin: bool):
+    """Batches of `subset` for the model: decoded images (live), or their cached features
+    (`rows`: their cache rows) read alongside."""
+    dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
+                                  with_masks=False,
+                                  with_image=config.image_branch or not use_cache)
+    batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
+                         num_workers=loader_workers, pin_memory=pin)
+    if not use_cache:
+        return batches
+    return FeatureBatches(batches, cache_path=cache.path, rows=rows[:, None],
+                          levels=config.cache_levels, samples=subset, pin_memory=pin)
+
+
+def _collect(pending: list[Future], written: list, bar: tqdm, *, keep: int) -> list[Future]:
+    """Take the oldest rows' results into `written` until at most `keep` are in flight (and
+    any finished ones); the rows still in flight."""
+    while len(pending) > keep or (pending and pending[0].done()):
+        written.append(pending.pop(0).result())
+        bar.update(1)
+    return pending
+
+
 class _Outputs:
     """What `predict` writes per row (mask PNG, scores, overlays) and at the end (report.json)."""
 
@@ -119,6 +144,7 @@ class _Outputs:
         self.out, self.meter, self.scored = out, SegmentationMeter(), []
         self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
         self.overlays: dict[int, tuple] = {}
+        self._lock = threading.Lock()  # `add` runs in several threads
 
     def add(self, sample: Sample, logits: torch.Tensor, cached: bool) -> dict:
         """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W), and its scores."""
@@ -135,11 +161,13 @@ class _Outputs:
         scores = {}
         if mask is not None:
             scores = score_image(pred, mask, prob=torch.sigmoid(full).numpy(), fov=fov)
-            self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
-            self.scored.append(sample)
-        if overlay:
-            self.overlays[sample.row] = (signed_image(image), mask, pred,
-                                         sample.image.name, sample.view or UNKNOWN_VIEW, scores)
+        with self._lock:
+            if mask is not None:
+                self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
+                self.scored.append(sample)
+            if overlay:
+                self.overlays[sample.row] = (signed_image(image), mask, pred, sample.image.name,
+                                             sample.view or UNKNOWN_VIEW, scores)
         return {"row": sample.row, "image": str(sample.image), "mask": str(path),
                 "view": sample.view or "", "features": "cached" if cached else "live",
                 **{k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}}

@@ -133,3 +133,30 @@ def test_train_end_to_end_then_predict_on_the_gpu_and_on_the_cpu(tmp_path, cache
     assert masks["cuda"].keys() == masks["cpu"].keys() and masks["cuda"]
     agree = np.mean([np.mean(masks["cuda"][k] == masks["cpu"][k]) for k in masks["cuda"]])
     assert agree > 0.95  # bf16 kernels of two devices: pixels at the threshold may differ
+
+
+def test_a_run_exits_as_soon_as_it_is_done(tmp_path):
+    """Persistent loader workers that pin batches are joined for 5 s each at interpreter exit
+    unless the run ends them (pytorch#81794): 4 loaders of 4 workers would keep the finished
+    process 80 s."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, subprocess_env
+
+    manifest = make_dataset(tmp_path / "data", 8)
+    command = [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest),
+               "--backbone", "tiny", "--gpus", "0", "--cache-dir", str(tmp_path / "cache"),
+               "--run-dir", str(tmp_path / "run"), "--steps", "4", "--val-every", "2",
+               "--e2e-every", "2", "--batch-size", "2", "--loader-workers", "4",
+               "--memory-cache-mb", "0", "--extract-missing", "--no-tensorboard"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, env=subprocess_env(), cwd=tmp_path)
+    done = None
+    for line in process.stdout:
+        if line.startswith("run directory:"):
+            done = time.monotonic()
+    process.wait(timeout=120)
+    assert process.returncode == 0 and done is not None
+    assert time.monotonic() - done < 15

@@ -23,6 +23,8 @@ IMAGES=${IMAGES:-200}
 SIDE=${SIDE:-1024}
 STEPS=${STEPS:-120}
 SPLIT_BLOCK=${SPLIT_BLOCK:-23}
+COPIES=${COPIES:-}  # --augment-copies of every step (empty: the default)
+PREDICT_RUN=${PREDICT_RUN:-run-train}  # the run predict reads
 ONLY=${ONLY:-}  # a space-separated list of steps to run (a rerun of what failed); empty: all
 DEADLINE=${DEADLINE:-395}  # seconds for the whole script; keep it under the call's timeout_s
 LOGS="$WORK/logs"
@@ -32,7 +34,8 @@ if [ -d .whl ] && [ -z "${SKIP_WHEELS:-}" ]; then
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site:$PWD"
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=5
+# A step past its limit gets SIGABRT first: faulthandler then prints every thread's stack.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_MININTERVAL=5 PYTHONFAULTHANDLER=1
 PY=${PY:-python3}
 SUMMARY="$OUT/summary.txt"
 printf '%-14s %5s %8s %12s\n' step exit seconds peak_gpu_mib > "$SUMMARY"
@@ -54,7 +57,7 @@ step() {  # name, seconds, command and its arguments
             > "$LOGS/mem-$name.csv" 2>/dev/null &
         poller=$!
     fi
-    timeout -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    timeout -s ABRT -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local code=$?
     [ -n "$poller" ] && kill "$poller" 2>/dev/null
     local peak=-
@@ -78,6 +81,7 @@ echo "prepared in $((SECONDS - start)) s: $MANIFEST, weights $WEIGHTS"
 
 MODEL=(--backbone "$BACKBONE" --cache-dir "$WORK/cache")
 [ "$WEIGHTS" != none ] && MODEL+=(--checkpoint "$WEIGHTS")
+[ -n "$COPIES" ] && MODEL+=(--augment-copies "$COPIES")
 if [ "$DEVICE" = cuda ]; then PLACE=(--gpus 0); else PLACE=(--device cpu); fi
 VAL=$((STEPS / 6))
 SHORT=$((VAL * 2))  # the torchrun and split trainings: two validation intervals
@@ -86,17 +90,18 @@ TRAIN=(--data "$MANIFEST" "${MODEL[@]}" --val-every "$VAL" --e2e-steps 5 --overl
 
 # First the GPU-marked tests on the tiny backbone (every one lives there; the rest of the suite
 # needs packages the image lacks): quick, and they name what broke.
-step gpu-tests 100 $PY -m pytest -q -x -m gpu tests/test_cuda.py -p no:cacheprovider
+step gpu-tests 100 $PY -m pytest -q -x -m gpu tests/test_cuda.py -p no:cacheprovider \
+    ${PYTEST_K:+-k "$PYTEST_K"}
 step extract 150 $PY extract_features.py --data "$MANIFEST" "${MODEL[@]}" "${PLACE[@]}" \
     --loader-workers 6
 # Intervals 3 and 6 of 6 start with 5 end-to-end steps each (then the drift probe).
 step train 200 $PY train_head.py "${TRAIN[@]}" "${PLACE[@]}" --steps "$STEPS" --e2e-every 3 \
     --run-dir "$WORK/run-train" --overwrite
-step predict 90 $PY -m pipeline.predict --run "$WORK/run-train" --data "$MANIFEST" \
-    --out "$WORK/predict" --device "$DEVICE"
 step torchrun 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1 train_head.py \
     "${TRAIN[@]}" --device "$DEVICE" --steps "$SHORT" --e2e-every 2 \
     --run-dir "$WORK/run-torchrun" --overwrite
+step predict 90 $PY -m pipeline.predict --run "$WORK/$PREDICT_RUN" --data "$MANIFEST" \
+    --out "$WORK/predict" --device "$DEVICE"
 step split-extract 120 $PY extract_features.py --data "$MANIFEST" "${MODEL[@]}" "${PLACE[@]}" \
     --cache-block "$SPLIT_BLOCK" --augment-copies 0 --loader-workers 6
 step split-train 150 $PY train_head.py "${TRAIN[@]}" "${PLACE[@]}" --steps "$SHORT" \

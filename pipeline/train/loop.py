@@ -211,6 +211,7 @@ def train_process(prepared: Prepared, context) -> None:
     bar.close()
     if leader:
         _finish(model, prepared, data, device, log, state["caches"], tb)
+    data.close()
 
 
 def _cache_under(recorded: Path, cache_dir: str) -> Path:
