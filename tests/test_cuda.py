@@ -1,27 +1,42 @@
 """The CUDA paths on the tiny backbone (skipped without a GPU; `bench/device/smoke.sh` runs them
 on a lent one): autocast dtype, pinned host batches, where every part of the model lives, and
-both stages, predict and a split cache end to end on the GPU."""
+both stages, predict and a split cache end to end on the GPU.
+
+`GPU_TESTS_ON_CPU=1 pytest tests/test_cuda.py` runs them on the CPU instead (what needs a GPU,
+pinned memory, is left out): a check, before spending GPU time, that they still fit the code.
+"""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_dataset, run_records
+from conftest import REPO, make_dataset, run_records, subprocess_env
+from PIL import Image
 
 from pipeline.cache.store import FeatureCache
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.manifest import read_manifest, sample_keys
+from pipeline.distributed import DistributedContext
 from pipeline.extraction import run_extraction
 from pipeline.model.backbone import amp_autocast, build_backbone, image_features
 from pipeline.model.segmenter import build_segmenter
+from pipeline.predict import predict
 from pipeline.train.launch import train
+from pipeline.train.run_data import RunData
 from pipeline.train.setup import prepare
 from pipeline.train.steps import build_optimizer
 
+ON_CPU = os.environ.get("GPU_TESTS_ON_CPU") == "1"
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-CUDA = torch.device("cuda", 0)
+              pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()),
+                                 reason="needs a CUDA device (or GPU_TESTS_ON_CPU=1)")]
+CUDA = torch.device("cpu") if ON_CPU else torch.device("cuda", 0)
+PLACE = {"device": "cpu"} if ON_CPU else {"device": "cuda", "gpus": (0,)}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,25 +62,25 @@ def test_extraction_on_the_gpu_fills_the_cache_as_the_cpu_does(tmp_path):
     manifest = make_dataset(tmp_path / "data", 6)
     samples = read_manifest(manifest)
     stores = {}
-    for device, amp in (("cuda", "bf16"), ("cpu", "off")):
+    for device, amp in ((CUDA.type, "bf16"), ("cpu", "off")):
         config = ExtractConfig(data=str(manifest), backbone="tiny", device=device, amp=amp,
                                cache_dir=str(tmp_path / "cache"), batch_size=4,
                                loader_workers=2, augment_copies=0, levels=("1x", "2x"))
         summary = run_extraction(config, samples, sample_keys(samples))
         assert (summary.extracted, summary.reused) == (6, 0)
-        stores[device] = FeatureCache.open(summary.path)
-    assert stores["cuda"].path != stores["cpu"].path  # amp is part of the signature
-    rows = {d: s.rows_for(sample_keys(samples)) for d, s in stores.items()}
+        stores[amp] = FeatureCache.open(summary.path)
+    assert stores["bf16"].path != stores["off"].path  # amp is part of the signature
+    rows = {a: s.rows_for(sample_keys(samples)) for a, s in stores.items()}
     for i in range(len(samples)):
-        gpu = stores["cuda"].read(int(rows["cuda"][i]), ["1x", "2x"])
-        cpu = stores["cpu"].read(int(rows["cpu"][i]), ["1x", "2x"])
+        gpu = stores["bf16"].read(int(rows["bf16"][i]), ["1x", "2x"])
+        cpu = stores["off"].read(int(rows["off"][i]), ["1x", "2x"])
         for level in ("1x", "2x"):
             assert gpu[level].dtype == np.float16
             assert _relative(torch.from_numpy(gpu[level]), torch.from_numpy(cpu[level])) < 3e-2
 
 
 def _config(tmp_path, manifest, **overrides) -> TrainConfig:
-    values = dict(data=str(manifest), backbone="tiny", device="cuda", gpus=(0,),
+    values = dict(data=str(manifest), backbone="tiny", **PLACE,
                   cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path / "run"),
                   batch_size=4, loader_workers=0, augment_copies=1, overlays=2,
                   extract_missing=True, tensorboard=False)
@@ -99,14 +114,11 @@ def test_every_part_of_the_model_and_its_optimizer_state_live_on_the_gpu(tmp_pat
 def test_training_batches_come_pinned_so_their_copies_overlap(tmp_path):
     manifest = make_dataset(tmp_path / "data", 6)
     prepared = prepare(_config(tmp_path, manifest, memory_cache_mb=0, loader_workers=1))
-    from pipeline.distributed import DistributedContext
-    from pipeline.train.run_data import RunData
-
     data = RunData(prepared, prepared.cache, DistributedContext())
     for live in (False, True):
         batch = next(iter(data.train_loader(live)))
         tensors = [batch["mask"], *(batch["features"].values() if not live else [batch["image"]])]
-        assert all(t.is_pinned() for t in tensors)
+        assert ON_CPU or all(t.is_pinned() for t in tensors)
 
 
 @pytest.mark.parametrize("cache_block", [None, 1])
@@ -117,21 +129,19 @@ def test_train_end_to_end_then_predict_on_the_gpu_and_on_the_cpu(tmp_path, cache
     records = run_records(run_dir)
     trained = [r for r in records if r["split"] == "train"]
     assert [r["e2e"] for r in trained] == [False, True, False]
-    assert all(r["gpu_mem_gb"] > 0 and np.isfinite(r["loss"]) for r in trained)
+    assert all((ON_CPU or r["gpu_mem_gb"] > 0) and np.isfinite(r["loss"]) for r in trained)
     assert json.loads((run_dir / "report.json").read_text())
-    from pipeline.predict import predict
-
     # A run trained on the GPU predicts on the GPU and on a machine without one alike.
-    masks = {}
-    for device in ("cuda", "cpu"):
-        out = tmp_path / f"predict-{device}"
+    masks = []
+    for i, device in enumerate((CUDA.type, "cpu")):
+        out = tmp_path / f"predict-{i}"
         rows = predict(run_dir, manifest, out, device=device, batch_size=4, loader_workers=0,
                        overlays=0)
         assert len(rows) == 8
-        masks[device] = {p.name: np.asarray(__import__("PIL.Image").Image.open(p))
-                         for p in sorted(out.rglob("*.png"))}
-    assert masks["cuda"].keys() == masks["cpu"].keys() and masks["cuda"]
-    agree = np.mean([np.mean(masks["cuda"][k] == masks["cpu"][k]) for k in masks["cuda"]])
+        masks.append({p.name: np.asarray(Image.open(p)) for p in sorted(out.rglob("*.png"))})
+    gpu, cpu = masks
+    assert gpu.keys() == cpu.keys() and gpu
+    agree = np.mean([np.mean(gpu[k] == cpu[k]) for k in gpu])
     assert agree > 0.95  # bf16 kernels of two devices: pixels at the threshold may differ
 
 
@@ -139,15 +149,10 @@ def test_a_run_exits_as_soon_as_it_is_done(tmp_path):
     """Persistent loader workers that pin batches are joined for 5 s each at interpreter exit
     unless the run ends them (pytorch#81794): 4 loaders of 4 workers would keep the finished
     process 80 s."""
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO, subprocess_env
-
     manifest = make_dataset(tmp_path / "data", 8)
     command = [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest),
-               "--backbone", "tiny", "--gpus", "0", "--cache-dir", str(tmp_path / "cache"),
+               "--backbone", "tiny", *(["--device", "cpu"] if ON_CPU else ["--gpus", "0"]),
+               "--cache-dir", str(tmp_path / "cache"),
                "--run-dir", str(tmp_path / "run"), "--steps", "4", "--val-every", "2",
                "--e2e-every", "2", "--batch-size", "2", "--loader-workers", "4",
                "--memory-cache-mb", "0", "--extract-missing", "--no-tensorboard"]

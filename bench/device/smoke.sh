@@ -10,7 +10,8 @@
 # tool brings back 8 files at most); the peak GPU memory of each (nvidia-smi, whole process:
 # context and allocator cache included), its seconds and exit code go to $OUT/summary.txt,
 # printed last.
-# Dry run here (the project's venv active), on the CPU with the tiny backbone:
+# Dry run here (the project's venv active), on the CPU with the tiny backbone (the GPU tests
+# alone: GPU_TESTS_ON_CPU=1 python -m pytest tests/test_cuda.py):
 #     DEVICE=cpu BACKBONE=tiny IMAGES=24 SIDE=256 SPLIT_BLOCK=1 SKIP_WHEELS=1 \
 #         OUT=/tmp/smoke-out WORK=/tmp/smoke bash bench/device/smoke.sh
 set -uo pipefail
