@@ -15,8 +15,7 @@ import numpy as np
 from pipeline.durable import write_atomically
 
 VIDEO_FORMATS = ("mp4", "gif", "none")
-OVERLAY_COLOR = np.array([255, 0, 0], np.float32)
-OVERLAY_ALPHA = 0.5
+OVERLAY_COLOR = np.array([255, 0, 0], np.uint16)
 DEFAULT_RATE = Fraction(15)
 """Frames per second of a run whose header has neither Cine Rate nor Frame Time."""
 
@@ -36,11 +35,11 @@ def frame_rate(header) -> tuple[Fraction, str]:
 
 def overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """frames (N, H, W) or (N, H, W, 3) uint8, masks (N, H, W) bool -> (N, H, W, 3) uint8 with
-    the mask's pixels blended towards red."""
+    the mask's pixels halfway to red (rounded half up)."""
     rgb = frames if frames.ndim == 4 else np.repeat(frames[..., None], 3, axis=-1)
-    out = rgb.astype(np.float32)
-    out[masks] = (1 - OVERLAY_ALPHA) * out[masks] + OVERLAY_ALPHA * OVERLAY_COLOR
-    return np.rint(out).astype(np.uint8)
+    out = rgb.copy()
+    out[masks] = (rgb[masks].astype(np.uint16) + OVERLAY_COLOR + 1) // 2
+    return out
 
 
 def write_review_video(frames: np.ndarray, masks: np.ndarray, out_stem: Path, rate: Fraction,
@@ -68,7 +67,8 @@ def _write_mp4(pictures: np.ndarray, path: Path, rate: Fraction) -> Path:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = pictures.shape[2], pictures.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        # veryfast: 3.5x faster than x264's default preset for the same size (BENCHMARKS.md)
+        stream.options = {"crf": "18", "preset": "veryfast"}
         for picture in pictures:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
             container.mux(stream.encode(frame))
