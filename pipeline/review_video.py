@@ -30,7 +30,7 @@ def frame_rate(header) -> tuple[Fraction, str]:
     if frame_time not in (None, "") and float(frame_time) > 0:
         return (Fraction(1000) / Fraction(str(float(frame_time)))).limit_denominator(1000), \
             "Frame Time"
-    return DEFAULT_RATE, "default (no Cine Rate or Frame Time)"
+    return DEFAULT_RATE, "default, no Cine Rate or Frame Time"
 
 
 def overlay(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
