@@ -11,6 +11,9 @@ size.
 Rows with a mask are scored as validation is (`train.scoring`: at the image's own size, inside
 its `fov` when given): every score per row in predictions.csv, the means overall and per view in
 `report.json`, on the console, and overlays of the first `--overlays` rows in `overlays/`.
+
+`--data` may also name DICOM runs (folders or files): `pipeline.predict_dicom` predicts them
+without a manifest and writes a Segmentation object, a review video and frames.csv per run.
 """
 
 from __future__ import annotations

@@ -211,3 +211,7 @@ def test_problems_are_named_before_any_model_work(cathlab, tmp_path, capsys):
     assert _predict(cathlab, tmp_path / "q", "--data", bad / "short.dcm", "--frames",
                     "x") == 1
     assert "--frames 'x': give FIRST-LAST" in capsys.readouterr().err
+    # DICOM flags given with a manifest: refused as contradictory arguments (exit 2)
+    assert predict_main(["--run", str(tmp_path / "no-run"), "--data", str(tmp_path / "a.csv"),
+                         "--out", str(tmp_path / "r"), "--frames", "1-2"]) == 2
+    assert "--frames: for DICOM runs only" in capsys.readouterr().err
