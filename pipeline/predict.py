@@ -11,16 +11,16 @@ size.
 Rows with a mask are scored as validation is (`train.scoring`: at the image's own size, inside
 its `fov` when given): every score per row in predictions.csv, the means overall and per view in
 `report.json`, on the console, and overlays of the first `--overlays` rows in `overlays/`.
+
+`--data` may also name DICOM runs (folders or files): `pipeline.predict_dicom` predicts them
+without a manifest and writes a Segmentation object, a review video and frames.csv per run.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from pipeline.data.demo import resolve_data
 from pipeline.data.images import read_image, read_mask
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
-from pipeline.errors import run_command
+from pipeline.errors import UsageError, run_command
 from pipeline.extraction import cache_signature
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import read_checkpoint, restore
@@ -82,26 +82,18 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
                     else (np.full(len(samples), -1), np.zeros(len(samples), bool)))
     out.mkdir(parents=True, exist_ok=True)
     written, outputs = [], _Outputs(samples, out, overlays)
-    pin = device.type == "cuda"
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
-    # Resizing, writing and scoring each image at its own size is CPU work (clDice's skeletons,
-    # AUC's sort): done in threads while the model runs the next batch.
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        pending = []
-        for use_cache in (True, False):
-            chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
-            if not chosen:
-                continue
-            subset = [samples[i] for i in chosen]
-            for batch in _batches(subset, rows[chosen], use_cache, model, views, config, cache,
-                                  batch_size, loader_workers, pin):
-                with torch.no_grad():
-                    logits = model(to_device(batch, device), live=not use_cache).cpu()
-                pending += [pool.submit(outputs.add, subset[j], item_logits, use_cache)
-                            for j, item_logits in zip(batch["index"].tolist(), logits,
-                                                      strict=True)]
-                pending = _collect(pending, written, bar, keep=2 * batch_size)
-        _collect(pending, written, bar, keep=0)
+
+    def dataset(chosen: list[int], with_image: bool) -> SegmentationSamples:
+        return SegmentationSamples([samples[i] for i in chosen], resolution=model.resolution,
+                                   views=views, with_masks=False, with_image=with_image)
+
+    for i, logits, from_cache in model_logits(model, config, samples, dataset, cached=cached,
+                                              rows=rows, cache=cache, device=device,
+                                              batch_size=batch_size,
+                                              loader_workers=loader_workers):
+        written.append(outputs.add(samples[i], logits, from_cache))
+        bar.update(1)
     bar.close()
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
@@ -113,28 +105,41 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     return written
 
 
-def _batches(subset: list[Sample], rows: np.ndarray, use_cache: bool, model, views, config,
-             cache: FeatureCache | None, batch_size: int, loader_workers: int, pin: bool):
-    """Batches of `subset` for the model: decoded images (live), or their cached features
-    (`rows`: their cache rows) read alongside."""
-    dataset = SegmentationSamples(subset, resolution=model.resolution, views=views,
-                                  with_masks=False,
-                                  with_image=config.image_branch or not use_cache)
-    batches = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples,
-                         num_workers=loader_workers, pin_memory=pin)
-    if not use_cache:
-        return batches
-    return FeatureBatches(batches, cache_path=cache.path, rows=rows[:, None],
-                          levels=config.cache_levels, samples=subset, pin_memory=pin)
+def model_logits(model, config, samples: list, dataset, *, cached: np.ndarray,
+                 rows: np.ndarray, cache: FeatureCache | None, device: torch.device,
+                 batch_size: int, loader_workers: int):
+    """Yields (i, logits (1, R, R) float32, from_cache) for every i of `samples`: first those
+    `cached` (features read from `cache` at `rows[i]`), then the rest through the backbone.
+
+    `dataset(indices, with_image)` gives the `SegmentationSamples` items ("index" the position in
+    `indices`, "copy", "view", "angles", "image" (3, R, R) uint8 when `with_image`) of those
+    samples; `samples[i]` names sample i in errors."""
+    pin = device.type == "cuda"
+    for use_cache in (True, False):
+        chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
+        if not chosen:
+            continue
+        subset = [samples[i] for i in chosen]
+        batches = DataLoader(dataset(chosen, config.image_branch or not use_cache),
+                             batch_size=batch_size, collate_fn=collate_samples,
+                             num_workers=loader_workers, pin_memory=pin)
+        if use_cache:
+            batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
+                                     levels=config.cache_levels, samples=subset,
+                                     pin_memory=pin)
+        for batch in batches:
+            with torch.no_grad():
+                logits = model(to_device(batch, device), live=not use_cache)
+            for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
+                yield chosen[j], item_logits, use_cache
 
 
-def _collect(pending: list[Future], written: list, bar: tqdm, *, keep: int) -> list[Future]:
-    """Take the oldest rows' results into `written` until at most `keep` are in flight (and
-    any finished ones); the rows still in flight."""
-    while len(pending) > keep or (pending and pending[0].done()):
-        written.append(pending.pop(0).result())
-        bar.update(1)
-    return pending
+def native_prediction(logits: torch.Tensor, size: tuple[int, int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """logits (1, R, R) -> (mask (H, W) bool, probability (H, W) float32 in [0, 1]) at the
+    image's own `size` (H, W): the one place a prediction is brought to native size."""
+    full = native_logits(logits.detach().cpu(), size)
+    return (full > 0).numpy(), torch.sigmoid(full).numpy()
 
 
 class _Outputs:
@@ -144,7 +149,6 @@ class _Outputs:
         self.out, self.meter, self.scored = out, SegmentationMeter(), []
         self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
         self.overlays: dict[int, tuple] = {}
-        self._lock = threading.Lock()  # `add` runs in several threads
 
     def add(self, sample: Sample, logits: torch.Tensor, cached: bool) -> dict:
         """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W), and its scores."""
@@ -154,20 +158,17 @@ class _Outputs:
         mask = read_mask(sample.mask)[0] if sample.mask is not None else None
         fov = read_mask(sample.fov)[0] if sample.mask is not None and sample.fov else None
         size = tuple(image.shape[-2:]) if mask is None else mask.shape  # equal: `check` says so
-        full = native_logits(logits.detach().cpu(), size)
-        pred = (full > 0).numpy()
+        pred, prob = native_prediction(logits, size)
         path = self.out / f"{sample.row:05d}_{sample.image.stem}_mask.png"
         Image.fromarray(pred.astype(np.uint8) * 255).save(path)
         scores = {}
         if mask is not None:
-            scores = score_image(pred, mask, prob=torch.sigmoid(full).numpy(), fov=fov)
-        with self._lock:
-            if mask is not None:
-                self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
-                self.scored.append(sample)
-            if overlay:
-                self.overlays[sample.row] = (signed_image(image), mask, pred, sample.image.name,
-                                             sample.view or UNKNOWN_VIEW, scores)
+            scores = score_image(pred, mask, prob=prob, fov=fov)
+            self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
+            self.scored.append(sample)
+        if overlay:
+            self.overlays[sample.row] = (signed_image(image), mask, pred,
+                                         sample.image.name, sample.view or UNKNOWN_VIEW, scores)
         return {"row": sample.row, "image": str(sample.image), "mask": str(path),
                 "view": sample.view or "", "features": "cached" if cached else "live",
                 **{k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}}
@@ -189,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
-    parser.add_argument("--data", required=True, type=Path,
-                        help="a manifest CSV (image, view), or `demo` (the synthetic set)")
+    parser.add_argument("--data", required=True, type=Path, nargs="+",
+                        help="a manifest CSV (image, view), `demo` (the synthetic set), or DICOM "
+                        "runs: folders or files (`pipeline.predict_dicom`)")
     parser.add_argument("--out", required=True, type=Path, help="where the masks go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -198,13 +200,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="DataLoader processes decoding images")
     parser.add_argument("--overlays", type=int, default=6,
                         help="overlay PNGs of the first N rows in OUT/overlays (6)")
+    dicom = parser.add_argument_group("DICOM runs (see pipeline/predict_dicom.py)")
+    dicom.add_argument("--frames", help="frames to predict, FIRST-LAST from 1 (default: all)")
+    dicom.add_argument("--masks", type=Path, help="masks named as for `import dicom` "
+                       "(<stem>_<frame>.png): their frames are scored")
+    dicom.add_argument("--mask-regex", help="as `import dicom --mask-regex`")
+    dicom.add_argument("--video", default="mp4", choices=("mp4", "gif", "none"),
+                       help="review video per run (mp4 falls back to gif without PyAV)")
     args = parser.parse_args(argv)
     return run_command(lambda: _predict(args), resume="run the same command again (it writes "
                        "every mask again)")
 
 
 def _predict(args) -> int:
-    rows = predict(args.run, args.data, args.out, device=args.device,
+    from pipeline.predict_dicom import is_dicom_input, predict_runs
+
+    if is_dicom_input(args.data):
+        runs = predict_runs(args.run, args.data, args.out, frames=args.frames,
+                            masks_dir=args.masks, mask_regex=args.mask_regex,
+                            device=args.device, batch_size=args.batch_size,
+                            loader_workers=args.loader_workers, video=args.video)
+        print(f"{len(runs)} run(s) in {args.out}: seg.dcm, review video and frames.csv each; "
+              "runs.csv lists them")
+        return 0
+    dicom_only = [f"--{k.replace('_', '-')}" for k in ("frames", "masks", "mask_regex")
+                  if getattr(args, k) is not None]
+    if len(args.data) > 1 or dicom_only:
+        raise UsageError(f"{' '.join(dicom_only) or 'several --data'}: for DICOM runs only "
+                         "(a manifest is one CSV; its masks are its `mask` column)")
+    rows = predict(args.run, args.data[0], args.out, device=args.device,
                    batch_size=args.batch_size, loader_workers=args.loader_workers,
                    overlays=args.overlays)
     live = sum(r["features"] == "live" for r in rows)
