@@ -82,9 +82,9 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
             infos.append(read_info(path))
         except DicomError as err:
             problems.append(str(err))
-    keys = _keys(infos, _compile(image_regex, "image regex"))
     masks: dict[Path, dict[int, Path]] = {}
-    if masks_root is not None:
+    if masks_root is not None:  # keys only pair masks: files may share a stem without masks
+        keys = _keys(infos, _compile(image_regex, "image regex"))
         masks, unmatched = _pair_masks(keys, masks_root, _compile(mask_regex, "mask regex"))
         problems += unmatched
     problems += [f"{info.path}: {info.problem}" for info in infos if info.problem]

@@ -161,3 +161,18 @@ def test_mask_regex_with_key_and_frame_groups(cathlab, tmp_path):
         ("runA.dcm", 3, "frame-0003-of-runA-vessels.png")]
     with pytest.raises(DatasetImportError, match=r"needs the groups \(\?P<key>"):
         _import(cathlab, masks=other, mask_regex=r"(\w+)")
+
+
+def test_files_sharing_a_stem_import_without_masks(tmp_path):
+    root = tmp_path / "dicom"
+    for room in ("room1", "room2"):
+        write_xa(root / room / "run1.dcm", RNG.integers(0, 256, (2, H, W)).astype(np.uint8),
+                 patient=room)
+    result = import_dicom(root, tmp_path / "all.csv", frames_dir=tmp_path / "frames",
+                          all_frames=True)
+    samples = read_manifest(result.manifest)
+    assert sorted(str(s.image.relative_to(tmp_path / "frames")) for s in samples) == [
+        "room1/run1_1.png", "room1/run1_2.png", "room2/run1_1.png", "room2/run1_2.png"]
+    with pytest.raises(DatasetImportError, match="DICOM files share a mask key"):
+        import_dicom(root, tmp_path / "m.csv", frames_dir=tmp_path / "frames",
+                     masks_dir=_mask(tmp_path / "masks" / "run1_1.png").parent)
