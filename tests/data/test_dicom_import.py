@@ -176,3 +176,37 @@ def test_files_sharing_a_stem_import_without_masks(tmp_path):
     with pytest.raises(DatasetImportError, match="DICOM files share a mask key"):
         import_dicom(root, tmp_path / "m.csv", frames_dir=tmp_path / "frames",
                      masks_dir=_mask(tmp_path / "masks" / "run1_1.png").parent)
+
+
+def test_repeated_pixels_are_imported_once_and_named(tmp_path):
+    import shutil
+
+    from pipeline.data.checks import check_manifest
+
+    root = tmp_path / "dicom"
+    run = RNG.integers(0, 256, (3, H, W)).astype(np.uint8)
+    write_xa(root / "a.dcm", run, patient="P1")
+    shutil.copy(root / "a.dcm", root / "b.dcm")  # the same file twice
+    still = RNG.integers(0, 256, (H, W)).astype(np.uint8)
+    write_xa(root / "c.dcm", np.stack([still, still, run[0] // 2]), patient="P2")
+    for name, patient in (("d.dcm", "P3"), ("e.dcm", "P4")):  # blank frames, two patients
+        write_xa(root / name, np.zeros((2, H, W), np.uint8), patient=patient)
+    result = import_dicom(root, tmp_path / "m.csv", frames_dir=tmp_path / "frames",
+                          all_frames=True, split_ratio=0.5)
+    samples = read_manifest(result.manifest)
+    assert [(s.source.name, s.frame) for s in samples] == [
+        ("a.dcm", 1), ("a.dcm", 2), ("a.dcm", 3), ("c.dcm", 1), ("c.dcm", 3), ("d.dcm", 1)]
+    assert result.notes == [
+        f"{root / 'b.dcm'}: 3 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'a.dcm'} (one image twice would leak between splits): frame 1 (= frame 1), "
+        "2 (= frame 2), 3 (= frame 3)",
+        f"{root / 'c.dcm'}: 1 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'c.dcm'} (one image twice would leak between splits): frame 2 (= frame 1)",
+        f"{root / 'd.dcm'}: 1 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'd.dcm'} (one image twice would leak between splits): frame 2 (= frame 1)",
+        f"{root / 'e.dcm'}: 2 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'd.dcm'} (one image twice would leak between splits): frame 1 (= frame 1), "
+        "2 (= frame 1)"]
+    assert check_manifest(samples, require_masks=False).ok  # what check refused before
+    assert sorted(p.name for p in (tmp_path / "frames").rglob("*.png")) == [
+        "a_1.png", "a_2.png", "a_3.png", "c_1.png", "c_3.png", "d_1.png"]
