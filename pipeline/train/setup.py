@@ -215,18 +215,27 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
         raise RunDirError(f"{run_dir}/last.pt does not exist: the run stopped before it saved its "
                           "first epoch, so there is nothing to resume; start it again with the "
                           f"same flags and --run-dir {run_dir} --overwrite")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    recorded = json.loads((run_dir / "config.json").read_text())
+    saved, requested = recorded["config"], dict(requested or {})
+    if requested.get("cache") and _cache_id(requested["cache"]) == (
+            recorded.get("cache") or {}).get("id"):
+        del requested["cache"]  # the run's own cache, by id or by another path to it
     for name, value in FIELDS_ADDED.items():  # a run from before the field keeps its behaviour
         saved.setdefault(name, value)
     for name in ("levels", "gpus"):
         saved[name] = tuple(saved[name])
-    changes = resume_changes(run_dir, saved, requested or {}, RESUMABLE)
+    changes = resume_changes(run_dir, saved, requested, RESUMABLE)
     for budget, other in (("steps", "epochs"), ("epochs", "steps")):
         if changes.get(budget) and other not in changes:  # a budget in the other unit
             changes[other] = None
     saved.update(changes)
     saved.update(resume=str(run_dir), run_dir=str(run_dir))
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def _cache_id(id_or_path: str) -> str:
+    """The cache id `--cache` names: an id as given, or a cache folder's name."""
+    return Path(str(id_or_path)).name.removesuffix(".zarr")
 
 
 def seed_everything(seed: int) -> None:
