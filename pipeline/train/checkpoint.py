@@ -89,10 +89,15 @@ def restore(payload: dict, model, optimizer=None, scheduler=None) -> dict:
     return payload["state"]
 
 
+def saved_state(path: Path) -> dict:
+    """A checkpoint's training state (step, best, total_steps, ...), without reading its
+    tensors (mmap)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]
+
+
 def saved_step(path: Path) -> int:
-    """The step a checkpoint was saved at, without reading its tensors (mmap)."""
-    payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return int(payload["state"]["step"])
+    """The step a checkpoint was saved at."""
+    return int(saved_state(path)["step"])
 
 
 def save_adapter(model, directory: Path) -> None:

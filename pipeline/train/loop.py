@@ -19,6 +19,7 @@ from tqdm import tqdm
 from pipeline.data.images import normalize
 from pipeline.data.manifest import UNKNOWN_VIEW
 from pipeline.data.samples import collate_samples, to_device
+from pipeline.errors import deferred_interrupts
 from pipeline.model.losses import training_loss
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
@@ -213,7 +214,8 @@ def train_process(prepared: Prepared, context) -> None:
             if tb and chosen:
                 tb.overlays(state["step"], *_overlay_inputs(model, prepared, data, device,
                                                             chosen, live_val))
-            _save(model, optimizer, scheduler, state, prepared, val, live_val)
+            with deferred_interrupts():  # a signal waits until last.pt and best.pt are whole
+                _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
     bar.close()
     if leader:

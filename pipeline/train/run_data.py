@@ -3,6 +3,8 @@ both splits, their loaders, and the cache rows they read (re-pointed after a ref
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -15,6 +17,13 @@ from pipeline.data.samples import DecodedSamples, SegmentationSamples, collate_s
 from pipeline.train.scoring import NativeTargets
 from pipeline.train.setup import Prepared
 from pipeline.train.steps import BatchStream, EpochSampler
+
+
+def _quiet_sigterm(worker_id: int) -> None:
+    """A loader worker ends with status 0 on SIGTERM (Slurm sends it to every process of the
+    job): killed by the signal, it would make PyTorch raise 'DataLoader worker killed' into
+    the training process while that writes its report."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 class RunData:
@@ -86,7 +95,8 @@ class RunData:
         workers = 0 if self.memory[split] is not None else cfg.loader_workers
         return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
                           num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples)
+                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples,
+                          worker_init_fn=_quiet_sigterm if workers else None)
 
     def _with_features(self, loader, cached_split: str | None):
         """`loader` as is (live), or wrapped in `FeatureBatches`, which adds the features."""
