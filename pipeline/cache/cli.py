@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipeline.cache.lock import removal_lock
 from pipeline.cache.signature import describe
 from pipeline.cache.store import (
     CacheError,
@@ -94,7 +95,7 @@ def _run(args) -> int:
         print(json.dumps(FeatureCache.open(path).summary(), indent=2))
         return 0
     if args.command == "rm":
-        with writer_lock(path):
+        with removal_lock(path):
             shutil.rmtree(path)
         path.with_suffix(".lock").unlink(missing_ok=True)
         print(f"removed {path}")

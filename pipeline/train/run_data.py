@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.cache.lock import hold_for_reading
 from pipeline.cache.store import CacheError, FeatureCache
 from pipeline.data.augment import augmented_key
 from pipeline.data.samples import DecodedSamples, SegmentationSamples, collate_samples
@@ -65,11 +66,13 @@ class RunData:
         self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
                                   lambda live: self.train_loader(live))
         self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
+        self.readers: list = []
         self.point_at(cache)
 
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
         store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
+        self.readers.append(hold_for_reading(cache))  # `cache rm` refuses it while we run
         train_keys = [[k] + [augmented_key(k, a) for a in names]
                       for k, names in zip(p.train_keys, augment, strict=True)]
         (train_rows, train_done), (val_rows, val_done) = (store.done_for(sum(train_keys, [])),
