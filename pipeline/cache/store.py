@@ -88,7 +88,8 @@ def _missing_metadata(path: Path) -> CacheError:
     """The error for a cache folder without zarr.json: gone, damaged, or not a cache."""
     if not path.exists():
         return CacheError(f"the feature cache {path} no longer exists (removed while in use?); "
-                          "extract it again")
+                          "extract it again (--extract-missing), then run the command again (a "
+                          "training: `python train_head.py --resume RUN`)")
     if path.suffix == ".zarr" and path.is_dir():
         return DamagedCacheError(f"{path} is a damaged feature cache: its zarr.json is missing; "
                                  f"delete it (`{remove_command(path)}`) and extract again")
