@@ -163,8 +163,8 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
         dist.broadcast_object_list(run_dir, src=0)  # ranks may disagree on the timestamp
     run_dir = Path(run_dir[0])
     config = replace(config, run_dir=str(run_dir))
-    if context.is_leader and config.resume:
-        _record_resumed_budget(config, run_dir, len(train))
+    if config.resume:  # every rank refuses a budget below the run's step
+        _record_resumed_budget(config, run_dir, len(train), write=context.is_leader)
     if context.is_leader and not config.resume:
         claim_run_dir(run_dir, overwrite=config.overwrite)
         write_json(run_dir / "manifest.json", record)
@@ -179,16 +179,20 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
                     [key_of[s] for s in val], views, cache, signature)
 
 
-def _record_resumed_budget(config: TrainConfig, run_dir: Path, train_samples: int) -> None:
-    """Refuse a budget below the step the run reached; else write the resumed settings (the
-    new budget above all) into config.json, and drop report.json when steps are left, since
-    the run is not finished until it writes a new one."""
+def _record_resumed_budget(config: TrainConfig, run_dir: Path, train_samples: int, *,
+                           write: bool) -> None:
+    """Refuse a budget below the step the run reached; else (when `write`) write the resumed
+    settings (the new budget above all) into config.json, and drop report.json when steps are
+    left, since the run is not finished until it writes a new one."""
     step, total = saved_step(run_dir / "last.pt"), config.total_steps(train_samples)
     if total < step:
-        asked = f"--steps {config.steps}" if config.steps else f"--epochs {config.epochs}"
-        raise RunDirError(f"--resume {run_dir}: {asked} is {total} steps, but the run is at "
-                          f"step {step} (last.pt); give more than {step} steps (--steps) to "
-                          "continue it, or start a new run")
+        asked = (f"--steps {config.steps}" if config.steps else
+                 f"--epochs {config.epochs} ({total} steps)")
+        raise RunDirError(f"--resume {run_dir}: the run is at step {step} (last.pt), past the "
+                          f"{asked} asked for; give --steps above {step} to continue it, or "
+                          "start a new run")
+    if not write:
+        return
     saved = json.loads((run_dir / "config.json").read_text())
     saved["config"] = {**asdict(config), "resume": saved["config"].get("resume")}
     write_json(run_dir / "config.json", saved)

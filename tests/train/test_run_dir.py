@@ -144,6 +144,6 @@ def test_resume_refuses_a_budget_below_the_runs_step(finished, tmp_path):
     with pytest.raises(RunDirError) as raised:
         train(TrainConfig(resume=str(run), steps=1), given={"steps": 1})
     assert str(raised.value) == (
-        f"--resume {run}: --steps 1 is 1 steps, but the run is at step 2 (last.pt); give more "
-        "than 2 steps (--steps) to continue it, or start a new run")
+        f"--resume {run}: the run is at step 2 (last.pt), past the --steps 1 asked for; give "
+        "--steps above 2 to continue it, or start a new run")
     assert (run / "config.json").read_text() == before and (run / "report.json").is_file()
