@@ -4,15 +4,20 @@ Every user-facing error subclasses `UserError` (most also keep a builtin base, `
 `RuntimeError`, so library callers that catch those still do). Its message names the file, row,
 cache or key concerned and says what to do. `run_command` is the policy of every CLI: a
 `UserError` prints `error: <message>` and exits 1 (a `UsageError` exits 2, as argparse does);
-Ctrl-C prints one `interrupted:` line saying how to resume and exits 130; anything else is a bug
-and keeps its traceback. The bottom layer: imports nothing of `pipeline`.
+Ctrl-C prints one `interrupted:` line saying how to resume and exits 130; SIGTERM (what Slurm,
+`scancel` and `timeout` send first) is handled the same way (`interrupted by SIGTERM:`, exit
+143); anything else is a bug and keeps its traceback. The bottom layer: imports nothing of
+`pipeline`.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -33,17 +38,68 @@ class DiskFullError(UserError, OSError):
         return self.strerror
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C raises KeyboardInterrupt: the same
+    clean-up runs for both (a training writes its report; see `deferred_interrupts`)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def terminate_like_interrupt() -> Callable | int | None:
+    """From now on SIGTERM raises `Terminated` in the main thread; returns the old handler
+    (None outside the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_pending: list[int] | None = None  # signals that arrived inside `deferred_interrupts`
+
+
+def _remember(signum, frame):
+    _pending.append(signum)
+
+
+@contextmanager
+def deferred_interrupts():
+    """Ctrl-C and SIGTERM wait until the block ends, then are raised (`Terminated` for
+    SIGTERM): what the block writes (a checkpoint and its adapter) is written whole."""
+    global _pending
+    if threading.current_thread() is not threading.main_thread() or _pending is not None:
+        yield  # another thread cannot set handlers; an outer block already defers
+        return
+    _pending = []
+    previous = {s: signal.signal(s, _remember) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        arrived, _pending = _pending, None
+        if signal.SIGTERM in arrived:
+            raise Terminated()
+        if arrived:
+            raise KeyboardInterrupt()
+
+
 def run_command(main: Callable[[], int], *, resume: str | Callable[[], str]) -> int:
     """Run `main()` under the error policy (module docstring); its exit status.
 
     `resume` is the `interrupted:` line's advice (or a function that returns it, asked only
-    after Ctrl-C, when it may know more: the run directory, say)."""
+    after Ctrl-C or SIGTERM, when it may know more: the run directory, say)."""
+    previous = terminate_like_interrupt()
     try:
         return main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, UsageError) else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         advice = resume() if callable(resume) else resume
-        print(f"\ninterrupted: {advice}", file=sys.stderr, flush=True)
-        return 130
+        by = " by SIGTERM" if isinstance(stop, Terminated) else ""
+        print(f"\ninterrupted{by}: {advice}", file=sys.stderr, flush=True)
+        return 143 if by else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

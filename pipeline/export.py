@@ -38,6 +38,7 @@ from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
 from pipeline.model.segmenter import VesselSegmenter
 from pipeline.train.checkpoint import read_checkpoint
+from pipeline.train.run_dir import RUN_FILES
 from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 1
@@ -84,12 +85,14 @@ def _source_state(checkpoint: Path | None, backbone_name: str) -> tuple[dict, di
     return whole, (whole["model"] if wrapped else whole)
 
 
-def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None
-           ) -> tuple[Path, Path]:
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None, *,
+           overwrite: bool = False) -> tuple[Path, Path]:
     """Write the merged checkpoint `out` and the head beside it; returns both paths.
 
     `checkpoint`: the official-layout file the run trained on (default: the run's own
     --checkpoint; for `sam3` without one, the hub's). A different file is refused.
+    `out` and its head may be neither a file of the run directory nor the checkpoint read;
+    an existing one is replaced only with `overwrite`.
     """
     run_dir, out = Path(run_dir), Path(out)
     for name in ("config.json", "best.pt", "adapter/adapter_model.safetensors"):
@@ -97,6 +100,7 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
             raise ExportError(f"{run_dir / name} is missing: export a finished train_head.py run")
     config = resume_config(run_dir)
     path = resolve_checkpoint(config.backbone, checkpoint or config.checkpoint)
+    _check_outputs(run_dir, path, out, overwrite)
     trained, given = _trained_checkpoint(run_dir), checkpoint_digest(path)
     if trained != given:
         def name(digest):
@@ -118,6 +122,24 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
     head = head_path(out)
     _save_atomically(_head_payload(run_dir, config, given), head)
     return out, head
+
+
+def _check_outputs(run_dir: Path, checkpoint: Path | None, out: Path, overwrite: bool) -> None:
+    """Refuse outputs that would replace what export reads (the run's files, the checkpoint),
+    and existing files without `overwrite`."""
+    run = run_dir.resolve()
+    for target in (out, head_path(out)):
+        resolved = target.resolve()
+        if checkpoint is not None and resolved == Path(checkpoint).resolve():
+            raise ExportError(f"--out {out} would overwrite {checkpoint}, the checkpoint export "
+                              "reads; choose another --out (e.g. sam3_vessels.pt)")
+        inside = resolved.relative_to(run).parts if resolved.is_relative_to(run) else ()
+        if inside and inside[0] in RUN_FILES:
+            raise ExportError(f"--out {out} would overwrite {target}, a file of the run "
+                              f"{run_dir}; choose a path outside the run's own files")
+        if target.exists() and not overwrite:
+            raise ExportError(f"{target} exists; pass --overwrite to replace it, or choose "
+                              "another --out")
 
 
 def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
@@ -177,13 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the official sam3.pt the run trained on (default: the run's)")
     parser.add_argument("--out", required=True, type=Path,
                         help="the merged checkpoint to write; the head goes to <stem>_head.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out (and its head) when they exist")
     args = parser.parse_args(argv)
     return run_command(lambda: _export(args), resume="run the same command again (the merged "
                        "checkpoint is written whole or not at all)")
 
 
 def _export(args) -> int:
-    out, head = export(args.run, args.out, args.checkpoint)
+    out, head = export(args.run, args.out, args.checkpoint, overwrite=args.overwrite)
     print(f"wrote {out} (SAM 3 checkpoint, LoRA merged) and {head} (decoder and views)")
     return 0
 

@@ -11,6 +11,10 @@ size.
 Rows with a mask are scored as validation is (`train.scoring`: at the image's own size, inside
 its `fov` when given): every score per row in predictions.csv, the means overall and per view in
 `report.json`, on the console, and overlays of the first `--overlays` rows in `overlays/`.
+Each row's `split` is the run's use of its image (train, val, test, or `new`: never seen), and
+`report.json` scores each split apart (`by_split`): scores of training images are not held out.
+`--out` belongs to one prediction (`pipeline.prediction_folder`): an earlier one needs
+`--overwrite`.
 
 `--data` may also name DICOM runs (folders or files): `pipeline.predict_dicom` predicts them
 without a manifest and writes a Segmentation object, a review video and frames.csv per run.
@@ -39,9 +43,10 @@ from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_s
 from pipeline.errors import UsageError, run_command
 from pipeline.extraction import cache_signature
 from pipeline.model.segmenter import build_segmenter
+from pipeline.prediction_folder import NEW, claim_prediction_folder, row_splits
 from pipeline.train.checkpoint import read_checkpoint, restore
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_image
-from pipeline.train.reporting import save_overlays, write_report
+from pipeline.train.reporting import save_overlays, write_json
 from pipeline.train.scoring import native_logits, scoring_note, signed_image
 from pipeline.train.setup import resume_config
 
@@ -67,7 +72,7 @@ def _feature_cache(run_dir: Path, state: dict, config) -> FeatureCache | None:
 
 def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
             batch_size: int = 8, loader_workers: int = 2, show: bool = True,
-            overlays: int = 6) -> list[dict]:
+            overlays: int = 6, overwrite: bool = False) -> list[dict]:
     """Write one mask per manifest row into `out`; returns the rows of `out/predictions.csv`.
 
     Rows with masks are scored (report.json); the first `overlays` rows get an overlay PNG."""
@@ -76,12 +81,15 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     samples = resolve_data(str(data), config.cache_dir)  # `demo`: the run's demo set
     report = check_manifest(samples, require_masks=False)
     report.raise_if_errors()
+    claim_prediction_folder(out, overwrite=overwrite)
     views.warn_unseen(samples, str(data))
     cache = _feature_cache(run_dir, state, config)
     rows, cached = (cache.done_for(report.keys) if cache is not None
                     else (np.full(len(samples), -1), np.zeros(len(samples), bool)))
     out.mkdir(parents=True, exist_ok=True)
     written, outputs = [], _Outputs(samples, out, overlays)
+    outputs.splits = dict(zip((s.row for s in samples), row_splits(run_dir, samples, report.keys),
+                              strict=True))
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
 
     def dataset(chosen: list[int], with_image: bool) -> SegmentationSamples:
@@ -97,8 +105,8 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
     bar.close()
     written.sort(key=lambda r: r["row"])
     with (out / "predictions.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "features",
-                                                    *SCORES])
+        writer = csv.DictWriter(handle, fieldnames=["row", "image", "mask", "view", "split",
+                                                    "features", *SCORES])
         writer.writeheader()
         writer.writerows(written)
     outputs.finish()
@@ -149,6 +157,8 @@ class _Outputs:
         self.out, self.meter, self.scored = out, SegmentationMeter(), []
         self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
         self.overlays: dict[int, tuple] = {}
+        self.splits: dict[int, str] = {}  # row -> the run's split of its image
+        self.by_split: dict[str, SegmentationMeter] = {}
 
     def add(self, sample: Sample, logits: torch.Tensor, cached: bool) -> dict:
         """logits (1, R, R) -> a 0/255 PNG at the image's own (H, W), and its scores."""
@@ -165,12 +175,15 @@ class _Outputs:
         if mask is not None:
             scores = score_image(pred, mask, prob=prob, fov=fov)
             self.meter.add({k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
+            self.by_split.setdefault(self.splits.get(sample.row, NEW), SegmentationMeter()).add(
+                {k: [v] for k, v in scores.items()}, [sample.view or UNKNOWN_VIEW])
             self.scored.append(sample)
         if overlay:
             self.overlays[sample.row] = (signed_image(image), mask, pred,
                                          sample.image.name, sample.view or UNKNOWN_VIEW, scores)
         return {"row": sample.row, "image": str(sample.image), "mask": str(path),
-                "view": sample.view or "", "features": "cached" if cached else "live",
+                "view": sample.view or "", "split": self.splits.get(sample.row, NEW),
+                "features": "cached" if cached else "live",
                 **{k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}}
 
     def finish(self) -> None:
@@ -180,10 +193,14 @@ class _Outputs:
             save_overlays(self.out / "overlays", *parts)
         if self.scored:
             summary = self.meter.summary()
-            write_report(self.out / "report.json", summary, scoring=scoring_note(self.scored),
-                         split="predict")
-            print(f"scores of {len(self.scored)} rows with masks (each image at its own size):\n"
-                  + format_summary(summary), flush=True)
+            by_split = {name: meter.summary() for name, meter in sorted(self.by_split.items())}
+            write_json(self.out / "report.json", {"predict": summary, "by_split": by_split,
+                                                  "scoring": scoring_note(self.scored)})
+            for name, split in by_split.items():
+                seen = " (images the run trained on: not held-out scores)" if (
+                    name == "train") else ""
+                print(f"scores of {split['n']} {name} rows with masks{seen} (each image at its "
+                      f"own size):\n" + format_summary(split), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DataLoader processes decoding images")
     parser.add_argument("--overlays", type=int, default=6,
                         help="overlay PNGs of the first N rows in OUT/overlays (6)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prediction already in --out (only predict's files)")
     dicom = parser.add_argument_group("DICOM runs (see pipeline/predict_dicom.py)")
     dicom.add_argument("--frames", help="frames to predict, FIRST-LAST from 1 (default: all)")
     dicom.add_argument("--masks", type=Path, help="masks named as for `import dicom` "
@@ -230,7 +249,7 @@ def _predict(args) -> int:
                          "(a manifest is one CSV; its masks are its `mask` column)")
     rows = predict(args.run, args.data[0], args.out, device=args.device,
                    batch_size=args.batch_size, loader_workers=args.loader_workers,
-                   overlays=args.overlays)
+                   overlays=args.overlays, overwrite=args.overwrite)
     live = sum(r["features"] == "live" for r in rows)
     print(f"{len(rows)} masks in {args.out} ({len(rows) - live} from cached features, "
           f"{live} through the backbone)")

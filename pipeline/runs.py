@@ -105,12 +105,14 @@ def load_run(path: Path) -> Run:
     settings["cache"] = (saved.get("cache") or {}).get("id")
     curves = [r for r in MetricsLog(path / "metrics.jsonl").read() if r.get("split") == "val"]
     report = path / "report.json"
-    if report.is_file():
-        best = json.loads(report.read_text())["val"]
+    saved = json.loads(report.read_text()) if report.is_file() else {}
+    if saved:
+        best = saved["val"]
     else:
         scored = [r for r in curves if _number(r.get("dice")) is not None]
         best = max(scored, key=lambda r: r["dice"]) if scored else {}
-    return Run(path, settings, _step(best), best_scores(best), curves, report.is_file())
+    finished = bool(saved) and "interrupted" not in saved  # Ctrl-C / SIGTERM write one too
+    return Run(path, settings, _step(best), best_scores(best), curves, finished)
 
 
 def differing_settings(runs: list[Run]) -> list[str]:

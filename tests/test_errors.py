@@ -70,6 +70,60 @@ def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):
                      "again)"]
 
 
+def test_sigterm_to_the_job_ends_training_like_ctrl_c_with_a_report(dataset, tmp_path):
+    """What Slurm does at the time limit: SIGTERM to every process of the job (the loader
+    worker included), then SIGKILL after a grace period."""
+    import json
+
+    from pipeline.runs import load_run
+    from pipeline.train.checkpoint import saved_step
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train_head.py"), "--data", str(dataset), "--backbone",
+         "tiny", "--cache-dir", str(tmp_path / "cache"), "--extract-missing", "--run-dir",
+         str(run), "--steps", "100000", "--val-every", "2", "--batch-size", "2",
+         "--loader-workers", "1", "--memory-cache-mb", "0", "--device", "cpu"],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (validated_past(run, 2) and (run / "last.pt").exists()
+                                          ) and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)  # within Slurm's default KillWait (30 s)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert lines == [f"interrupted by SIGTERM: continue with `python train_head.py --resume "
+                     f"{run}` (from its last checkpoint, last.pt; a run stopped before its first "
+                     "one starts again)"]
+    report = json.loads((run / "report.json").read_text())
+    step = saved_step(run / "last.pt")  # whole: a checkpoint being written is finished first
+    assert step >= 2 and report["interrupted"] == {
+        "by": "SIGTERM", "step": step, "of": 100000,
+        "resume": f"python train_head.py --resume {run}"}
+    assert report["val"]["n"] > 0 and (run / "curves.png").is_file()
+    assert not load_run(run).finished
+
+
+def test_a_signal_inside_deferred_interrupts_waits_for_the_block():
+    from pipeline.errors import Terminated, deferred_interrupts
+
+    finished = []
+    try:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and only noted the signal
+            finished.append(True)
+    except Terminated:
+        pass
+    else:
+        raise AssertionError("SIGTERM was not raised after the block")
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
 def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
     from pipeline.cache.store import CacheError, UnknownCacheError
     from pipeline.data.images import ImageError

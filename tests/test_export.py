@@ -129,3 +129,24 @@ def test_tiny_without_a_checkpoint_and_a_wrong_checkpoint(dataset, tmp_path):
         export(run, tmp_path / "x.pt", tmp_path / "other.pt")
     with pytest.raises(ExportError, match="config.json is missing: export a finished"):
         export(tmp_path / "c", tmp_path / "x.pt")
+
+
+def test_export_never_writes_over_what_it_reads_and_asks_before_replacing(trained, tmp_path,
+                                                                           capsys):
+    root, run, _ = trained
+    checkpoint = ["--checkpoint", str(root / "sam3.pt")]
+    kept = {p: p.read_bytes() for p in (run / "best.pt", root / "sam3.pt")}
+    for out, target in ((run / "best.pt", run / "best.pt"), (root / "sam3.pt", root / "sam3.pt"),
+                        (run / "last.pt", run / "last.pt")):
+        assert main(["--run", str(run), *checkpoint, "--out", str(out)]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"error: --out {out} would overwrite {target}, "), error
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    out = tmp_path / "vessels.pt"
+    out.write_bytes(b"mine")
+    assert main(["--run", str(run), *checkpoint, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out} exists; pass --overwrite to replace it, or choose another --out")
+    assert out.read_bytes() == b"mine"
+    assert main(["--run", str(run), *checkpoint, "--out", str(out), "--overwrite"]) == 0
+    assert list(torch.load(out, weights_only=True)) == ["model"]

@@ -472,3 +472,39 @@ def test_training_while_another_run_extracts_offers_no_missing_flag(tmp_path):
     with writer_lock(path), pytest.raises(CacheError) as info:
         ensure_cache(config, sample_keys(read_manifest(manifest)), read_manifest(manifest))
     assert "--wait" not in str(info.value) and "run this command again" in str(info.value)
+
+
+def test_cache_rm_refuses_a_cache_a_training_reads(tmp_path):
+    from conftest import validated_past
+
+    manifest = make_dataset(tmp_path / "d", 6, size=32)
+    run, cache_dir = tmp_path / "run", tmp_path / "cache"
+    training = subprocess.Popen(
+        [sys.executable, str(REPO / "train_head.py"), "--data", str(manifest), "--backbone",
+         "tiny", "--cache-dir", str(cache_dir), "--extract-missing", "--run-dir", str(run),
+         "--steps", "100000", "--val-every", "2", "--batch-size", "2", "--loader-workers", "0",
+         "--device", "cpu"], env=subprocess_env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not validated_past(run, 2):
+            time.sleep(0.05)
+        (cache,) = cache_dir.glob("*.zarr")
+
+        def rm():
+            return subprocess.run([sys.executable, "-m", "pipeline.cache", "--cache-dir",
+                                   str(cache_dir), "rm", cache.stem], cwd=REPO,
+                                  env=subprocess_env(), capture_output=True, text=True,
+                                  timeout=120)
+
+        refused = rm()
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [
+            f"error: cache {cache.name} is in use: a running train_head.py reads it (it holds "
+            f"{cache.stem}.readers); let it finish or stop it, then run `cache rm` again"]
+        assert (cache / "zarr.json").is_file() and training.poll() is None
+    finally:
+        os.killpg(training.pid, signal.SIGKILL)
+        training.wait()
+    removed = rm()  # the kernel released the dead training's lock
+    assert removed.returncode == 0, removed.stderr
+    assert not cache.exists() and not cache.with_suffix(".readers").exists()

@@ -126,3 +126,42 @@ def test_validation_and_predict_score_each_image_at_its_own_size(tmp_path, capsy
     assert not (tmp_path / "b" / "report.json").exists()
     assert len(list((tmp_path / "b" / "overlays").glob("*.png"))) == 1
     assert all(r["dice"] == "" for r in _rows(tmp_path / "b"))
+
+
+def test_predict_owns_its_folder_and_scores_each_split_of_the_run_apart(dataset, tmp_path,
+                                                                        capsys):
+    run = train(TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                            run_dir=str(tmp_path / "run"), epochs=1, batch_size=4, e2e_every=0,
+                            extract_missing=True, loader_workers=0, overlays=0, device="cpu"))
+    out = tmp_path / "pred"
+    fresh = make_dataset(tmp_path / "new", 2, seed=7, size=80, start=50)
+    assert predict_main(["--run", str(run), "--data", str(fresh), "--out", str(out),
+                         "--device", "cpu", "--loader-workers", "0"]) == 0
+    assert [r["split"] for r in _rows(out)] == ["new", "new"]  # images the run never saw
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert predict_main(["--run", str(run), "--data", str(dataset), "--out", str(out),
+                         "--device", "cpu", "--loader-workers", "0"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out} already holds a prediction (predictions.csv, report.json, overlays, ...); "
+        "pass --overwrite to replace it, or choose another --out")
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert predict_main(["--run", str(run), "--data", str(dataset), "--out", str(out),
+                         "--device", "cpu", "--loader-workers", "0", "--overwrite"]) == 0
+    samples = read_manifest(dataset)
+    rows = _rows(out)
+    assert [r["split"] for r in rows] == [s.split for s in samples]  # the run's train and val
+    assert sorted(p.name for p in out.glob("*_mask.png")) == [
+        f"{s.row:05d}_{s.image.stem}_mask.png" for s in samples]  # the old masks are gone
+    assert (out / "notes.txt").read_text() == "mine"
+    report = json.loads((out / "report.json").read_text())
+    counts = {split: sum(s.split == split for s in samples) for split in ("train", "val")}
+    assert {k: v["n"] for k, v in report["by_split"].items()} == counts
+    for split in ("train", "val"):
+        assert report["by_split"][split]["dice"] == pytest.approx(np.mean(
+            [float(r["dice"]) for r in rows if r["split"] == split]))
+    printed = capsys.readouterr().out
+    assert (f"scores of {counts['train']} train rows with masks (images the run trained on: "
+            "not held-out scores)") in printed
+    assert f"scores of {counts['val']} val rows with masks (each image" in printed

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipeline.cache.lock import removal_lock
 from pipeline.cache.signature import describe
 from pipeline.cache.store import (
     CacheError,
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(cache_dir: str) -> int:
     """One line per cache; a damaged one is named and the others still listed."""
-    paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if (p / "zarr.json").is_file())
+    paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if p.is_dir())
     if not paths:
         print(f"no caches under {cache_dir}")
     damaged = 0
@@ -89,12 +90,12 @@ def _verify(path: Path, repair: bool) -> int:
 def _run(args) -> int:
     if args.command == "list":
         return _list(args.cache_dir)
-    path = find_cache(args.cache, args.cache_dir)
+    path = find_cache(args.cache, args.cache_dir, damaged=args.command == "rm")
     if args.command == "info":
         print(json.dumps(FeatureCache.open(path).summary(), indent=2))
         return 0
     if args.command == "rm":
-        with writer_lock(path):
+        with removal_lock(path):
             shutil.rmtree(path)
         path.with_suffix(".lock").unlink(missing_ok=True)
         print(f"removed {path}")

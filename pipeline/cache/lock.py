@@ -2,7 +2,9 @@
 
 One writer run holds the lock (released by the kernel if the run dies). The lock file names its
 holder, so a refused run says who holds it, and a taker can tell whether its predecessor was
-killed (and so may have left partial chunk files).
+killed (and so may have left partial chunk files). Readers (trainings) hold a shared flock on
+`<cache-id>.readers` while they run (`hold_for_reading`), so `cache rm` refuses a cache in use
+(`removal_lock`).
 """
 
 from __future__ import annotations
@@ -99,3 +101,41 @@ def writer_lock(path: Path, *, wait: bool = False):
             handle.write(f"; {RELEASED}")
             handle.flush()
         handle.close()  # closing releases the flock
+
+
+def hold_for_reading(path: Path):
+    """Mark the cache at `path` in use until this process ends: a shared flock on
+    `<cache-id>.readers` (the returned handle; keep it). None where the folder is read-only:
+    nobody can remove the cache there either."""
+    try:
+        handle = open(path.with_suffix(".readers"), "a+")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CacheError(f"cache {path.name} is being removed (`python -m pipeline.cache rm`); "
+                         "extract it again") from None
+    return handle
+
+
+@contextmanager
+def removal_lock(path: Path):
+    """Hold the cache at `path` for removal: refused (`CacheInUseError`) while a training
+    reads it (`hold_for_reading`) or an extraction writes it (`writer_lock`)."""
+    readers = path.with_suffix(".readers")
+    with open(readers, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheInUseError(
+                f"cache {path.name} is in use: a running train_head.py reads it (it holds "
+                f"{readers.name}); let it finish or stop it, then run `cache rm` again") from None
+        with writer_lock(path):
+            yield
+        readers.unlink(missing_ok=True)
+
+
+class CacheInUseError(CacheError):
+    """A cache that a running training reads cannot be removed."""

@@ -78,6 +78,24 @@ def repair_command(path: Path) -> str:
     return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
 
 
+def remove_command(path: Path) -> str:
+    """The command that deletes the cache at `path`."""
+    path = Path(path)
+    return f"python -m pipeline.cache rm {path}"
+
+
+def _missing_metadata(path: Path) -> CacheError:
+    """The error for a cache folder without zarr.json: gone, damaged, or not a cache."""
+    if not path.exists():
+        return CacheError(f"the feature cache {path} no longer exists (removed while in use?); "
+                          "extract it again (--extract-missing), then run the command again (a "
+                          "training: `python train_head.py --resume RUN`)")
+    if path.suffix == ".zarr" and path.is_dir():
+        return DamagedCacheError(f"{path} is a damaged feature cache: its zarr.json is missing; "
+                                 f"delete it (`{remove_command(path)}`) and extract again")
+    return CacheError(f"{path} is not a feature cache (no zarr.json)")
+
+
 def cache_path(cache_dir: str | Path, signature: dict) -> Path:
     return Path(cache_dir) / f"{derive_cache_id(signature)}.zarr"
 
@@ -145,8 +163,14 @@ class FeatureCache:
     def open(cls, path: str | Path, *, mode: str = "r") -> FeatureCache:
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            raise CacheError(f"{path} is not a feature cache (no zarr.json)")
-        group = zarr.open_group(path, mode=mode)
+            raise _missing_metadata(path)
+        try:
+            group = zarr.open_group(path, mode=mode)
+            group.attrs.get("layout_version")
+        except (ValueError, KeyError, TypeError, OSError) as err:  # JSONDecodeError included
+            raise DamagedCacheError(
+                f"{path / 'zarr.json'} cannot be read ({type(err).__name__}: {err}): the cache "
+                f"is damaged; delete it (`{remove_command(path)}`) and extract again") from err
         if group.attrs.get("layout_version") != LAYOUT_VERSION:
             raise CacheError(f"{path} has layout {group.attrs.get('layout_version')}, "
                              f"this version reads {LAYOUT_VERSION}")
@@ -156,9 +180,9 @@ class FeatureCache:
     def find(cls, cache_dir: str | Path, signature: dict) -> FeatureCache | None:
         """The cache of `signature` under `cache_dir`, read-only, or None."""
         path = cache_path(cache_dir, signature)
-        if not (path / "zarr.json").is_file():
+        if not path.exists():
             return None
-        cache = cls.open(path)
+        cache = cls.open(path)  # a folder without zarr.json is damaged, not absent
         cache.check_signature(signature)
         return cache
 
@@ -377,14 +401,18 @@ class UnknownCacheError(CacheError, UsageError):
     """A cache id or path given on the command line names no cache (exit status 2)."""
 
 
-def find_cache(id_or_path: str | Path, cache_dir: str | Path) -> Path:
+def find_cache(id_or_path: str | Path, cache_dir: str | Path, *, damaged: bool = False
+               ) -> Path:
     """The folder of the cache `id_or_path` names: a path to a `.zarr` folder, or an id (as
-    `python -m pipeline.cache list` prints it) under `cache_dir`."""
+    `python -m pipeline.cache list` prints it) under `cache_dir`. A `.zarr` folder without its
+    zarr.json is a `DamagedCacheError` (returned as found with `damaged`, for `rm`)."""
     name = str(id_or_path)
     path = Path(name)
     if not path.exists():
         path = Path(cache_dir) / (name if name.endswith(".zarr") else f"{name}.zarr")
-    if not (path / "zarr.json").is_file():
-        raise UnknownCacheError(f"no cache {name!r} under {cache_dir} (see `python -m "
-                                "pipeline.cache list`)")
-    return path
+    if (path / "zarr.json").is_file() or (damaged and path.suffix == ".zarr" and path.is_dir()):
+        return path
+    if path.is_dir():
+        raise _missing_metadata(path)
+    where = "" if "/" in name else f" under {cache_dir}"  # a path names its own folder
+    raise UnknownCacheError(f"no cache {name!r}{where} (see `python -m pipeline.cache list`)")

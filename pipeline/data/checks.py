@@ -4,9 +4,9 @@ Errors (the manifest cannot be used as is): missing or unreadable files, images,
 that do not decode (e.g. truncated), an image and its mask or FOV of different sizes, an empty FOV,
 duplicate images (same sha256), a required mask missing; for rows from DICOM (a `source` column, or
 a DICOM image): a source that is missing, has no pixel data or a transfer syntax without a handler
-(named), a frame number past its last frame. Warnings: empty masks, views in val that train never
-saw, a DICOM file without C-arm angles (once per file). Infos: masks that are not plain 0/1 or
-0/255 binary, and how they were binarised.
+(named), a frame number past its last frame. Warnings: empty masks, masks more than half vessel
+(`MOSTLY_VESSEL`), views in val that train never saw, a DICOM file without C-arm angles (once
+per file). Infos: masks that are not plain 0/1 or 0/255 binary, and how they were binarised.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from pipeline.data.manifest import UNKNOWN_VIEW, Sample, file_sha256
 from pipeline.errors import UserError
 
 _LEVELS = ("errors", "warnings", "infos")
+MOSTLY_VESSEL = 0.5
+"""A mask with more vessel than this share of its pixels is warned about: vessels cover about
+10% of a fundus or angiography image, so such a mask is inverted or misread."""
 _VALUES = re.compile(r"values \[([\d, ]*)\]")
 
 
@@ -129,6 +132,10 @@ def _check_row(sample: Sample, require_masks: bool) -> _RowResult:
             f"mask is {_hw(mask.shape)} but its image {sample.image.name} is {_hw(image_size)}")))
     if not mask.any():
         result.found["warnings"].append(Problem(sample.row, sample.mask, "mask is empty"))
+    elif mask.mean() > MOSTLY_VESSEL:
+        result.found["warnings"].append(Problem(sample.row, sample.mask, (
+            f"mask is {mask.mean():.0%} vessel: vessels cover far less of an image; is it "
+            "inverted (vessels black on white)?")))
     if not _plain_binary(rule):
         result.found["infos"].append(Problem(sample.row, sample.mask, f"mask binarised: {rule}"))
     return result

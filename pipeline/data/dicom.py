@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.images import IMAGE_SUFFIXES, ImageError, read_mask
+from pipeline.data.manifest import PRIMARY_LIMIT, normalise_angles
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PRIMARY_STEP, SECONDARY_STEP = 15, 10
@@ -39,6 +40,14 @@ cranial and caudal 20/30/40)."""
 
 class DicomError(ImageError):
     """A DICOM file that cannot be used; the message names the file and what to do."""
+
+
+class AngleError(DicomError):
+    """A C-arm angle in a DICOM header that is not one number in DICOM's range."""
+
+
+ANGLE_TAGS = {"PositionerPrimaryAngle": "Positioner Primary Angle (0018,1510)",
+              "PositionerSecondaryAngle": "Positioner Secondary Angle (0018,1511)"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,8 @@ class DicomInfo:
     """(Rows, Columns): the (H, W) of every frame."""
     angles: tuple[float, float] | None
     """(Positioner Primary Angle (0018,1510), Positioner Secondary Angle (0018,1511)) in degrees,
-    LAO and cranial positive; None when either is absent."""
+    LAO and cranial positive, the primary in (-180, 180] (`normalise_angles`); None when either
+    is absent."""
     group: str | None
     """Patient ID, else Study Instance UID: the split's grouping. Kept in memory, never written."""
     problem: str | None
@@ -92,27 +102,53 @@ def _read_dataset(path: Path, header_only: bool):
 
 
 def read_info(path: str | Path) -> DicomInfo:
-    """The header facts of one DICOM file; raises `DicomError` when it cannot be parsed."""
+    """The header facts of one DICOM file; raises `DicomError` when it cannot be parsed
+    (`AngleError` for an angle that is not one number in DICOM's range)."""
     path = Path(path)
     ds = _read_dataset(path, header_only=True)
-    primary = ds.get("PositionerPrimaryAngle")
-    secondary = ds.get("PositionerSecondaryAngle")
-    angles = None
-    if primary not in (None, "") and secondary not in (None, ""):
-        angles = (float(primary), float(secondary))
+    angles = _header_angles(ds, path)
     group = str(ds.get("PatientID") or "") or str(ds.get("StudyInstanceUID") or "") or None
     return DicomInfo(path=path, frames=int(ds.get("NumberOfFrames") or 1),
                      size=(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)),
                      angles=angles, group=group, problem=_pixel_problem(ds))
 
 
+def _header_angles(ds, path: Path) -> tuple[float, float] | None:
+    """(primary, secondary) from the header, normalised; None when either is absent."""
+    from pydicom.multival import MultiValue
+
+    values = {}
+    for keyword, tag in ANGLE_TAGS.items():
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        try:
+            if isinstance(value, MultiValue | list | tuple):
+                raise ValueError("several values")
+            values[keyword] = float(value)
+        except (TypeError, ValueError):
+            shown = "\\".join(map(str, value)) if isinstance(value, MultiValue) else str(value)
+            raise AngleError(f"{path}: {tag} is '{shown}', not one number of degrees; correct "
+                             "the header (e.g. dcmodify) or remove the tag") from None
+    try:
+        return normalise_angles(*values.values())
+    except ValueError as err:
+        name = ANGLE_TAGS["PositionerPrimaryAngle" if str(err).startswith("primary")
+                          else "PositionerSecondaryAngle"]
+        raise AngleError(f"{path}: {name}: {err} (DICOM's range); correct the header "
+                         "(e.g. dcmodify) or remove the tag") from None
+
+
 def header_angles(path: Path) -> tuple[float, float] | None:
     """A DICOM image's C-arm angles from its header; None when `path` is not DICOM, has no
-    angles or cannot be parsed (`check` reports the last two)."""
+    angles or cannot be parsed (`check` reports the last two). An angle that is present but
+    not usable raises `AngleError` naming the file and tag."""
     if not is_dicom(path):
         return None
     try:
         return read_info(path).angles
+    except AngleError:
+        raise
     except DicomError:
         return None
 
@@ -270,11 +306,13 @@ def view_label(primary: float, secondary: float) -> str:
     """A readable view from C-arm angles: the nearest standard projection.
 
     Primary rounded to the nearest `PRIMARY_STEP` degrees (LAO positive, RAO negative, 0 is
-    `AP`), secondary to the nearest `SECONDARY_STEP` (CRA positive, CAU negative, 0 omitted):
+    `AP`, +-180 is `PA`: the same projection from either side), secondary to the nearest
+    `SECONDARY_STEP` (CRA positive, CAU negative, 0 omitted):
     (44.6, 29) -> `LAO45_CRA30`, (-31, -18) -> `RAO30_CAU20`, (2, 0) -> `AP`.
     """
     p, s = _nearest(primary, PRIMARY_STEP), _nearest(secondary, SECONDARY_STEP)
-    label = "AP" if p == 0 else f"{'LAO' if p > 0 else 'RAO'}{abs(p)}"
+    label = ("AP" if p == 0 else "PA" if abs(p) == PRIMARY_LIMIT
+             else f"{'LAO' if p > 0 else 'RAO'}{abs(p)}")
     return label if s == 0 else f"{label}_{'CRA' if s > 0 else 'CAU'}{abs(s)}"
 
 

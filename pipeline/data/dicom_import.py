@@ -17,6 +17,7 @@ else from the header is written: no names, identifiers or dates.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections import defaultdict
@@ -47,6 +48,7 @@ from pipeline.data.manifest import write_manifest
 from pipeline.durable import write_atomically
 
 MASK_PATTERN = r"^(?P<key>.+)_(?P<frame>\d+)\.[^.]+$"
+SHOWN = 3
 
 
 @dataclass
@@ -82,9 +84,9 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
             infos.append(read_info(path))
         except DicomError as err:
             problems.append(str(err))
-    keys = _keys(infos, _compile(image_regex, "image regex"))
     masks: dict[Path, dict[int, Path]] = {}
-    if masks_root is not None:
+    if masks_root is not None:  # keys only pair masks: files may share a stem without masks
+        keys = _keys(infos, _compile(image_regex, "image regex"))
         masks, unmatched = _pair_masks(keys, masks_root, _compile(mask_regex, "mask regex"))
         problems += unmatched
     problems += [f"{info.path}: {info.problem}" for info in infos if info.problem]
@@ -92,7 +94,7 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
     if problems:
         raise DatasetImportError(_list_problems("DICOM problems (nothing was written)", problems))
     result = DicomImport(manifest=Path(out_csv))
-    rows, groups = [], []
+    rows, groups, seen = [], [], {}
     for info in infos:
         frames = range(1, info.frames + 1) if all_frames else sorted(masks.get(info.path, {}))
         if not frames:
@@ -102,7 +104,9 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
         if info.angles is None:
             result.notes.append(f"{info.path}: no Positioner Primary/Secondary Angle "
                                 "(0018,1510/1511); its rows have no angles and an empty view")
-        new = _frame_rows(info, frames, masks.get(info.path, {}), dicom_dir, frames_dir)
+        new, repeated = _frame_rows(info, frames, masks.get(info.path, {}), dicom_dir,
+                                    frames_dir, seen)
+        result.notes += _repeat_notes(info, repeated)
         rows += new
         groups += [info.group or str(info.path)] * len(new)
     if not rows:
@@ -176,28 +180,56 @@ def _mask_problems(infos: list[DicomInfo], masks: dict[Path, dict[int, Path]]) -
 
 
 def _frame_rows(info: DicomInfo, frames, masks: dict[int, Path], dicom_dir: Path,
-                frames_dir: Path) -> list[dict]:
-    """Write the frames as PNG (only where the file differs) and return their manifest rows."""
+                frames_dir: Path, seen: dict[str, tuple[Path, int]]
+                ) -> tuple[list[dict], list[tuple[int, Path, int, bool]]]:
+    """Write the frames as PNG (only where the file differs); their manifest rows, and the
+    frames left out as (frame, earlier file, its frame, had a mask): pixels equal to a frame
+    already in `seen` (sha256 of the PNG -> file, frame), which a manifest may not hold twice
+    (the same image in train and val leaks; `check` refuses it)."""
     pixels = read_frames(info.path)  # (N, H, W[, 3]) uint8
     folder = frames_dir / info.path.parent.relative_to(dicom_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     view = {} if info.angles is None else {
         "primary_angle": info.angles[0], "secondary_angle": info.angles[1],
         "view": view_label(*info.angles)}
-    rows = []
+    rows, repeated = [], []
     for frame in frames:
+        data = _png(pixels[frame - 1])
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            repeated.append((frame, *seen[digest], frame in masks))
+            continue
+        seen[digest] = (info.path, frame)
         png = folder / f"{info.path.stem}_{frame}.png"
-        _write_once(png, pixels[frame - 1])
+        _write_once(png, data)
         rows.append({"image": png, "mask": masks.get(frame), "view": None, **view,
                      "source": info.path, "frame": frame})
-    return rows
+    return rows, repeated
 
 
-def _write_once(path: Path, pixels) -> None:
-    """Save `pixels` as PNG unless `path` already holds exactly those bytes (keeps its mtime)."""
+def _repeat_notes(info: DicomInfo, repeated: list[tuple[int, Path, int, bool]]) -> list[str]:
+    """One note per earlier file whose frames `info`'s file repeats, naming the frames."""
+    by_file: dict[Path, list[tuple[int, int, bool]]] = defaultdict(list)
+    for frame, earlier, its_frame, had_mask in repeated:
+        by_file[earlier].append((frame, its_frame, had_mask))
+    notes = []
+    for earlier, pairs in by_file.items():
+        shown = ", ".join(f"{f} (= frame {e})" for f, e, _ in pairs[:SHOWN])
+        more = f", and {len(pairs) - SHOWN} more" if len(pairs) > SHOWN else ""
+        masked = sum(m for _, _, m in pairs)
+        notes.append(f"{info.path}: {len(pairs)} frame(s) not imported, the same pixels as "
+                     f"frames of {earlier} (one image twice would leak between splits): "
+                     f"frame {shown}{more}{f'; {masked} of them had a mask' if masked else ''}")
+    return notes
+
+
+def _png(pixels) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Write the PNG `data` unless `path` already holds exactly those bytes (keeps its mtime)."""
     if path.is_file() and path.read_bytes() == data:
         return
     write_atomically(path, data)

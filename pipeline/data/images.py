@@ -123,13 +123,21 @@ def read_image(path: str | Path) -> torch.Tensor:
 def read_mask(path: str | Path) -> tuple[np.ndarray, str]:
     """Decode a mask to (H, W) bool, and say how it was binarised.
 
-    Masks of 0/1 keep every non-zero pixel; anything else (0/255, 0/65535, anti-aliased or JPEG
-    edges) keeps pixels above half of the mask's maximum.
+    Every mode gives one value per pixel first: gray (L, I;16, I, 1) as stored; color (RGB, and
+    P through its palette) the brightest channel; with alpha (LA, RGBA, P with transparency) the
+    same, and a fully transparent pixel (alpha 0) is background: alpha says where something was
+    drawn, never that a pixel is vessel (an opaque gray + alpha mask is its gray values).
+    Then masks of 0/1 keep every non-zero pixel; anything else (0/255, 0/65535, anti-aliased or
+    JPEG edges) keeps pixels above half of the mask's maximum.
     """
     path = Path(path)
     array = _read_array(path)
     if array.ndim == 3:
-        array = array[..., : min(array.shape[-1], 3)].max(axis=-1)
+        channels = array.shape[-1]
+        value = array[..., : 1 if channels == 2 else 3].max(axis=-1)
+        if channels in (2, 4):  # gray + alpha, RGBA
+            value = np.where(array[..., -1] > 0, value, np.zeros_like(value))
+        array = value
     values = np.unique(array)
     if values.size <= 2 and values.max(initial=0) <= 1:
         return array > 0, "binary 0/1"

@@ -15,6 +15,7 @@ import csv
 import difflib
 import hashlib
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val",
 """Accepted `split` values (case and surrounding spaces ignored) -> what they mean. An empty
 split trains; `test` rows are held out: neither trained on nor validated."""
 UNKNOWN_VIEW = "<unknown>"
+PRIMARY_LIMIT, SECONDARY_LIMIT = 180.0, 90.0
+"""C-arm angle ranges in degrees, as DICOM defines them (PS3.3 C.8.7.5): primary (LAO+/RAO-)
+-180..180, secondary (CRA+/CAU-) -90..90."""
 
 
 class ManifestError(UserError, ValueError):
@@ -156,14 +160,31 @@ def write_manifest(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
+def normalise_angles(primary: float, secondary: float) -> tuple[float, float]:
+    """C-arm angles checked against `PRIMARY_LIMIT` / `SECONDARY_LIMIT`, the primary in
+    (-180, 180]: -180 is the same projection as 180 and becomes 180. A non-finite angle or one
+    out of range raises ValueError naming it (callers add the file and row or tag)."""
+    for name, value, limit in (("primary", primary, PRIMARY_LIMIT),
+                               ("secondary", secondary, SECONDARY_LIMIT)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} angle {value} is not a finite number of degrees")
+        if abs(value) > limit:
+            raise ValueError(f"{name} angle {value:g} is outside -{limit:g}..{limit:g} degrees")
+    return (PRIMARY_LIMIT if primary == -PRIMARY_LIMIT else float(primary)), float(secondary)
+
+
 def _angles(path: Path, number: int, record: dict) -> tuple[float, float] | None:
     values = [record.get(c, "") for c in ANGLE_COLUMNS]
     if not any(values):
         return None
     try:
-        return float(values[0] or 0.0), float(values[1] or 0.0)
+        angles = float(values[0] or 0.0), float(values[1] or 0.0)
     except ValueError as err:
         raise ManifestError(f"{path}: row {number} has a non-numeric angle ({err})") from err
+    try:
+        return normalise_angles(*angles)
+    except ValueError as err:
+        raise ManifestError(f"{path}: row {number}: {err}") from err
 
 
 def _source(path: Path, number: int, record: dict) -> dict:

@@ -80,8 +80,24 @@ def restore(payload: dict, model, optimizer=None, scheduler=None) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
+        # The optimizer saved the rates of the schedule it ran under; a resume may change the
+        # budget (the cosine stretches), so the next step's rates come from `scheduler` as built.
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
         _set_rng_state(payload["rng"])
     return payload["state"]
+
+
+def saved_state(path: Path) -> dict:
+    """A checkpoint's training state (step, best, total_steps, ...), without reading its
+    tensors (mmap)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state"]
+
+
+def saved_step(path: Path) -> int:
+    """The step a checkpoint was saved at."""
+    return int(saved_state(path)["step"])
 
 
 def save_adapter(model, directory: Path) -> None:

@@ -19,9 +19,11 @@ from tqdm import tqdm
 from pipeline.data.images import normalize
 from pipeline.data.manifest import UNKNOWN_VIEW
 from pipeline.data.samples import collate_samples, to_device
+from pipeline.errors import deferred_interrupts
 from pipeline.model.losses import training_loss
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from pipeline.train.divergence import check_loss
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_batch
 from pipeline.train.reporting import MetricsLog, plot_curves, write_json, write_report
 from pipeline.train.run_data import RunData
@@ -57,7 +59,7 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, live=False,
               max_steps=0, steps=None, show=True, desc="", centrelines: int | None = None,
               loss_name: str = "dice_bce", bar: tqdm | None = None,
-              targets: NativeTargets | None = None
+              targets: NativeTargets | None = None, first_step: int = 1
               ) -> tuple[SegmentationMeter, float, int, float, float]:
     """One pass over `loader` (or its first `steps`/`max_steps` batches); trains when
     `optimizer` is given, stepping `scheduler` after each optimizer step.
@@ -68,6 +70,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
     resized masks, without AUC, and clDice only for the first `centrelines` images (None: all);
     with `targets` (validation) every score of every image at its own size (pipeline.train.scoring).
     Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
+    A non-finite training loss raises `DivergedError` naming the run's step (`first_step` is
+    that of this pass's first batch).
     """
     training = optimizer is not None
     meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
@@ -81,7 +85,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
         bar = tqdm(total=steps, desc=desc, unit="step", disable=not show, leave=False)
     iterator, start = iter(loader), time.perf_counter()
     try:
-        for _ in range(steps):
+        for i in range(steps):
             t = time.perf_counter()
             batch = to_device(next(iterator), device)
             t_data = time.perf_counter()
@@ -96,6 +100,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
                 if scheduler is not None:
                     scheduler.step()
             n, loss_value = len(batch["mask"]), float(loss.detach())  # syncs the device
+            if training:
+                check_loss(loss_value, first_step + i, "training", optimizer)
             compute += time.perf_counter() - t_data
             loss_sum, count = loss_sum + loss_value * n, count + n
             if targets is None:
@@ -200,13 +206,16 @@ def train_process(prepared: Prepared, context) -> None:
                       "lr": train_record["lr"], "e2e": live_val,
                       "loss": _mean_across(vloss, vcount, context, device),
                       "seconds": time.perf_counter() - vstart, **_scores(val)}
+        if val["n"]:  # weights made non-finite by the interval's last step
+            check_loss(val_record["loss"], state["step"], "validation", optimizer)
         state["stream"] = data.stream.position
         if leader:
             _record(log, train_record, val_record if val["n"] else None, total, tb)
             if tb and chosen:
                 tb.overlays(state["step"], *_overlay_inputs(model, prepared, data, device,
                                                             chosen, live_val))
-            _save(model, optimizer, scheduler, state, prepared, val, live_val)
+            with deferred_interrupts():  # a signal waits until last.pt and best.pt are whole
+                _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
     bar.close()
     if leader:
@@ -248,7 +257,8 @@ def _train_interval(net, model, data: RunData, prepared: Prepared, state: dict, 
         part = run_epoch(
             net, data.stream.take(n, live), device, prepared.views, optimizer=optimizer,
             scheduler=scheduler, live=live, steps=n, bar=bar,
-            centrelines=max(0, config.train_cldice - count), loss_name=config.loss)
+            centrelines=max(0, config.train_cldice - count), loss_name=config.loss,
+            first_step=first + 1 + (0 if live else live_steps))
         meter.merge(part[0])
         loss_sum, count = loss_sum + part[1], count + part[2]
         wait, compute = wait + part[3], compute + part[4]

@@ -4,6 +4,8 @@ both splits, their loaders, and the cache rows they read (re-pointed after a ref
 from __future__ import annotations
 
 import atexit
+import os
+import signal
 import weakref
 from pathlib import Path
 
@@ -11,12 +13,20 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from pipeline.cache.feature_batches import FeatureBatches
+from pipeline.cache.lock import hold_for_reading
 from pipeline.cache.store import CacheError, FeatureCache
 from pipeline.data.augment import augmented_key
 from pipeline.data.samples import DecodedSamples, SegmentationSamples, collate_samples
 from pipeline.train.scoring import NativeTargets
 from pipeline.train.setup import Prepared
 from pipeline.train.steps import BatchStream, EpochSampler
+
+
+def _quiet_sigterm(worker_id: int) -> None:
+    """A loader worker ends with status 0 on SIGTERM (Slurm sends it to every process of the
+    job): killed by the signal, it would make PyTorch raise 'DataLoader worker killed' into
+    the training process while that writes its report."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 class RunData:
@@ -58,6 +68,7 @@ class RunData:
         self.stream = BatchStream(self.sampler, {False: self.train_cached, True: self.train_live},
                                   lambda live: self.train_loader(live))
         self.val_targets = NativeTargets(prepared.val)  # validation scores at native size
+        self.readers: list = []
         self.point_at(cache)
         # Also when the run ends by an error or Ctrl-C (`close`'s docstring says why).
         close = weakref.WeakMethod(self.close)
@@ -66,6 +77,7 @@ class RunData:
     def point_at(self, cache: Path) -> None:
         p, cfg = self.prepared, self.prepared.config
         store, augment = FeatureCache.open(cache), [cfg.copy_plan.names(k) for k in p.train_keys]
+        self.readers.append(hold_for_reading(cache))  # `cache rm` refuses it while we run
         train_keys = [[k] + [augmented_key(k, a) for a in names]
                       for k, names in zip(p.train_keys, augment, strict=True)]
         (train_rows, train_done), (val_rows, val_done) = (store.done_for(sum(train_keys, [])),
@@ -105,7 +117,8 @@ class RunData:
         workers = 0 if self.memory[split] is not None else cfg.loader_workers
         return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
                           num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples)
+                          pin_memory=cfg.device == "cuda", collate_fn=collate_samples,
+                          worker_init_fn=_quiet_sigterm if workers else None)
 
     def _with_features(self, loader, cached_split: str | None):
         """`loader` as is (live), or wrapped in `FeatureBatches`, which adds the features."""

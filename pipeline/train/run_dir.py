@@ -49,6 +49,14 @@ def manifest_record(samples, keys: list[str]) -> dict:
     return {"rows": rows, "sha256": digest}
 
 
+def recorded_splits(run_dir: Path) -> dict[str, str] | None:
+    """{image key: split} of the run's recorded manifest; None for a run without one."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    return {key: split for _, key, split, _ in json.loads(path.read_text())["rows"]}
+
+
 def check_resumable_manifest(run_dir: Path, manifest: Path, record: dict) -> None:
     """Raise `RunDirError` naming what changed between the run's recorded manifest and
     `record` (the manifest as it is now); runs made before manifests were recorded pass."""

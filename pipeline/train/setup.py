@@ -27,6 +27,7 @@ from pipeline.distributed import (
 from pipeline.errors import UserError
 from pipeline.extraction import SIGNATURE_FIELDS, cache_signature, run_extraction
 from pipeline.train.cache_choice import check_agrees
+from pipeline.train.checkpoint import saved_step
 from pipeline.train.reporting import write_json
 from pipeline.train.run_dir import (
     RunDirError,
@@ -162,6 +163,8 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
         dist.broadcast_object_list(run_dir, src=0)  # ranks may disagree on the timestamp
     run_dir = Path(run_dir[0])
     config = replace(config, run_dir=str(run_dir))
+    if config.resume:  # every rank refuses a budget below the run's step
+        _record_resumed_budget(config, run_dir, len(train), write=context.is_leader)
     if context.is_leader and not config.resume:
         claim_run_dir(run_dir, overwrite=config.overwrite)
         write_json(run_dir / "manifest.json", record)
@@ -174,6 +177,27 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
     context.barrier()
     return Prepared(config, run_dir, train, val, [key_of[s] for s in train],
                     [key_of[s] for s in val], views, cache, signature)
+
+
+def _record_resumed_budget(config: TrainConfig, run_dir: Path, train_samples: int, *,
+                           write: bool) -> None:
+    """Refuse a budget below the step the run reached; else (when `write`) write the resumed
+    settings (the new budget above all) into config.json, and drop report.json when steps are
+    left, since the run is not finished until it writes a new one."""
+    step, total = saved_step(run_dir / "last.pt"), config.total_steps(train_samples)
+    if total < step:
+        asked = (f"--steps {config.steps}" if config.steps else
+                 f"--epochs {config.epochs} ({total} steps)")
+        raise RunDirError(f"--resume {run_dir}: the run is at step {step} (last.pt), past the "
+                          f"{asked} asked for; give --steps above {step} to continue it, or "
+                          "start a new run")
+    if not write:
+        return
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["config"] = {**asdict(config), "resume": saved["config"].get("resume")}
+    write_json(run_dir / "config.json", saved)
+    if total > step:
+        (run_dir / "report.json").unlink(missing_ok=True)
 
 
 def requested_fields(config: TrainConfig) -> dict:
@@ -195,14 +219,27 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
         raise RunDirError(f"{run_dir}/last.pt does not exist: the run stopped before it saved its "
                           "first epoch, so there is nothing to resume; start it again with the "
                           f"same flags and --run-dir {run_dir} --overwrite")
-    saved = json.loads((run_dir / "config.json").read_text())["config"]
+    recorded = json.loads((run_dir / "config.json").read_text())
+    saved, requested = recorded["config"], dict(requested or {})
+    if requested.get("cache") and _cache_id(requested["cache"]) == (
+            recorded.get("cache") or {}).get("id"):
+        del requested["cache"]  # the run's own cache, by id or by another path to it
     for name, value in FIELDS_ADDED.items():  # a run from before the field keeps its behaviour
         saved.setdefault(name, value)
     for name in ("levels", "gpus"):
         saved[name] = tuple(saved[name])
-    saved.update(resume_changes(run_dir, saved, requested or {}, RESUMABLE))
+    changes = resume_changes(run_dir, saved, requested, RESUMABLE)
+    for budget, other in (("steps", "epochs"), ("epochs", "steps")):
+        if changes.get(budget) and other not in changes:  # a budget in the other unit
+            changes[other] = None
+    saved.update(changes)
     saved.update(resume=str(run_dir), run_dir=str(run_dir))
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def _cache_id(id_or_path: str) -> str:
+    """The cache id `--cache` names: an id as given, or a cache folder's name."""
+    return Path(str(id_or_path)).name.removesuffix(".zarr")
 
 
 def seed_everything(seed: int) -> None:

@@ -220,3 +220,37 @@ def test_cli_list_info_rm(tmp_path, capsys):
     assert cache_cli(["--cache-dir", str(tmp_path), "rm", cache.cache_id]) == 0
     assert not cache.path.exists() and list_caches(tmp_path) == []
     assert cache_cli(["--cache-dir", str(tmp_path), "info", "nope"]) == 2
+
+
+def test_a_damaged_or_missing_zarr_json_is_named_and_rm_still_removes_it(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    from pipeline.cache.store import DamagedCacheError, find_cache
+
+    cache = _cache(tmp_path)
+    (cache.path / "zarr.json").write_text("{ not json")
+    out = subprocess.run([sys.executable, str(REPO / "train_head.py"), "--data", "x.csv",
+                          "--cache", str(cache.path), "--device", "cpu"], cwd=tmp_path,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines() == [
+        f"error: {cache.path / 'zarr.json'} cannot be read (JSONDecodeError: Expecting property "
+        "name enclosed in double quotes: line 1 column 3 (char 2)): the cache is damaged; delete "
+        f"it (`python -m pipeline.cache rm {cache.path}`) and extract again"]
+    (cache.path / "zarr.json").unlink()
+    with pytest.raises(DamagedCacheError) as raised:
+        find_cache(str(cache.path), "cache")
+    assert str(raised.value) == (
+        f"{cache.path} is a damaged feature cache: its zarr.json is missing; delete it "
+        f"(`python -m pipeline.cache rm {cache.path}`) and extract again")
+    with pytest.raises(DamagedCacheError, match="its zarr.json is missing"):
+        FeatureCache.find(tmp_path, SIGNATURE)  # not "absent": extraction could not create it
+    assert cache_cli(["--cache-dir", str(tmp_path), "list"]) == 1
+    assert f"{cache.cache_id}  DAMAGED: {cache.path} is a damaged" in capsys.readouterr().out
+    assert cache_cli(["--cache-dir", str(tmp_path), "rm", str(cache.path)]) == 0
+    assert not cache.path.exists()
+    with pytest.raises(CacheError, match=f"no cache '{tmp_path / 'gone.zarr'}' \\(see"):
+        find_cache(tmp_path / "gone.zarr", "cache")

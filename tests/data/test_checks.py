@@ -174,3 +174,20 @@ def test_dicom_sources_and_images_checked_once_per_file(tmp_path):
         "view from them",
         f"row 8: {single}: no C-arm angles (0018,1510/1511): its 1 row(s) have no angles and no "
         "view from them"]
+
+
+def test_a_mask_mostly_vessel_is_warned_about(tmp_path):
+    inverted = np.full((16, 20), 255, np.uint8)
+    inverted[4:6, :] = 0
+    (tmp_path / "inv.png").parent.mkdir(exist_ok=True)
+    Image.fromarray(inverted).save(tmp_path / "inv.png")
+    opaque = np.stack([np.zeros((16, 20), np.uint8), np.full((16, 20), 255, np.uint8)], -1)
+    Image.fromarray(opaque, "LA").save(tmp_path / "la.png")  # gray 0, alpha 255: no vessel
+    samples = _manifest(tmp_path, [
+        {"image": _image(tmp_path / "a.png", 1), "mask": tmp_path / "inv.png", "split": "train"},
+        {"image": _image(tmp_path / "b.png", 2), "mask": tmp_path / "la.png", "split": "val"}])
+    report = check_manifest(samples, require_masks=True)
+    assert [str(w) for w in report.warnings] == [
+        f"row 1: {tmp_path / 'inv.png'}: mask is 88% vessel: vessels cover far less of an image; "
+        "is it inverted (vessels black on white)?",
+        f"row 2: {tmp_path / 'la.png'}: mask is empty"]

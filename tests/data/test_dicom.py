@@ -201,3 +201,67 @@ def test_a_voi_lut_sequence_wins_over_the_window(tmp_path):
     ds.VOILUTSequence = [item]
     ds.save_as(path, enforce_file_format=True)
     assert np.array_equal(read_frames(path)[0], (255 - stored // 16).astype(np.uint8))
+
+
+def _with_primary_angle(path, text: str, frames: int = 2):
+    """An XA file whose Positioner Primary Angle holds `text` as stored (DS, unchecked)."""
+    import pydicom
+
+    ds = pydicom.dcmread(write_xa(path, _stored(8, (frames, 9, 7))))
+    ds["PositionerPrimaryAngle"]._value = text
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("nan", "primary angle nan is not a finite number of degrees (DICOM's range)"),
+    ("Infinity", "primary angle inf is not a finite number of degrees (DICOM's range)"),
+    ("200", "primary angle 200 is outside -180..180 degrees (DICOM's range)"),
+])
+def test_an_angle_out_of_range_names_the_file_and_tag(tmp_path, text, shown):
+    path = _with_primary_angle(tmp_path / "run.dcm", text)
+    with pytest.raises(DicomError) as raised:
+        read_info(path)
+    assert str(raised.value) == (f"{path}: Positioner Primary Angle (0018,1510): {shown}; "
+                                 "correct the header (e.g. dcmodify) or remove the tag")
+
+
+@pytest.mark.parametrize("text", ["LAO30", "30\\40"])
+def test_an_angle_that_is_not_one_number_names_the_file_and_tag(tmp_path, text):
+    path = _with_primary_angle(tmp_path / "run.dcm", text)
+    with pytest.raises(DicomError) as raised:
+        read_info(path)
+    assert str(raised.value) == (
+        f"{path}: Positioner Primary Angle (0018,1510) is '{text}', not one number of degrees; "
+        "correct the header (e.g. dcmodify) or remove the tag")
+
+
+def test_secondary_angle_range_and_180_is_one_projection(tmp_path):
+    path = write_xa(tmp_path / "cau.dcm", _stored(8, (9, 7)), angles=(-179.0, 95.0))
+    with pytest.raises(DicomError, match=r"Positioner Secondary Angle \(0018,1511\): secondary "
+                       r"angle 95 is outside -90..90 degrees"):
+        read_info(path)
+    for primary in (180.0, -180.0):
+        info = read_info(write_xa(tmp_path / f"{primary}.dcm", _stored(8, (9, 7)),
+                                  angles=(primary, 0.0)))
+        assert info.angles == (180.0, 0.0)
+        assert view_label(*info.angles) == "PA"
+    assert view_label(-175.0, 0.0) == view_label(175.0, 0.0) == "PA"
+
+
+def test_import_names_a_bad_angle_and_writes_nothing(tmp_path):
+    from pipeline.data.cli import main
+
+    dicom = tmp_path / "dicom"
+    _with_primary_angle(dicom / "run.dcm", "nan")
+    frames = tmp_path / "frames"
+    code = main(["import", "dicom", str(dicom), "--out", str(tmp_path / "m.csv"),
+                 "--frames-out", str(frames), "--all-frames"])
+    assert code == 1 and not frames.exists() and not (tmp_path / "m.csv").exists()
+    single = tmp_path / "single"
+    _with_primary_angle(single / "image.dcm", "LAO30", frames=1)
+    from pipeline.data.importers import import_folder
+
+    with pytest.raises(DicomError, match=r"image.dcm: Positioner Primary Angle \(0018,1510\) "
+                       r"is 'LAO30'"):
+        import_folder(single, tmp_path / "f.csv", allow_missing_masks=True, split_ratio=None)

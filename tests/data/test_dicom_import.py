@@ -161,3 +161,52 @@ def test_mask_regex_with_key_and_frame_groups(cathlab, tmp_path):
         ("runA.dcm", 3, "frame-0003-of-runA-vessels.png")]
     with pytest.raises(DatasetImportError, match=r"needs the groups \(\?P<key>"):
         _import(cathlab, masks=other, mask_regex=r"(\w+)")
+
+
+def test_files_sharing_a_stem_import_without_masks(tmp_path):
+    root = tmp_path / "dicom"
+    for room in ("room1", "room2"):
+        write_xa(root / room / "run1.dcm", RNG.integers(0, 256, (2, H, W)).astype(np.uint8),
+                 patient=room)
+    result = import_dicom(root, tmp_path / "all.csv", frames_dir=tmp_path / "frames",
+                          all_frames=True)
+    samples = read_manifest(result.manifest)
+    assert sorted(str(s.image.relative_to(tmp_path / "frames")) for s in samples) == [
+        "room1/run1_1.png", "room1/run1_2.png", "room2/run1_1.png", "room2/run1_2.png"]
+    with pytest.raises(DatasetImportError, match="DICOM files share a mask key"):
+        import_dicom(root, tmp_path / "m.csv", frames_dir=tmp_path / "frames",
+                     masks_dir=_mask(tmp_path / "masks" / "run1_1.png").parent)
+
+
+def test_repeated_pixels_are_imported_once_and_named(tmp_path):
+    import shutil
+
+    from pipeline.data.checks import check_manifest
+
+    root = tmp_path / "dicom"
+    run = RNG.integers(0, 256, (3, H, W)).astype(np.uint8)
+    write_xa(root / "a.dcm", run, patient="P1")
+    shutil.copy(root / "a.dcm", root / "b.dcm")  # the same file twice
+    still = RNG.integers(0, 256, (H, W)).astype(np.uint8)
+    write_xa(root / "c.dcm", np.stack([still, still, run[0] // 2]), patient="P2")
+    for name, patient in (("d.dcm", "P3"), ("e.dcm", "P4")):  # blank frames, two patients
+        write_xa(root / name, np.zeros((2, H, W), np.uint8), patient=patient)
+    result = import_dicom(root, tmp_path / "m.csv", frames_dir=tmp_path / "frames",
+                          all_frames=True, split_ratio=0.5)
+    samples = read_manifest(result.manifest)
+    assert [(s.source.name, s.frame) for s in samples] == [
+        ("a.dcm", 1), ("a.dcm", 2), ("a.dcm", 3), ("c.dcm", 1), ("c.dcm", 3), ("d.dcm", 1)]
+    assert result.notes == [
+        f"{root / 'b.dcm'}: 3 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'a.dcm'} (one image twice would leak between splits): frame 1 (= frame 1), "
+        "2 (= frame 2), 3 (= frame 3)",
+        f"{root / 'c.dcm'}: 1 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'c.dcm'} (one image twice would leak between splits): frame 2 (= frame 1)",
+        f"{root / 'd.dcm'}: 1 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'd.dcm'} (one image twice would leak between splits): frame 2 (= frame 1)",
+        f"{root / 'e.dcm'}: 2 frame(s) not imported, the same pixels as frames of "
+        f"{root / 'd.dcm'} (one image twice would leak between splits): frame 1 (= frame 1), "
+        "2 (= frame 1)"]
+    assert check_manifest(samples, require_masks=False).ok  # what check refused before
+    assert sorted(p.name for p in (tmp_path / "frames").rglob("*.png")) == [
+        "a_1.png", "a_2.png", "a_3.png", "c_1.png", "c_3.png", "d_1.png"]

@@ -129,3 +129,41 @@ def test_dicom_images_are_read_wherever_images_are(tmp_path):
     assert not is_image_file(tmp_path / "notes.txt")
     with pytest.raises(ImageError, match=r"notes\.txt: unsupported format '\.txt'"):
         read_image(tmp_path / "notes.txt")
+
+
+def _line(size=(12, 16)) -> np.ndarray:
+    mask = np.zeros(size, bool)
+    mask[:, 5] = mask[7, :] = True
+    return mask
+
+
+def _in_mode(mask: np.ndarray, mode: str) -> Image.Image:
+    """`mask` saved as a PNG of `mode`, vessels white (or palette index 1, or alpha-opaque)."""
+    gray = mask.astype(np.uint8) * 255
+    if mode == "L":
+        return Image.fromarray(gray)
+    if mode == "1":
+        return Image.fromarray(gray).convert("1")
+    if mode == "I;16":
+        return Image.fromarray(mask.astype(np.uint16) * 65535)
+    if mode == "LA":  # opaque everywhere: alpha 255 must not make every pixel vessel
+        return Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA")
+    if mode == "RGB":  # a red annotation
+        return Image.fromarray(np.stack([gray, gray * 0, gray * 0], -1))
+    if mode == "RGBA":  # strokes on a transparent white layer: white, but alpha 0
+        rgb = np.where(mask[..., None], [255, 0, 0], [255, 255, 255]).astype(np.uint8)
+        return Image.fromarray(np.dstack([rgb, gray]), "RGBA")
+    image = Image.fromarray(mask.astype(np.uint8), "P")  # palette: 0 black, 1 green
+    image.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    return image
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGB", "RGBA", "I;16", "1"])
+def test_every_mask_mode_reads_its_vessels(tmp_path, mode):
+    from pipeline.data.images import read_mask
+
+    image = _in_mode(_line(), mode)
+    assert image.mode == mode
+    image.save(tmp_path / "mask.png")
+    mask, _ = read_mask(tmp_path / "mask.png")
+    np.testing.assert_array_equal(mask, _line())

@@ -95,3 +95,25 @@ def test_an_empty_validation_set_is_an_error_unless_allowed(tmp_path):
     with pytest.raises(ManifestError, match="no validation rows.*--allow-empty-val"):
         split_samples(samples)
     assert len(split_samples(samples, allow_empty_val=True)[0]) == 4
+
+
+@pytest.mark.parametrize(("primary", "secondary", "message"), [
+    ("nan", "0", "primary angle nan is not a finite number of degrees"),
+    ("200", "0", "primary angle 200 is outside -180..180 degrees"),
+    ("-179", "95", "secondary angle 95 is outside -90..90 degrees"),
+])
+def test_angles_are_checked_for_range(tmp_path, primary, secondary, message):
+    manifest, rows = _rows(tmp_path, 4)
+    rows[1].update(primary_angle=primary, secondary_angle=secondary)
+    _write(manifest, ["image", "mask", "view", "split", "primary_angle", "secondary_angle"], rows)
+    with pytest.raises(ManifestError) as raised:
+        read_manifest(manifest)
+    assert str(raised.value) == f"{manifest}: row 2: {message}"
+
+
+def test_minus_180_is_the_projection_of_180(tmp_path):
+    manifest, rows = _rows(tmp_path, 4)
+    rows[0].update(primary_angle="-180", secondary_angle="0")
+    rows[1].update(primary_angle="180", secondary_angle="-90")
+    _write(manifest, ["image", "mask", "view", "split", "primary_angle", "secondary_angle"], rows)
+    assert [s.angles for s in read_manifest(manifest)[:2]] == [(180.0, 0.0), (180.0, -90.0)]

@@ -85,3 +85,10 @@ def test_train_head_trains_on_the_named_cache_without_repeating_its_flags(datase
          "--device", "cpu"], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr.splitlines()[-1].startswith("error: --levels 1x disagrees with")
+    # Resumed with the same cache named by its id (and folder) instead of the path it was given
+    resumed = subprocess.run(
+        [sys.executable, str(REPO / "train_head.py"), "--resume", str(run), "--cache",
+         summary.cache_id, "--cache-dir", str(tmp_path / "cache"), "--steps", "3"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "config.json").read_text())["config"]["steps"] == 3

@@ -17,3 +17,32 @@ def test_one_bar_counts_the_runs_steps_and_never_shows_nan(dataset, tmp_path, ca
     # faster than its refresh interval, so that frame depends on the machine's speed).
     assert re.search(r"validation: +\d+%\|[^|]*\| [01]/1 ", err)
     assert "nan" not in err.lower()
+
+
+def _diverging(dataset, tmp_path, **kw):
+    return TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "cache"),
+                       run_dir=str(tmp_path / "run"), batch_size=2, e2e_every=0, lr=1e9,
+                       lora_lr=1e9, loader_workers=0, overlays=0, extract_missing=True,
+                       tensorboard=False, device="cpu", **kw)
+
+
+def test_a_diverged_run_stops_at_its_step_and_saves_nothing_of_it(dataset, tmp_path):
+    import pytest
+
+    from pipeline.train.divergence import DivergedError
+
+    # Step 1 is finite and validated (val every step); step 2's training loss is NaN.
+    with pytest.raises(DivergedError) as raised:
+        train(_diverging(dataset, tmp_path, steps=4, val_every=2))
+    assert str(raised.value) == (
+        "training diverged at step 2: the training loss is nan. Likely cause: learning rates "
+        "too high for this data (--lr 1e+09, --lora-lr 1e+09), or an fp16 overflow (--amp "
+        "fp16: try bf16). Start a new run with lower rates (e.g. --lr 1e+08 --lora-lr 1e+08; "
+        "--overwrite to reuse the run directory); nothing from step 2 on was saved (last.pt "
+        "and best.pt hold earlier validated steps, if any)")
+    run = tmp_path / "run"
+    assert not any((run / name).exists() for name in ("last.pt", "best.pt", "report.json"))
+    # The weights after step 1 already give a non-finite validation loss: stopped there.
+    with pytest.raises(DivergedError, match="diverged at step 1: the validation loss is nan"):
+        train(_diverging(dataset, tmp_path, steps=4, val_every=1, overwrite=True))
+    assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists()

@@ -116,3 +116,34 @@ def test_resume_without_last_pt_says_what_to_do(finished, tmp_path):
     (run / "last.pt").unlink()
     with pytest.raises(RunDirError, match=r"last\.pt does not exist: .*--overwrite"):
         train(TrainConfig(resume=str(run)))
+
+
+def test_resume_stretches_the_schedule_and_records_the_new_budget(finished, tmp_path):
+    from pipeline.runs import load_run
+    from pipeline.train.steps import lr_factor, warmup_steps
+
+    run, _ = _copy(finished, tmp_path)
+    assert _records(run)[-1]["step"] == 2  # one epoch of 5 images at batch 4
+    train(TrainConfig(resume=str(run), steps=4), given={"steps": 4})
+    config = TrainConfig()
+    resumed = [r for r in _records(run) if r["split"] == "train" and r["step"] == 3]
+    # The first resumed step at the stretched schedule's rate, not the old one's end (0.0)
+    assert resumed[0]["lr"] == pytest.approx(config.lr * lr_factor(2, 4, warmup_steps(
+        4, config.warmup)))
+    assert resumed[0]["lora_lr"] == pytest.approx(config.lora_lr * lr_factor(2, 4, warmup_steps(
+        4, config.warmup)))
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert (saved["steps"], saved["epochs"], saved["resume"]) == (4, None, None)
+    compared = load_run(run)
+    assert (compared.settings["steps"], compared.finished) == (4, True)
+
+
+def test_resume_refuses_a_budget_below_the_runs_step(finished, tmp_path):
+    run, _ = _copy(finished, tmp_path)
+    before = (run / "config.json").read_text()
+    with pytest.raises(RunDirError) as raised:
+        train(TrainConfig(resume=str(run), steps=1), given={"steps": 1})
+    assert str(raised.value) == (
+        f"--resume {run}: the run is at step 2 (last.pt), past the --steps 1 asked for; give "
+        "--steps above 2 to continue it, or start a new run")
+    assert (run / "config.json").read_text() == before and (run / "report.json").is_file()

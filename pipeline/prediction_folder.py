@@ -1,0 +1,52 @@
+"""What keeps a `predict --out` folder to one prediction, and which split of the run each
+predicted image was, so that scores of images the run trained on are never mixed with held-out
+ones.
+
+`predict` writes `predictions.csv`, `report.json`, `overlays/` and one `NNNNN_<stem>_mask.png`
+per row; a folder that holds any of these is refused unless `--overwrite`, which removes those
+files (and only those), as `train_head.py` treats its run directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.train.run_dir import recorded_splits
+
+PREDICT_FILES = ("predictions.csv", "report.json", "overlays")
+MASK_FILE = re.compile(r"^\d{5}_.+_mask\.png$")
+NEW = "new"
+"""The split of an image the run's manifest did not hold."""
+
+
+class PredictionFolderError(UserError, RuntimeError):
+    """An --out folder that holds an earlier prediction."""
+
+
+def claim_prediction_folder(out: Path, *, overwrite: bool) -> None:
+    """Make `out` ready for one prediction: refuse one holding predict's files unless
+    `overwrite`, which removes them (other files stay)."""
+    held = [out / name for name in PREDICT_FILES if (out / name).exists()]
+    if out.is_dir():
+        held += sorted(p for p in out.iterdir() if MASK_FILE.match(p.name))
+    if held and not overwrite:
+        names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
+        raise PredictionFolderError(
+            f"{out} already holds a prediction ({names}); pass --overwrite to replace it, or "
+            "choose another --out")
+    for path in held:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def row_splits(run_dir: Path, samples, keys: list[str]) -> list[str]:
+    """Per row, the run's split of its image (train, val, test: by sha256, from the run's
+    manifest.json), or `NEW` for an image the run never saw. A run from before manifest.json:
+    the row's own split column, else "unsplit"."""
+    recorded = recorded_splits(run_dir)
+    if recorded is None:
+        return [s.split or "unsplit" for s in samples]
+    return [recorded.get(key, NEW) for key in keys]
