@@ -77,6 +77,8 @@ def from_arguments(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
+DECODERS = ("detail", "legacy")
+"""Values of --decoder: `detail` (pipeline.model.detail) or `legacy` (pipeline.model.decoder)."""
 LOSSES = ("dice_bce", "dice_bce_cldice")
 """Values of --loss (pipeline.model.losses)."""
 
@@ -294,12 +296,37 @@ class TrainConfig(FeatureSource):
     activations (SAM 3's own setting): far less memory for about one more forward pass."""
     refresh_cache: bool = False
     """After end-to-end steps, extract the cache of the new adapter and train on it."""
+    decoder: str = "detail"
+    """detail: a U-Net on the image at its own resolution (random crops in training, whole
+    images or tiles in validation and predict), fused with the backbone's maps at every level
+    (pipeline/model/detail.py); legacy: the decoder at the backbone's square resolution
+    (--width, --image-branch, --image-channels), which runs made before it use."""
+    detail_width: int = 8
+    """Detail decoder: channels at full resolution (doubling per level). 8 from CHASE_DB1
+    (BENCHMARKS.md): 16 took 2-3 times as long a step on the CPU."""
+    detail_depth: int = 4
+    """Detail decoder: poolings of its U-Net (bottleneck at 1/2**depth of the side)."""
+    features: bool = True
+    """Detail decoder: fuse the backbone's features (off: the U-Net alone, an ablation)."""
+    crop_size: int = 256
+    """Detail decoder: training crops of this many pixels a side, at the image's own resolution
+    (a new random place every epoch; smaller images are padded)."""
+    detail_max_side: int = 1024
+    """Detail decoder: images whose longer side exceeds this are shrunk to it first (training,
+    validation and predict alike; predictions are scored and written at the image's own size;
+    0: never)."""
+    tile_size: int = 1024
+    """Detail decoder: validation and predict run images with a side over this in overlapping,
+    blended tiles of this size (0: always whole)."""
+    mirror_tta: bool = False
+    """Detail decoder: validation and predict average the four mirrorings (4x the time)."""
     image_branch: bool = True
-    """A shallow full-resolution branch on the raw image (thin vessels)."""
+    """Legacy decoder: a shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64
-    """Decoder width."""
+    """Legacy decoder: width."""
     image_channels: int = IMAGE_CHANNELS
-    """Channels of the full-resolution image branch and the stage that fuses it."""
+    """Legacy decoder: channels of the full-resolution image branch and the stage that fuses
+    it."""
     loader_workers: int = 2
     """DataLoader processes per training process."""
     seed: int = 0
@@ -351,6 +378,15 @@ class TrainConfig(FeatureSource):
             raise ValueError("--e2e-every, --e2e-steps and --train-cldice must be >= 0")
         if self.refresh_cache and not self.e2e_every:
             raise ValueError("--refresh-cache needs end-to-end steps (--e2e-every K > 0)")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"--decoder must be one of {list(DECODERS)}, not {self.decoder!r}")
+        if min(self.detail_width, self.detail_depth) < 1:
+            raise ValueError("--detail-width and --detail-depth must be >= 1")
+        if self.crop_size < 2**self.detail_depth:
+            raise ValueError(f"--crop-size must be at least 2**--detail-depth "
+                             f"({2**self.detail_depth}), got {self.crop_size}")
+        if min(self.detail_max_side, self.tile_size) < 0:
+            raise ValueError("--detail-max-side and --tile-size must be >= 0")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {list(LOSSES)}, not {self.loss!r}")
         if self.memory_cache_mb < 0:
@@ -376,6 +412,24 @@ class TrainConfig(FeatureSource):
         if self.epochs:
             return steps_per_epoch(train_samples, self.batch_size)
         return max(1, total_steps // VALIDATIONS)
+
+    @property
+    def native_training(self):
+        """How the detail decoder samples training images (`NativeSampling`); None: legacy."""
+        from pipeline.data.native_samples import NativeSampling
+
+        if self.decoder != "detail":
+            return None
+        return NativeSampling(crop=self.crop_size, max_side=self.detail_max_side)
+
+    @property
+    def native_whole(self):
+        """How the detail decoder sees whole images (validation, predict); None: legacy."""
+        from pipeline.data.native_samples import NativeSampling
+
+        if self.decoder != "detail":
+            return None
+        return NativeSampling(crop=None, max_side=self.detail_max_side)
 
     @property
     def lora_after_block(self) -> int | None:

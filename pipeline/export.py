@@ -25,9 +25,11 @@ import io
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from peft.tuners.lora import LoraLayer
+from torch import nn
 
 from pipeline.cache.signature import checkpoint_digest
 from pipeline.data.samples import ViewVocabulary
@@ -36,12 +38,18 @@ from pipeline.errors import UserError, run_command
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
-from pipeline.model.segmenter import VesselSegmenter
+from pipeline.model.segmenter import VesselSegmenter, build_decoder
 from pipeline.train.checkpoint import read_checkpoint
 from pipeline.train.run_dir import RUN_FILES
 from pipeline.train.setup import resume_config
 
-HEAD_FORMAT = 1
+HEAD_FORMAT = 2
+"""2: "decoder_config" (any decoder, with the detail decoder's inference settings); 1 (read
+too): "decoder_args" of the legacy decoder."""
+DECODER_FIELDS = ("decoder", "levels", "view_conditioning", "image_branch", "width",
+                  "image_channels", "detail_width", "detail_depth", "features",
+                  "detail_max_side", "tile_size", "mirror_tta")
+"""The TrainConfig fields a head file keeps: how to build its decoder and run it."""
 
 
 class ExportError(UserError, RuntimeError):
@@ -147,11 +155,9 @@ def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
     return {
         "format": HEAD_FORMAT,
         "decoder": payload["decoder"],
-        "decoder_args": {"levels": list(config.levels), "num_views": len(payload["views"]),
-                         "use_angles": payload["use_angles"],
-                         "image_branch": config.image_branch, "width": config.width,
-                         "image_channels": config.image_channels,
-                         "view_conditioning": config.view_conditioning},
+        "decoder_config": {name: (list(getattr(config, name)) if name == "levels"
+                                  else getattr(config, name)) for name in DECODER_FIELDS},
+        "use_angles": payload["use_angles"],
         "views": list(payload["views"]),
         "backbone": config.backbone,
         "amp": config.amp,
@@ -167,11 +173,17 @@ def _save_atomically(obj, path: Path) -> None:
     write_atomically(path, buffer.getvalue())
 
 
-def load_head(path: str | Path) -> tuple[ViewConditionedDecoder, ViewVocabulary, dict]:
+def load_head(path: str | Path) -> tuple[nn.Module, ViewVocabulary, dict]:
     """(decoder with the run's best weights, in eval mode; its views; the head's metadata)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    args = payload["decoder_args"]
-    decoder = ViewConditionedDecoder(**{**args, "levels": tuple(args["levels"])})
+    if "decoder_config" in payload:
+        settings = {**payload["decoder_config"]}
+        settings["levels"] = tuple(settings["levels"])
+        decoder = build_decoder(SimpleNamespace(**settings), num_views=len(payload["views"]),
+                                use_angles=payload["use_angles"])
+    else:  # format 1: the legacy decoder's arguments
+        args = payload["decoder_args"]
+        decoder = ViewConditionedDecoder(**{**args, "levels": tuple(args["levels"])})
     decoder.load_state_dict(payload["decoder"])
     return decoder.eval(), ViewVocabulary(tuple(payload["views"])), payload
 
@@ -182,8 +194,11 @@ def load_exported(checkpoint: str | Path, head: str | Path, *, amp: str | None =
     merged `checkpoint` (no LoRA layers left) and the decoder from `head`.
 
     `model(batch, live=True)` takes batch["image"] (B, 3, R, R) uint8 and batch["view"] (B,)
-    int64 (`views.index(label)`) and returns logits (B, 1, R, R) float32. `amp`: autocast of the
-    backbone and decoder (bf16, fp16 or off; default: the run's).
+    int64 (`views.index(label)`) and returns logits (B, 1, R, R) float32. With the detail
+    decoder (`model.native`) the batch also needs "pixels" (B, 3, h, w) uint8 and "box" (B, 4)
+    (`pipeline.data.native_samples.native_item`), and `model.infer(batch, live=True, ...)` with
+    the head's "decoder_config" tile_size and mirror_tta gives whole-image logits (B, 1, h, w).
+    `amp`: autocast of the backbone and decoder (bf16, fp16 or off; default: the run's).
     """
     decoder, views, meta = load_head(head)
     backbone = build_backbone(meta["backbone"], checkpoint)

@@ -95,9 +95,10 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
                               strict=True))
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
 
-    def dataset(chosen: list[int], with_image: bool) -> SegmentationSamples:
+    def dataset(chosen: list[int], with_image: bool, native) -> SegmentationSamples:
         return SegmentationSamples([samples[i] for i in chosen], resolution=model.resolution,
-                                   views=views, with_masks=False, with_image=with_image)
+                                   views=views, with_masks=False, with_image=with_image,
+                                   native=native)
 
     pool, pending = ThreadPoolExecutor(min(8, os.cpu_count() or 1)), []
     for i, logits, from_cache in model_logits(model, config, samples, dataset, cached=cached,
@@ -131,34 +132,42 @@ def model_logits(model, config, samples: list, dataset, *, cached: np.ndarray,
                  batch_size: int, loader_workers: int):
     """Yields (i, logits (1, R, R) float32, from_cache) for every i of `samples`: first those
     `cached` (features read from `cache` at `rows[i]`), then the rest through the backbone.
+    With the detail decoder the logits are (1, h, w), the whole image as `config.native_whole`
+    sizes it, through `VesselSegmenter.infer` (tiles, mirroring as the run validated).
 
-    `dataset(indices, with_image)` gives the `SegmentationSamples` items ("index" the position in
-    `indices`, "copy", "view", "angles", "image" (3, R, R) uint8 when `with_image`) of those
-    samples; `samples[i]` names sample i in errors."""
+    `dataset(indices, with_image, native)` gives the `SegmentationSamples` items ("index" the
+    position in `indices`, "copy", "view", "angles", "image" (3, R, R) uint8 when `with_image`,
+    "pixels" and "box" with `native`) of those samples; `samples[i]` names sample i in errors."""
     pin = device.type == "cuda"
+    native = config.native_whole if model.native else None
     for use_cache in (True, False):
         chosen = [i for i in range(len(samples)) if cached[i] == use_cache]
         if not chosen:
             continue
         subset = [samples[i] for i in chosen]
-        batches = DataLoader(dataset(chosen, config.image_branch or not use_cache),
-                             batch_size=batch_size, collate_fn=collate_samples,
-                             num_workers=loader_workers, pin_memory=pin)
+        with_image = (config.image_branch and native is None) or not use_cache
+        # Whole images at their own sizes do not stack: one a batch.
+        batches = DataLoader(dataset(chosen, with_image, native),
+                             batch_size=1 if native is not None else batch_size,
+                             collate_fn=collate_samples, num_workers=loader_workers,
+                             pin_memory=pin)
         if use_cache:
             batches = FeatureBatches(batches, cache_path=cache.path, rows=rows[chosen][:, None],
                                      levels=config.cache_levels, samples=subset,
                                      pin_memory=pin)
         for batch in batches:
             with torch.no_grad():
-                logits = model(to_device(batch, device), live=not use_cache)
+                logits = model.infer(to_device(batch, device), live=not use_cache,
+                                     tile_size=config.tile_size, mirror=config.mirror_tta)
             for j, item_logits in zip(batch["index"].tolist(), logits, strict=True):
                 yield chosen[j], item_logits, use_cache
 
 
 def native_prediction(logits: torch.Tensor, size: tuple[int, int]
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """logits (1, R, R) -> (mask (H, W) bool, probability (H, W) float32 in [0, 1]) at the
-    image's own `size` (H, W): the one place a prediction is brought to native size."""
+    """logits (1, R, R) or (1, h, w) -> (mask (H, W) bool, probability (H, W) float32 in
+    [0, 1]) at the image's own `size` (H, W): the one place a prediction is brought to native
+    size."""
     full = native_logits(logits.detach().cpu(), size)
     return (full > 0).numpy(), torch.sigmoid(full).numpy()
 

@@ -50,6 +50,7 @@ from pipeline.data.dicom_import import _keys, _pair_masks
 from pipeline.data.images import read_mask, sam3_resize
 from pipeline.data.importers import _compile, _list_problems, encode_angles
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample
+from pipeline.data.native_samples import NativeSampling, native_item, native_pixels
 from pipeline.data.samples import ViewVocabulary
 from pipeline.dicom_seg import SegAlgorithm, write_segmentation
 from pipeline.durable import write_atomically
@@ -202,11 +203,13 @@ def frame_key(frame: np.ndarray) -> str:
 class FrameSamples(Dataset):
     """Decoded frames of one run as `SegmentationSamples` items without masks: "index", "copy"
     (0), "view", "angles" (4,) float32 and, when `with_image`, "image" (3, R, R) uint8, made from
-    the frame exactly as `read_image` makes it from the frame's PNG."""
+    the frame exactly as `read_image` makes it from the frame's PNG; with `native` (the detail
+    decoder) "pixels" (3, h, w) uint8 and "box" of the whole frame."""
 
     def __init__(self, frames: np.ndarray, *, view: int, angles: tuple[float, float] | None,
-                 resolution: int, with_image: bool):
+                 resolution: int, with_image: bool, native: NativeSampling | None = None):
         self.frames, self.view, self.with_image = frames, view, with_image
+        self.native = native
         self.angles = torch.from_numpy(encode_angles(*angles)) if angles else torch.zeros(4)
         self.transform = sam3_resize(resolution)
 
@@ -216,11 +219,14 @@ class FrameSamples(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = {"index": torch.tensor(i), "copy": torch.tensor(0),
                 "view": torch.tensor(self.view), "angles": self.angles}
-        if self.with_image:
+        if self.with_image or self.native is not None:
             frame = self.frames[i]
             rgb = frame if frame.ndim == 3 else np.repeat(frame[..., None], 3, axis=-1)
-            item["image"] = self.transform(torch.from_numpy(np.ascontiguousarray(rgb))
-                                           .permute(2, 0, 1))
+            image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+            if self.with_image:
+                item["image"] = self.transform(image)
+            if self.native is not None:
+                item |= native_item(native_pixels(image, self.native), None, self.native, None)
         return item
 
 
@@ -270,9 +276,9 @@ def _predict_run(run: DicomRun, model, config, views: ViewVocabulary, cache, out
     else:
         rows, cached = np.full(len(samples), -1), np.zeros(len(samples), bool)
 
-    def dataset(chosen: list[int], with_image: bool) -> FrameSamples:
+    def dataset(chosen: list[int], with_image: bool, native) -> FrameSamples:
         return FrameSamples(pixels[chosen], view=views.index(run.view), angles=run.info.angles,
-                            resolution=model.resolution, with_image=with_image)
+                            resolution=model.resolution, with_image=with_image, native=native)
 
     masks = np.zeros((len(samples), *run.info.size), bool)
     table = [None] * len(samples)

@@ -95,11 +95,13 @@ def test_every_part_of_the_model_and_its_optimizer_state_live_on_the_gpu(tmp_pat
     assert not elsewhere
     optimizer = build_optimizer(model, config)
     image = torch.randint(0, 256, (2, 3, 252, 252), dtype=torch.uint8).to(CUDA)
-    batch = {"image": image, "view": torch.tensor([0, 2], device=CUDA),
-             "mask": torch.zeros(2, 1, 252, 252, device=CUDA)}
+    pixels = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8).to(CUDA)
+    batch = {"image": image, "view": torch.tensor([0, 2], device=CUDA), "pixels": pixels,
+             "box": torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]], device=CUDA),
+             "mask": torch.zeros(2, 1, 96, 96, device=CUDA)}
     model.train()
     logits = model(batch, live=True)  # end to end: the LoRA'd trunk under autocast
-    assert logits.device == CUDA and logits.shape[-2:] == (252, 252)
+    assert logits.device == CUDA and logits.shape[-2:] == (96, 96)  # the detail decoder's
     torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["mask"]).backward()
     optimizer.step()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -117,7 +119,8 @@ def test_training_batches_come_pinned_so_their_copies_overlap(tmp_path):
     data = RunData(prepared, prepared.cache, DistributedContext())
     for live in (False, True):
         batch = next(iter(data.train_loader(live)))
-        tensors = [batch["mask"], *(batch["features"].values() if not live else [batch["image"]])]
+        tensors = [batch["mask"], batch["pixels"],
+                   *(batch["features"].values() if not live else [batch["image"]])]
         assert ON_CPU or all(t.is_pinned() for t in tensors)
 
 

@@ -165,3 +165,41 @@ def test_predict_owns_its_folder_and_scores_each_split_of_the_run_apart(dataset,
     assert (f"scores of {counts['train']} train rows with masks (images the run trained on: "
             "not held-out scores)") in printed
     assert f"scores of {counts['val']} val rows with masks (each image" in printed
+
+
+DETAIL_FIELDS = ("decoder", "detail_width", "detail_depth", "features", "crop_size",
+                 "detail_max_side", "tile_size", "mirror_tta")
+
+
+def test_a_run_made_before_the_detail_decoder_predicts_with_its_own_decoder(dataset, tmp_path):
+    """A config.json without the detail decoder's fields is a legacy run: predict rebuilds the
+    legacy decoder, whose weights best.pt holds, and writes the same masks as before."""
+    run = train(TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                            run_dir=str(tmp_path / "run"), epochs=1, batch_size=4, e2e_every=0,
+                            extract_missing=True, loader_workers=0, overlays=0, device="cpu",
+                            decoder="legacy"))
+    args = ["--run", str(run), "--data", str(dataset), "--device", "cpu", "--loader-workers", "0"]
+    assert predict_main([*args, "--out", str(tmp_path / "before")]) == 0
+    recorded = json.loads((run / "config.json").read_text())
+    for name in DETAIL_FIELDS:
+        del recorded["config"][name]
+    (run / "config.json").write_text(json.dumps(recorded))
+    assert predict_main([*args, "--out", str(tmp_path / "after")]) == 0
+    for a, b in zip(_rows(tmp_path / "before"), _rows(tmp_path / "after"), strict=True):
+        assert Path(a["mask"]).read_bytes() == Path(b["mask"]).read_bytes()
+
+
+def test_the_detail_decoder_predicts_whole_images_at_their_own_size(dataset, tmp_path):
+    """Masks at each image's size, cached and live alike, tiles and mirroring included."""
+    run = train(TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                            run_dir=str(tmp_path / "run"), steps=2, batch_size=4, e2e_every=0,
+                            extract_missing=True, loader_workers=0, overlays=0, device="cpu",
+                            detail_width=4, detail_depth=2, crop_size=32, tile_size=48,
+                            mirror_tta=True))
+    fresh = make_dataset(tmp_path / "new", 2, seed=7, size=80, start=50)
+    out = tmp_path / "pred"
+    assert predict_main(["--run", str(run), "--data", str(fresh), "--out", str(out),
+                         "--device", "cpu", "--loader-workers", "0"]) == 0
+    assert [r["features"] for r in _rows(out)] == ["live", "live"]
+    for row in _rows(out):
+        assert np.asarray(Image.open(row["mask"])).shape == (80, 80)

@@ -23,6 +23,7 @@ from pipeline.data.augment import transform_image, transform_mask
 from pipeline.data.images import read_image, read_mask, sam3_resize
 from pipeline.data.importers import encode_angles
 from pipeline.data.manifest import UNKNOWN_VIEW, ManifestError, Sample
+from pipeline.data.native_samples import NativeSampling, native_item, native_mask, native_pixels
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,18 @@ class SegmentationSamples(Dataset):
     `epoch` lives in shared memory, so persistent DataLoader workers see each new value.
     `memory`: a `DecodedSamples` shared by the datasets of one split; each (sample, copy) is
     then decoded and resized once and served from memory afterwards.
+
+    `native` (the detail decoder, `pipeline.data.native_samples`): "mask" is at the image's own
+    resolution instead, with "pixels" (3, h, w) uint8 (a random crop of `native.crop` a side, or
+    the whole image) and "box" (4,) float32, where the pixels lie in the image.
     """
 
     def __init__(self, samples: list[Sample], *, resolution: int, views: ViewVocabulary,
                  with_image: bool = True, with_masks: bool = True,
                  augment: list[tuple[str, ...]] | None = None, seed: int = 0,
-                 memory: DecodedSamples | None = None):
+                 memory: DecodedSamples | None = None, native: NativeSampling | None = None):
         self.samples, self.resolution, self.views = samples, resolution, views
+        self.native = native
         self.with_image, self.with_masks = with_image, with_masks
         self.augment = augment if augment and augment[0] else None
         self.seed, self.memory = seed, memory
@@ -162,17 +168,29 @@ class SegmentationSamples(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, i))
         return self.item(i, int(rng.integers(len(self.augment[i]) + 1)))
 
+    def _parts(self) -> list[str]:
+        if self.native is None:
+            return [k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
+        return [k for k, on in (("native_mask", self.with_masks), ("image", self.with_image),
+                                ("pixels", True)) if on]
+
     def item(self, i: int, copy: int) -> dict:
         """Sample `i` as copy `copy` (0: the original, c: copy `augment[i][c - 1]`)."""
+        wanted = self._parts()
         if self.memory is None:
-            return self._decode(i, copy)
-        wanted = [k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
-        return self.memory.item((i, copy), wanted, lambda: self._decode(i, copy, wanted))
+            item = self._decode(i, copy, wanted)
+        else:
+            item = self.memory.item((i, copy), wanted, lambda: self._decode(i, copy, wanted))
+        if self.native is None:
+            return item
+        # The crop is drawn per (seed, epoch, sample): a new place every epoch.
+        rng = np.random.default_rng((self.seed, self.epoch, i, copy, 1))
+        mask = item.pop("native_mask", None)
+        return item | native_item(item.pop("pixels"), mask, self.native, rng)
 
     def _decode(self, i: int, copy: int, parts: list[str] | None = None) -> dict:
         """`item` read from the files; `parts` (default: as the dataset is set) of mask/image."""
-        parts = parts if parts is not None else [
-            k for k, on in (("mask", self.with_masks), ("image", self.with_image)) if on]
+        parts = parts if parts is not None else self._parts()
         sample = self.samples[i]
         name = self.augment[i][copy - 1] if copy else None
         item = {
@@ -182,12 +200,23 @@ class SegmentationSamples(Dataset):
             "angles": torch.from_numpy(encode_angles(*sample.angles)) if sample.angles
             else torch.zeros(4),
         }
+        mask = (transform_mask(name, read_mask(sample.mask)[0])
+                if "mask" in parts or "native_mask" in parts else None)
         if "mask" in parts:
-            mask = transform_mask(name, read_mask(sample.mask)[0])
             item["mask"] = resize_mask(mask, self.resolution)
-        if "image" in parts:
-            item["image"] = self.transform(transform_image(name, read_image(sample.image)))
+        if "image" in parts or "pixels" in parts:
+            image = transform_image(name, read_image(sample.image))
+            if "image" in parts:
+                item["image"] = self.transform(image)
+            if "pixels" in parts:
+                item["pixels"] = native_pixels(image, self.native)
+                if mask is not None:
+                    item["native_mask"] = native_mask(mask, tuple(item["pixels"].shape[-2:]))
         return item
+
+
+DECODED_PARTS = ("mask", "image", "pixels", "native_mask")
+"""The decoded parts of an item that `DecodedSamples` keeps (the rest is rebuilt per item)."""
 
 
 class DecodedSamples:
@@ -208,9 +237,11 @@ class DecodedSamples:
         return resolution * resolution * (4 if with_image else 1)
 
     @classmethod
-    def fits(cls, count: int, resolution: int, budget_mb: int) -> bool:
-        """Whether `count` items (mask and image) fit in `budget_mb` megabytes."""
-        return count * cls.bytes_per_item(resolution) <= budget_mb * 2**20
+    def fits(cls, count: int, resolution: int, budget_mb: int, native_pixels: int = 0) -> bool:
+        """Whether `count` items (mask and image, and `native_pixels` h * w pixels of a native
+        image and mask each) fit in `budget_mb` megabytes."""
+        per_item = cls.bytes_per_item(resolution) + 4 * native_pixels
+        return count * per_item <= budget_mb * 2**20
 
     def item(self, key: tuple[int, int], parts: list[str], decode) -> dict:
         """The item of `key` with `parts` ("mask", "image"); `decode()` makes missing ones."""
@@ -222,7 +253,7 @@ class DecodedSamples:
                 if "mask" in fresh:
                     kept["mask"] = fresh["mask"].to(torch.uint8)
                 self.items[key] = kept
-        item = {k: v for k, v in kept.items() if k not in ("mask", "image")}
+        item = {k: v for k, v in kept.items() if k not in DECODED_PARTS}
         for part in parts:
             item[part] = kept[part].float() if part == "mask" else kept[part]
         return item

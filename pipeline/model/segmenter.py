@@ -23,6 +23,8 @@ from pipeline.model.backbone import (
     trunk_tokens,
 )
 from pipeline.model.decoder import ViewConditionedDecoder
+from pipeline.model.detail import DetailFusionDecoder
+from pipeline.model.inference import infer_logits
 from pipeline.model.lora import attach_lora, load_adapter, set_trainable_params
 
 
@@ -30,7 +32,8 @@ class VesselSegmenter(nn.Module):
     """`backbone` (a peft LoRA model around SAM 3's vision backbone, or the plain backbone of
     an exported checkpoint) + `decoder`."""
 
-    def __init__(self, *, backbone: nn.Module, decoder: ViewConditionedDecoder, amp: str,
+    def __init__(self, *, backbone: nn.Module,
+                 decoder: ViewConditionedDecoder | DetailFusionDecoder, amp: str,
                  cache_block: int | None = None):
         super().__init__()
         self.backbone = backbone
@@ -40,6 +43,9 @@ class VesselSegmenter(nn.Module):
         """K of a split cache: batch["features"] holds the trunk's tokens after block K."""
         base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         self.resolution = base.preset.resolution
+        self.native = isinstance(decoder, DetailFusionDecoder)
+        """The detail decoder: batches carry "pixels" and "box" at the image's own resolution
+        (`pipeline.data.native_samples`), and logits come at that resolution."""
 
     def train(self, mode: bool = True) -> VesselSegmenter:
         """Train mode with the trunk's stochastic depth (DropPath) kept off: the cache holds
@@ -85,13 +91,29 @@ class VesselSegmenter(nn.Module):
             return features_from_tokens(self.backbone, tokens.float(), self.cache_block,
                                         self.decoder.levels)
 
+    def _features(self, batch: dict, live: bool) -> dict[str, torch.Tensor] | None:
+        """The decoder's {level: (B, 256, h, w)}: live from batch["image"], else cached."""
+        if self.native and not self.decoder.uses_features:
+            return None
+        if live:
+            return self._backbone_features(normalize(batch["image"]))
+        return self.cached_features(batch["features"])
+
     def forward(self, batch: dict, live: bool = False) -> torch.Tensor:
-        """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`.
+        """Logits (B, 1, R, R) float32 for a collated batch of `SegmentationSamples`; with the
+        detail decoder (B, 1, h, w) at the size of batch["pixels"] (B, 3, h, w) uint8.
 
         live=False uses batch["features"] (cached: levels, or a split cache's tokens);
         live=True runs the backbone on batch["image"] ((B, 3, R, R) uint8, normalised here, on
         the model's device).
         """
+        if self.native:
+            features = self._features(batch, live)
+            angles = batch["angles"] if self.decoder.use_angles else None
+            with self.autocast(batch["view"].device):
+                logits = self.decoder(features, batch["view"], normalize(batch["pixels"]),
+                                      boxes=batch["box"], angles=angles)
+            return logits.float()
         image = normalize(batch["image"]) if "image" in batch else None
         features = (self._backbone_features(image) if live
                     else self.cached_features(batch["features"]))
@@ -101,16 +123,50 @@ class VesselSegmenter(nn.Module):
                                   angles=angles, out_size=(self.resolution, self.resolution))
         return logits.float()
 
+    @torch.no_grad()
+    def infer(self, batch: dict, live: bool = False, *, tile_size: int = 0,
+              mirror: bool = False) -> torch.Tensor:
+        """Whole-image logits, float32: the detail decoder through `inference.infer_logits`
+        (tiles of `tile_size`, mirror TTA), (B, 1, h, w) at the size of batch["pixels"]; the
+        legacy decoder's `forward` (B, 1, R, R)."""
+        if not self.native:
+            return self(batch, live=live)
+        features = self._features(batch, live)
+        angles = batch["angles"] if self.decoder.use_angles else None
+        device = batch["view"].device
+        with self.autocast(device):
+            context = (self.decoder.feature_context(features, batch["view"], angles)
+                       if features is not None else None)
+
+        def decode(pixels, boxes):
+            with self.autocast(device):
+                return self.decoder(None, batch["view"], pixels, boxes=boxes, angles=angles,
+                                    context=context)
+
+        return infer_logits(decode, normalize(batch["pixels"]), batch["box"],
+                            tile_size=tile_size, mirror=mirror)
+
+
+def build_decoder(config, *, num_views: int, use_angles: bool
+                  ) -> ViewConditionedDecoder | DetailFusionDecoder:
+    """The decoder `config.decoder` names: `detail` (`DetailFusionDecoder`) or `legacy`
+    (`ViewConditionedDecoder`, runs made before the detail decoder)."""
+    if config.decoder == "detail":
+        return DetailFusionDecoder(levels=config.levels, num_views=num_views,
+                                   use_angles=use_angles, width=config.detail_width,
+                                   depth=config.detail_depth, features=config.features,
+                                   view_conditioning=config.view_conditioning)
+    return ViewConditionedDecoder(levels=config.levels, num_views=num_views,
+                                  use_angles=use_angles, image_branch=config.image_branch,
+                                  width=config.width, image_channels=config.image_channels,
+                                  view_conditioning=config.view_conditioning)
+
 
 def build_segmenter(config, *, num_views: int, use_angles: bool) -> VesselSegmenter:
     """A fresh model for `config` (a TrainConfig): LoRA on the trunk, a new decoder."""
     # The decoder first: its initial weights then depend on the seed alone, not on how many
     # LoRA matrices were drawn before it (--cache-block K puts LoRA in fewer blocks).
-    decoder = ViewConditionedDecoder(levels=config.levels, num_views=num_views,
-                                     use_angles=use_angles, image_branch=config.image_branch,
-                                     width=config.width,
-                                     image_channels=config.image_channels,
-                                     view_conditioning=config.view_conditioning)
+    decoder = build_decoder(config, num_views=num_views, use_angles=use_angles)
     backbone = build_backbone(config.backbone, config.checkpoint)
     if config.adapter:
         peft_model = load_adapter(backbone, config.adapter, trainable=True)

@@ -59,7 +59,7 @@ def _mean_across(value: float, count: int, context, device: torch.device) -> flo
 def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, live=False,
               max_steps=0, steps=None, show=True, desc="", centrelines: int | None = None,
               loss_name: str = "dice_bce", bar: tqdm | None = None,
-              targets: NativeTargets | None = None, first_step: int = 1
+              targets: NativeTargets | None = None, first_step: int = 1, infer=None
               ) -> tuple[SegmentationMeter, float, int, float, float]:
     """One pass over `loader` (or its first `steps`/`max_steps` batches); trains when
     `optimizer` is given, stepping `scheduler` after each optimizer step.
@@ -71,7 +71,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
     with `targets` (validation) every score of every image at its own size (pipeline.train.scoring).
     Progress goes to `bar` (the whole run's) when given, else to a bar of this pass.
     A non-finite training loss raises `DivergedError` naming the run's step (`first_step` is
-    that of this pass's first batch).
+    that of this pass's first batch). `infer(batch, live)` replaces `model(batch, live=live)`
+    when not training (whole-image inference of the detail decoder: tiles, mirroring).
     """
     training = optimizer is not None
     meter, loss_sum, count, wait, compute = SegmentationMeter(), 0.0, 0, 0.0, 0.0
@@ -91,7 +92,8 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
             t_data = time.perf_counter()
             wait += t_data - t
             with torch.set_grad_enabled(training):
-                logits = model(batch, live=live)
+                logits = (infer(batch, live) if infer is not None and not training
+                          else model(batch, live=live))
                 loss = training_loss(loss_name, logits, batch["mask"])
             if training:
                 optimizer.zero_grad(set_to_none=True)
@@ -200,7 +202,8 @@ def train_process(prepared: Prepared, context) -> None:
         vmeter, vloss, vcount, _, _ = run_epoch(model, data.val_loader(live_val), device,
                                                 prepared.views, live=live_val, show=leader,
                                                 desc="  validation", loss_name=config.loss,
-                                                targets=data.val_targets)
+                                                targets=data.val_targets,
+                                                infer=_whole_image(model, config))
         val = _gather_meter(vmeter, context).summary()
         val_record = {"step": state["step"], "epoch": train_record["epoch"], "split": "val",
                       "lr": train_record["lr"], "e2e": live_val,
@@ -352,24 +355,51 @@ def _spread_over_views(samples, count: int) -> list[int]:
     return chosen
 
 
+def _whole_image(model, config):
+    """`run_epoch`'s `infer`: whole-image inference with the run's tiles and mirroring."""
+    return lambda batch, live: model.infer(batch, live, tile_size=config.tile_size,
+                                           mirror=config.mirror_tta)
+
+
+def _chosen_logits(model, data: RunData, device, chosen: list[int], live: bool
+                   ) -> tuple[list[torch.Tensor], list[dict]]:
+    """Validation samples `chosen` through the model in eval mode, one at a time (whole images
+    differ in size): per sample its logits (1, h, w) float32 on the CPU and its item."""
+    dataset = data.val_live if live else data.val_cached
+    was_training = model.training
+    model.eval()
+    infer = _whole_image(model, data.prepared.config)
+    logits, items = [], []
+    for i in chosen:
+        item = dataset[i]
+        batch = collate_samples([item])
+        if not live:
+            batch["features"] = data.cached_features("val", [i])
+        with torch.no_grad():
+            logits.append(infer(to_device(batch, device), live)[0].cpu())
+        items.append(item)
+    model.train(was_training)
+    return logits, items
+
+
 def _overlay_inputs(model, prepared: Prepared, data: RunData, device, chosen: list[int],
                     live: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Validation samples `chosen` through the model: images (N, 3, R, R) in [-1, 1], masks and
-    predictions (N, R, R) bool, on the CPU, and the image names."""
-    dataset = data.val_live if live else data.val_cached
-    batch = collate_samples([dataset[i] for i in chosen])
-    if not live:
-        batch["features"] = data.cached_features("val", chosen)
-    batch = to_device(batch, device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        pred = (model(batch, live=live) > 0).squeeze(1).cpu()
-    model.train(was_training)
-    image = normalize(batch["image"].cpu() if "image" in batch else torch.stack(
-        [data.val_live[i]["image"] for i in chosen]))
-    return (image, batch["mask"].squeeze(1).cpu() > 0.5, pred,
-            [prepared.val[i].image.name for i in chosen])
+    predictions (N, R, R) bool, on the CPU, and the image names (whole images at their own
+    size are brought to the backbone's R x R for TensorBoard)."""
+    logits, items = _chosen_logits(model, data, device, chosen, live)
+    size = (data.resolution, data.resolution)
+
+    def square(x: torch.Tensor) -> torch.Tensor:  # (1, h, w) -> (R, R)
+        return torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear",
+                                               align_corners=False)[0, 0]
+
+    image = normalize(torch.stack([data.val_live[i]["image"] if "image" not in item
+                                   else item["image"] for i, item in zip(chosen, items,
+                                                                         strict=True)]))
+    masks = torch.stack([square(item["mask"]) >= 0.5 for item in items])
+    preds = torch.stack([square(item_logits) > 0 for item_logits in logits])
+    return image, masks, preds, [prepared.val[i].image.name for i in chosen]
 
 
 def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, caches,
@@ -385,14 +415,7 @@ def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, c
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        dataset = data.val_live if live else data.val_cached
-        batch = collate_samples([dataset[i] for i in chosen])
-        if not live:
-            batch["features"] = data.cached_features("val", chosen)
-        batch = to_device(batch, device)
-        model.eval()
-        with torch.no_grad():
-            logits = model(batch, live=live).cpu()
+        logits, _ = _chosen_logits(model, data, device, chosen, live)
         save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
                              [data.val_targets.get(i) for i in chosen])
     write_json(run_dir / "caches.json", caches)

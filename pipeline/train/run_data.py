@@ -29,6 +29,18 @@ def _quiet_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
+def _native_pixels(prepared: Prepared, sampling) -> int:
+    """Pixels (h * w) of the largest of the first few images as the detail decoder sees them
+    (0 for the legacy decoder): what `DecodedSamples` keeps per item besides the (R, R) parts."""
+    if sampling is None:
+        return 0
+    from pipeline.data.images import read_image
+
+    probe = (prepared.train + prepared.val)[:4]
+    return max(h * w for h, w in (sampling.size(*read_image(s.image).shape[-2:])
+                                  for s in probe))
+
+
 class RunData:
     """The datasets and loaders of one process, re-pointed at a new cache after a refresh.
 
@@ -42,20 +54,31 @@ class RunData:
         self.resolution = prepared.signature["resolution"]  # (R, R) of the cached features
         self.per_rank_batch = max(1, config.batch_size // context.world_size)
         augment = [config.copy_plan.names(k) for k in prepared.train_keys]
+        native = {"train": config.native_training, "val": config.native_whole}
+        pixels = _native_pixels(prepared, native["val"])
         self.memory = {
             split: DecodedSamples() if DecodedSamples.fits(count, self.resolution,
-                                                           config.memory_cache_mb) else None
+                                                           config.memory_cache_mb,
+                                                           pixels) else None
             for split, count in (("train", len(prepared.train) * (1 + len(augment[0]))),
                                  ("val", len(prepared.val)))}
         common = dict(resolution=self.resolution, views=prepared.views)
+        # The legacy decoder's image branch takes the (R, R) image; the detail decoder its
+        # "pixels", and the (R, R) image only for the backbone (live steps).
+        image_branch = config.image_branch and native["train"] is None
         self.train_cached = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
-                                                with_image=config.image_branch,
+                                                with_image=image_branch, native=native["train"],
                                                 memory=self.memory["train"], **common)
-        self.val_cached = SegmentationSamples(prepared.val, with_image=config.image_branch,
-                                              memory=self.memory["val"], **common)
+        self.val_cached = SegmentationSamples(prepared.val, with_image=image_branch,
+                                              native=native["val"], memory=self.memory["val"],
+                                              **common)
         self.train_live = SegmentationSamples(prepared.train, augment=augment, seed=config.seed,
+                                              native=native["train"],
                                               memory=self.memory["train"], **common)
-        self.val_live = SegmentationSamples(prepared.val, memory=self.memory["val"], **common)
+        self.val_live = SegmentationSamples(prepared.val, native=native["val"],
+                                            memory=self.memory["val"], **common)
+        # Whole images at their own sizes do not stack: one a batch.
+        self.val_batch = 1 if native["val"] is not None else self.per_rank_batch
         self.sampler = EpochSampler(self.train_cached, num_replicas=context.world_size,
                                     rank=context.rank, seed=config.seed,
                                     batch_size=self.per_rank_batch)
@@ -115,7 +138,8 @@ class RunData:
         cfg = self.prepared.config
         # Decoded samples in memory leave the workers nothing to do but start up.
         workers = 0 if self.memory[split] is not None else cfg.loader_workers
-        return DataLoader(dataset, batch_size=self.per_rank_batch, sampler=sampler,
+        batch = self.per_rank_batch if split == "train" else self.val_batch
+        return DataLoader(dataset, batch_size=batch, sampler=sampler,
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=cfg.device == "cuda", collate_fn=collate_samples,
                           worker_init_fn=_quiet_sigterm if workers else None)

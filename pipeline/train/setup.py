@@ -65,7 +65,7 @@ class Prepared:
     signature: dict
 
 
-FIELDS_ADDED = {"image_channels": 16}
+FIELDS_ADDED = {"image_channels": 16, "decoder": "legacy"}
 """TrainConfig fields added after runs were made, with the value those runs used (a config.json
 without the field is read with it, so --resume and predict rebuild the same model)."""
 

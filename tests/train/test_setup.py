@@ -14,7 +14,7 @@ from conftest import (
 )
 
 from pipeline.config import ExtractConfig, TrainConfig
-from pipeline.data.manifest import ManifestError, read_manifest, sample_keys
+from pipeline.data.manifest import ManifestError, read_manifest, sample_keys, write_manifest
 from pipeline.extraction import run_extraction
 from pipeline.model.backbone import build_backbone
 from pipeline.train.launch import train
@@ -105,8 +105,8 @@ def test_e2e_steps_update_lora_and_head_only(dataset, tmp_path):
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     train_samples, _ = split_samples(read_manifest(dataset))
     views = ViewVocabulary.from_samples(train_samples)
-    loader = DataLoader(SegmentationSamples(train_samples, resolution=252, views=views),
-                        batch_size=2)
+    loader = DataLoader(SegmentationSamples(train_samples, resolution=252, views=views,
+                                            native=config.native_training), batch_size=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     run_epoch(model, loader, torch.device("cpu"), views, optimizer=optimizer, live=True,
@@ -154,7 +154,8 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(data
     from pipeline.model.segmenter import build_segmenter
 
     samples = read_manifest(dataset)[:2]
-    items = SegmentationSamples(samples, resolution=252, views=ViewVocabulary.from_samples(samples))
+    items = SegmentationSamples(samples, resolution=252, views=ViewVocabulary.from_samples(samples),
+                                native=_config(dataset, tmp_path).native_training)
     batch = to_device(collate_samples([items[0], items[1]]), torch.device("cpu"))
     calls, grads = {}, {}
     for on in (True, False):
@@ -174,8 +175,15 @@ def test_activation_checkpointing_recomputes_blocks_with_the_same_gradients(data
 
 
 def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
+    # Every image trains: without val rows the last step is the best, whose adapter the run
+    # keeps in adapter/. No warmup, 2 epochs of 2 steps: the detail decoder's feature
+    # injections start at zero, so LoRA's gradients are zero until a step has moved them.
+    rows = [{"image": s.image, "mask": s.mask, "view": s.view, "split": "train"}
+            for s in read_manifest(dataset)]
+    dataset = write_manifest(tmp_path / "all_train.csv", rows)
     first = _extract(dataset, tmp_path / "cache")
-    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2, lora_lr=1e-2))
+    run = train(_config(dataset, tmp_path, epochs=2, e2e_every=1, lr=1e-2, lora_lr=1e-2,
+                        warmup=0.0, allow_empty_val=True))
     records = run_records(run)
     assert all(r["e2e"] for r in records if r["split"] == "train")
     assert all(0 < r["drift_cosine"] < 1 for r in records if r["split"] == "train")
@@ -262,8 +270,9 @@ def test_demo_validation_dice_beats_trivial_baselines(tmp_path):
 
     cache_dir = tmp_path / "cache"
     run = train(TrainConfig(data="demo", backbone="tiny", cache_dir=str(cache_dir),
-                            run_dir=str(tmp_path / "run"), epochs=3, lr=1e-3, e2e_every=0,
-                            extract_missing=True, loader_workers=1, overlays=0))
+                            run_dir=str(tmp_path / "run"), steps=60, val_every=60, crop_size=128,
+                            batch_size=8, e2e_every=0, augment_copies=0, extract_missing=True,
+                            loader_workers=1, overlays=0))
     dice = json.loads((run / "report.json").read_text())["val"]["dice"]
     val = [s for s in read_manifest(cache_dir / "demo-data" / "manifest.csv") if s.split == "val"]
     fractions = [float(resize_mask(read_mask(s.mask)[0], 252).mean()) for s in val]
@@ -314,3 +323,7 @@ def test_a_run_from_before_a_field_existed_is_read_with_the_value_it_used(tmp_pa
     (tmp_path / "last.pt").write_bytes(b"")
     assert resume_config(tmp_path).image_channels == FIELDS_ADDED["image_channels"] == 16
     assert TrainConfig(device="cpu").image_channels == 32  # what a new run gets
+    del config["decoder"]  # ... and before the detail decoder: it keeps the legacy one
+    (tmp_path / "config.json").write_text(json.dumps({"config": config}))
+    assert resume_config(tmp_path).decoder == FIELDS_ADDED["decoder"] == "legacy"
+    assert TrainConfig(device="cpu").decoder == "detail"
