@@ -38,7 +38,7 @@ from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
 from pipeline.model.segmenter import VesselSegmenter
 from pipeline.train.checkpoint import read_checkpoint
-from pipeline.train.run_dir import RUN_FILES
+from pipeline.train.run_files import RUN_FILES
 from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 1

@@ -131,7 +131,7 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
     from pipeline.distributed import WorkerError
     from pipeline.extraction import NonFiniteFeaturesError
     from pipeline.model.lora import AdapterError
-    from pipeline.train.run_dir import RunDirError
+    from pipeline.train.run_files import RunDirError
 
     for cls, base in [(ManifestError, ValueError), (ImageError, ValueError),
                       (CacheError, RuntimeError), (RunDirError, RuntimeError),

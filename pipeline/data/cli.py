@@ -21,8 +21,9 @@ from collections import Counter
 from pathlib import Path
 
 from pipeline.data.checks import check_manifest
+from pipeline.data.coco import import_coco
 from pipeline.data.dicom_import import MASK_PATTERN, import_dicom
-from pipeline.data.importers import DatasetImportError, import_coco, import_folder
+from pipeline.data.importers import DatasetImportError, import_folder
 from pipeline.data.manifest import UNKNOWN_VIEW, read_manifest
 from pipeline.durable import write_atomically
 from pipeline.errors import run_command

@@ -29,7 +29,7 @@ from pipeline.extraction import SIGNATURE_FIELDS, cache_signature, run_extractio
 from pipeline.train.cache_choice import check_agrees
 from pipeline.train.checkpoint import saved_step
 from pipeline.train.reporting import write_json
-from pipeline.train.run_dir import (
+from pipeline.train.run_files import (
     RunDirError,
     check_resumable_manifest,
     claim_run_dir,

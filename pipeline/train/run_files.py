@@ -1,4 +1,6 @@
-"""What keeps a run directory to one run: refusing to mix runs, and what `--resume` may change.
+"""The files of a run directory: what keeps it to one run (refusing to mix runs), and what
+`--resume` may change. (`pipeline.train.run_data` is another concern: the run's datasets and
+loaders.)
 
 A new run records the manifest's rows (`manifest.json`: each image's key, split and view, and
 their sha256); a resume compares the manifest as it is now against that record and refuses one
