@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, suppress_defaults=Fal
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = argparse.SUPPRESS if suppress_defaults else default
-        text = docs.get(f.name, "") + f" (default: {default})".replace("%", "%%")
+        text = docs.get(f.name, "") + _default_note(docs.get(f.name, ""), default)
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=docs.get(f.name, ""))
@@ -69,8 +69,32 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, suppress_defaults=Fal
             parser.add_argument(flag, type=kind, default=default, help=text)
 
 
+def _default_note(doc: str, default) -> str:
+    """" (default: X)" for a flag's help, X as it is typed (1x,2x; none); "" when the
+    docstring already says what the default does."""
+    if "default" in doc.lower():
+        return ""
+    if default is None or default == ():
+        return " (default: none)"
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return f" (default: {shown})".replace("%", "%%")
+
+
 def from_arguments(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def describe(config, width: int = 100) -> str:
+    """`config:` and every field as `name=value` (tuples comma-separated, None as -), wrapped
+    to `width` columns: what both stages print at start."""
+    def text(value) -> str:
+        if value is None or value == ():
+            return "-"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    pairs = [f"{f.name}={text(getattr(config, f.name))}" for f in dataclasses.fields(config)]
+    return textwrap.fill(" ".join(pairs), width=width, initial_indent="config: ",
+                         subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
 
 LOSSES = ("dice_bce", "dice_bce_cldice")
@@ -319,7 +343,8 @@ class TrainConfig(FeatureSource):
     """Where the run's files go; default runs/<timestamp>."""
     resume: str | None = None
     """A run directory to continue from its last.pt, with its own data, cache and settings;
-    only --epochs, --cache-dir, --loader-workers and --extract-missing may differ."""
+    only --steps, --epochs, --val-every, --cache-dir, --loader-workers, --memory-cache-mb and
+    --extract-missing may differ."""
     overwrite: bool = False
     """Replace the run already in --run-dir (its files only) instead of refusing."""
     allow_empty_val: bool = False

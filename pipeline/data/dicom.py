@@ -209,7 +209,7 @@ def read_dicom_image(path: str | Path) -> np.ndarray:
     if info.frames > 1:
         raise DicomError(
             f"{path}: multi-frame DICOM ({info.frames} frames); a manifest row takes one frame: "
-            "run `python -m pipeline.data import dicom` to write its frames as PNG")
+            "run `sam3-vessel data import dicom` to write its frames as PNG")
     return read_frames(path)[0]
 
 

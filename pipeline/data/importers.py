@@ -220,7 +220,10 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     fov_root = Path(fov_dir).resolve() if fov_dir is not None else None
     if fov_root is not None and fov_root != images_dir:  # FOV masks may sit under the images
         images = [(key, path) for key, path in images if not path.is_relative_to(fov_root)]
-    pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks)
+    pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks,
+                          remedy="a key is the file stem, or the first group of "
+                          "--image-regex / --mask-regex: give those when the names differ, or "
+                          "--allow-missing-masks to keep these images without a mask")
     fovs = _folder_masks(images, images_dir, fov_root, fov_regex, False,
                          kind="field-of-view mask", remedy="check --fov-regex")
     view = compile_regex(view_regex, "view regex")
@@ -234,8 +237,8 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
 
 
 def _folder_masks(images: list[tuple[str, Path]], images_dir: Path, masks_dir: Path | None,
-                  mask_regex: str | None, allow_missing: bool, kind: str = "mask",
-                  remedy: str = "allow_missing_masks keeps them") -> dict[Path, Path]:
+                  mask_regex: str | None, allow_missing: bool, *, remedy: str,
+                  kind: str = "mask") -> dict[Path, Path]:
     """The mask (or, `kind` "field-of-view mask", FOV) of each image, none without `masks_dir`;
     errors on ambiguous or (unless `allow_missing`) missing ones."""
     if masks_dir is None:
@@ -250,6 +253,7 @@ def _folder_masks(images: list[tuple[str, Path]], images_dir: Path, masks_dir: P
         raise DatasetImportError(list_problems(f"ambiguous {kind}s", problems))
     missing = [f"{path} (key {key!r})" for key, path in images if path not in pairs]
     if missing and not allow_missing:
+        keys = ", ".join(repr(key) for key, _ in masks[:3]) + (", ..." if len(masks) > 3 else "")
         raise DatasetImportError(list_problems(
-            f"images without a {kind} in {masks_dir}; {remedy}", missing))
+            f"images without a {kind} in {masks_dir} (its keys: {keys}); {remedy}", missing))
     return pairs

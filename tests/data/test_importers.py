@@ -82,8 +82,13 @@ def test_missing_masks_listed_or_allowed(tmp_path):
     _png(tmp_path / "images" / "a.png")
     _png(tmp_path / "images" / "b.png")
     _png(tmp_path / "masks" / "a.png")
-    with pytest.raises(DatasetImportError, match=r"(?s)without a mask.*b\.png"):
+    with pytest.raises(DatasetImportError, match=r"(?s)without a mask.*b\.png") as raised:
         import_folder(tmp_path / "images", tmp_path / "m.csv", masks_dir=tmp_path / "masks")
+    title = str(raised.value).splitlines()[0]  # the flags to type, and the keys masks gave
+    assert title == (f"images without a mask in {tmp_path / 'masks'} (its keys: 'a'); a key is "
+                     "the file stem, or the first group of --image-regex / --mask-regex: give "
+                     "those when the names differ, or --allow-missing-masks to keep these "
+                     "images without a mask (1):")
     out = import_folder(tmp_path / "images", tmp_path / "m.csv", masks_dir=tmp_path / "masks",
                         allow_missing_masks=True)
     masks = {s.image.name: s.mask for s in read_manifest(out)}
