@@ -14,12 +14,8 @@ import textwrap
 import typing
 from dataclasses import dataclass
 
-import torch
-
-from pipeline.cache.store import CODECS
 from pipeline.data.augment import CopyPlan, auto_copies
-from pipeline.model.backbone import AMP_DTYPES, LEVELS, PRESETS, cache_levels
-from pipeline.model.decoder import IMAGE_CHANNELS
+from pipeline.model.presets import AMP_DTYPE_NAMES, IMAGE_CHANNELS, LEVELS, PRESETS, cache_levels
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -61,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, suppress_defaults=Fal
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = argparse.SUPPRESS if suppress_defaults else default
-        text = docs.get(f.name, "") + f" (default: {default})".replace("%", "%%")
+        text = docs.get(f.name, "") + _default_note(docs.get(f.name, ""), default)
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=docs.get(f.name, ""))
@@ -73,12 +69,38 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, suppress_defaults=Fal
             parser.add_argument(flag, type=kind, default=default, help=text)
 
 
+def _default_note(doc: str, default) -> str:
+    """" (default: X)" for a flag's help, X as it is typed (1x,2x; none); "" when the
+    docstring already says what the default does."""
+    if "default" in doc.lower():
+        return ""
+    if default is None or default == ():
+        return " (default: none)"
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return f" (default: {shown})".replace("%", "%%")
+
+
 def from_arguments(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
 DECODERS = ("detail", "legacy")
 """Values of --decoder: `detail` (pipeline.model.detail) or `legacy` (pipeline.model.decoder)."""
+
+
+def describe(config, width: int = 100) -> str:
+    """`config:` and every field as `name=value` (tuples comma-separated, None as -), wrapped
+    to `width` columns: what both stages print at start."""
+    def text(value) -> str:
+        if value is None or value == ():
+            return "-"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    pairs = [f"{f.name}={text(getattr(config, f.name))}" for f in dataclasses.fields(config)]
+    return textwrap.fill(" ".join(pairs), width=width, initial_indent="config: ",
+                         subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+
+
 LOSSES = ("dice_bce", "dice_bce_cldice")
 """Values of --loss (pipeline.model.losses)."""
 
@@ -113,12 +135,17 @@ def _check_backbone(backbone: str, levels: tuple[str, ...], amp: str) -> None:
     unknown = [lvl for lvl in levels if lvl not in LEVELS]
     if unknown or "1x" not in levels:
         raise ValueError(f"--levels must include 1x and use only {sorted(LEVELS)}, got {levels}")
-    if amp != "auto" and amp not in AMP_DTYPES:
-        raise ValueError(f"--amp must be auto or one of {sorted(AMP_DTYPES)}, not {amp!r}")
+    if amp != "auto" and amp not in AMP_DTYPE_NAMES:
+        raise ValueError(f"--amp must be auto or one of {sorted(AMP_DTYPE_NAMES)}, not {amp!r}")
 
 
 def _resolve_devices(gpus: tuple[int, ...], device: str) -> tuple[str, tuple[int, ...]]:
-    """The device type and GPU list: every visible GPU by default, the CPU without CUDA."""
+    """The device type and GPU list: every visible GPU by default, the CPU without CUDA.
+    Imports torch (seconds), unless the CPU is asked for: configs check everything else first."""
+    if device == "cpu" and not gpus:
+        return device, ()
+    import torch
+
     cuda = torch.cuda.is_available()
     if gpus and not cuda:
         raise ValueError("--gpus needs CUDA, and this machine has no CUDA device; "
@@ -177,22 +204,30 @@ class FeatureSource:
     blocks K+1.. (LoRA there trains at every step), the neck and the decoder. Default: no split."""
 
     def __post_init__(self):
-        _check_backbone(self.backbone, self.levels, self.amp)
-        depth = PRESETS[self.backbone].depth
-        if self.cache_block is not None and not 0 <= self.cache_block <= depth - 2:
-            raise ValueError(f"--cache-block must be in 0..{depth - 2} for {self.backbone} "
-                             f"(blocks 0..{depth - 1}; at least one block after it)")
+        self._check()  # before the devices: finding CUDA imports torch, which takes seconds
         device, gpus = _resolve_devices(self.gpus, self.device)
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "gpus", gpus)
         object.__setattr__(self, "levels", tuple(sorted(set(self.levels))))
         if self.amp == "auto":
             object.__setattr__(self, "amp", "bf16" if device == "cuda" else "off")
+        self._check_devices()
+
+    def _check(self) -> None:
+        """Refuse contradictions that do not depend on the devices (subclasses add theirs)."""
+        _check_backbone(self.backbone, self.levels, self.amp)
+        depth = PRESETS[self.backbone].depth
+        if self.cache_block is not None and not 0 <= self.cache_block <= depth - 2:
+            raise ValueError(f"--cache-block must be in 0..{depth - 2} for {self.backbone} "
+                             f"(blocks 0..{depth - 1}; at least one block after it)")
         if self.workers < 1:
             raise ValueError("--workers must be >= 1")
-        if self.workers > 1 and device == "cuda":
-            raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
         CopyPlan(self.augment, self.augment_copies or 0, self.augment_seed)  # raises if invalid
+
+    def _check_devices(self) -> None:
+        """Refuse contradictions with the resolved devices."""
+        if self.workers > 1 and self.device == "cuda":
+            raise ValueError("--workers is for the CPU; on GPUs use --gpus (one process each)")
 
     @property
     def copy_plan(self) -> CopyPlan:
@@ -233,10 +268,12 @@ class ExtractConfig(FeatureSource):
     wait: bool = False
     """Wait for another run writing the same cache instead of failing."""
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _check(self) -> None:
+        super()._check()
         if self.batch_size < 1 or self.loader_workers < 0:
             raise ValueError("--batch-size must be >= 1, --loader-workers >= 0")
+        from pipeline.cache.store import CODECS  # zarr: a third of a second, not for --help
+
         if self.codec not in CODECS:
             raise ValueError(f"--codec must be one of {sorted(CODECS)}, not {self.codec!r}")
 
@@ -335,7 +372,8 @@ class TrainConfig(FeatureSource):
     """Where the run's files go; default runs/<timestamp>."""
     resume: str | None = None
     """A run directory to continue from its last.pt, with its own data, cache and settings;
-    only --epochs, --cache-dir, --loader-workers and --extract-missing may differ."""
+    only --steps, --epochs, --val-every, --cache-dir, --loader-workers, --memory-cache-mb and
+    --extract-missing may differ."""
     overwrite: bool = False
     """Replace the run already in --run-dir (its files only) instead of refusing."""
     allow_empty_val: bool = False
@@ -361,8 +399,8 @@ class TrainConfig(FeatureSource):
     """Write TensorBoard event files into <run-dir>/tensorboard/ (rank 0): scores, lr, data
     wait, overlays at each validation, the config and hparams."""
 
-    def __post_init__(self):
-        super().__post_init__()
+    def _check(self) -> None:
+        super()._check()
         for name in ("steps", "epochs", "val_every"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -391,6 +429,9 @@ class TrainConfig(FeatureSource):
             raise ValueError(f"--loss must be one of {list(LOSSES)}, not {self.loss!r}")
         if self.memory_cache_mb < 0:
             raise ValueError("--memory-cache-mb must be >= 0")
+
+    def _check_devices(self) -> None:
+        super()._check_devices()
         if self.world_size > self.batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is smaller than the "
                              f"{self.world_size} processes")

@@ -12,12 +12,14 @@ Ctrl-C prints one `interrupted:` line saying how to resume and exits 130; SIGTER
 
 from __future__ import annotations
 
+import difflib
 import errno
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -36,6 +38,44 @@ class DiskFullError(UserError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A path given on the command line that does not exist, or is not the kind asked for."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def check_path(path: str | Path, *, flag: str, kind: str = "file", what: str | None = None,
+               needs: str = "") -> Path:
+    """`path` when it is an existing `kind` ("file" or "folder"), else `MissingPathError` naming
+    `flag`, `what` the path should be, the folder it was looked for in and the closest names
+    there (a typo's likely intent). `needs`: what the flag takes, appended to the message."""
+    path = Path(path).expanduser()
+    found = path.is_file() if kind == "file" else path.is_dir()
+    if found:
+        return path
+    what = what or kind
+    if path.exists():
+        other = "folder" if path.is_dir() else "file"
+        problem = f"is a {other}, not a {what}"
+    else:
+        where = "" if path.is_absolute() else f" (looked for in {Path.cwd()})"
+        problem = f"{what} not found{where}{_closest(path, kind)}"
+    raise MissingPathError(f"{flag} {path}: {problem}{f'; {needs}' if needs else ''}")
+
+
+def _closest(path: Path, kind: str) -> str:
+    """", did you mean X?" for the names beside `path` closest to its name, else ""."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        names = [p.name for p in folder.iterdir() if (p.is_file() if kind == "file"
+                                                       else p.is_dir())]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=2, cutoff=0.6)
+    return f", did you mean {' or '.join(str(folder / n) for n in close)}?" if close else ""
 
 
 class Terminated(KeyboardInterrupt):

@@ -20,7 +20,6 @@ official layout first.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -34,13 +33,13 @@ from torch import nn
 from pipeline.cache.signature import checkpoint_digest
 from pipeline.data.samples import ViewVocabulary
 from pipeline.durable import write_atomically
-from pipeline.errors import UserError, run_command
+from pipeline.errors import UserError
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
 from pipeline.model.segmenter import VesselSegmenter, build_decoder
 from pipeline.train.checkpoint import read_checkpoint
-from pipeline.train.run_dir import RUN_FILES
+from pipeline.train.run_files import RUN_FILES
 from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 2
@@ -206,26 +205,7 @@ def load_exported(checkpoint: str | Path, head: str | Path, *, amp: str | None =
     return model.eval(), views
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="the official sam3.pt the run trained on (default: the run's)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="the merged checkpoint to write; the head goes to <stem>_head.pt")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out (and its head) when they exist")
-    args = parser.parse_args(argv)
-    return run_command(lambda: _export(args), resume="run the same command again (the merged "
-                       "checkpoint is written whole or not at all)")
+if __name__ == "__main__":  # `python -m pipeline.export`, as `sam3-vessel export`
+    from pipeline.cli import export_main
 
-
-def _export(args) -> int:
-    out, head = export(args.run, args.out, args.checkpoint, overwrite=args.overwrite)
-    print(f"wrote {out} (SAM 3 checkpoint, LoRA merged) and {head} (decoder and views)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export_main(prog="python -m pipeline.export"))

@@ -51,17 +51,28 @@ class NonFiniteFeaturesError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class ExtractSummary:
+    """What one extraction did, counted in cache rows (an image or one augmented copy each)."""
+
     cache_id: str
     path: Path
     extracted: int
     reused: int
     total: int
     seconds: float
+    copies: int = 0
+    """Rows among `total` that are augmented copies (the rest are the manifest's images)."""
+    per_image: int = 0
+    """Augmented copies of each training image (`--augment-copies`, or its default)."""
 
     def line(self) -> str:
+        rows = (f"{self.total - self.copies} images + {self.copies} augmented copies "
+                f"({self.per_image} of each training image, --augment-copies)" if self.copies
+                else f"{self.total} images, no augmented copies")
+        if not self.extracted:
+            return f"nothing to extract: the cache already holds all {self.total} rows ({rows})"
         rate = self.extracted / self.seconds if self.seconds > 0 else 0.0
-        return (f"extracted {self.extracted}, reused {self.reused}, total {self.total}, "
-                f"time {self.seconds:.1f} s, {rate:.2f} images/s")
+        return (f"extracted {self.extracted} rows in {self.seconds:.1f} s ({rate:.1f} rows/s), "
+                f"reused {self.reused}; the manifest needs {self.total}: {rows}")
 
 
 class _PreprocessedImages(Dataset):
@@ -121,8 +132,9 @@ def run_extraction(config: ExtractConfig, samples: list[Sample], keys: list[str]
         if share:
             _extract_local(config, cache.path, share, context)
         context.barrier()
+    copies = sum(name is not None for _, name in jobs.values())
     return ExtractSummary(cache.cache_id, cache.path, len(todo), reused, len(unique),
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, copies, config.copy_plan.count)
 
 
 def _extract_local(config: ExtractConfig, path: Path, share: list, context) -> None:
@@ -250,7 +262,7 @@ def _write(cache: FeatureCache, row: int, sample: dict, image: str) -> None:
         if err.errno == errno.ENOSPC:
             raise DiskFullError(f"No space left on device while writing the features of "
                                 f"{image} into {cache.path}. Samples written before stay valid: "
-                                "free space (`python -m pipeline.cache list` shows what caches "
+                                "free space (`sam3-vessel cache list` shows what caches "
                                 "take) and run the same command again") from err
         raise
 

@@ -22,7 +22,6 @@ without a manifest and writes a Segmentation object, a review video and frames.c
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -43,7 +42,6 @@ from pipeline.data.demo import resolve_data
 from pipeline.data.images import read_image, read_mask
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
-from pipeline.errors import UsageError, run_command
 from pipeline.extraction import cache_signature
 from pipeline.model.segmenter import build_segmenter
 from pipeline.prediction_folder import NEW, claim_prediction_folder, row_splits
@@ -229,58 +227,7 @@ class _Outputs:
                       f"own size):\n" + format_summary(split), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, type=Path, help="a train_head.py run directory")
-    parser.add_argument("--data", required=True, type=Path, nargs="+",
-                        help="a manifest CSV (image, view), `demo` (the synthetic set), or DICOM "
-                        "runs: folders or files (`pipeline.predict_dicom`)")
-    parser.add_argument("--out", required=True, type=Path, help="where the masks go")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--loader-workers", type=int, default=2,
-                        help="DataLoader processes decoding images")
-    parser.add_argument("--overlays", type=int, default=6,
-                        help="overlay PNGs of the first N rows in OUT/overlays (6)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the prediction already in --out (only predict's files)")
-    dicom = parser.add_argument_group("DICOM runs (see pipeline/predict_dicom.py)")
-    dicom.add_argument("--frames", help="frames to predict, FIRST-LAST from 1 (default: all)")
-    dicom.add_argument("--masks", type=Path, help="masks named as for `import dicom` "
-                       "(<stem>_<frame>.png): their frames are scored")
-    dicom.add_argument("--mask-regex", help="as `import dicom --mask-regex`")
-    dicom.add_argument("--video", default="mp4", choices=("mp4", "gif", "none"),
-                       help="review video per run (mp4 falls back to gif without PyAV)")
-    args = parser.parse_args(argv)
-    return run_command(lambda: _predict(args), resume="run the same command again (it writes "
-                       "every mask again)")
+if __name__ == "__main__":  # `python -m pipeline.predict`, as `sam3-vessel predict`
+    from pipeline.cli import predict_main
 
-
-def _predict(args) -> int:
-    from pipeline.predict_dicom import is_dicom_input, predict_runs
-
-    if is_dicom_input(args.data):
-        runs = predict_runs(args.run, args.data, args.out, frames=args.frames,
-                            masks_dir=args.masks, mask_regex=args.mask_regex,
-                            device=args.device, batch_size=args.batch_size,
-                            loader_workers=args.loader_workers, video=args.video)
-        print(f"{len(runs)} run(s) in {args.out}: seg.dcm, review video and frames.csv each; "
-              "runs.csv lists them")
-        return 0
-    dicom_only = [f"--{k.replace('_', '-')}" for k in ("frames", "masks", "mask_regex")
-                  if getattr(args, k) is not None]
-    if len(args.data) > 1 or dicom_only:
-        raise UsageError(f"{' '.join(dicom_only) or 'several --data'}: for DICOM runs only "
-                         "(a manifest is one CSV; its masks are its `mask` column)")
-    rows = predict(args.run, args.data[0], args.out, device=args.device,
-                   batch_size=args.batch_size, loader_workers=args.loader_workers,
-                   overlays=args.overlays, overwrite=args.overwrite)
-    live = sum(r["features"] == "live" for r in rows)
-    print(f"{len(rows)} masks in {args.out} ({len(rows) - live} from cached features, "
-          f"{live} through the backbone)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(predict_main(prog="python -m pipeline.predict"))

@@ -37,18 +37,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from pipeline.data.checks import mask_problems
 from pipeline.data.dicom import (
     DicomError,
     DicomInfo,
     is_dicom,
-    mask_problems,
     read_frames,
     read_info,
     view_label,
 )
 from pipeline.data.dicom_import import _keys, _pair_masks
 from pipeline.data.images import read_mask, sam3_resize
-from pipeline.data.importers import _compile, _list_problems, encode_angles
+from pipeline.data.importers import compile_regex, encode_angles, list_problems
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample
 from pipeline.data.native_samples import NativeSampling, native_item, native_pixels
 from pipeline.data.samples import ViewVocabulary
@@ -127,7 +127,7 @@ def plan_runs(paths: list[Path], frames: tuple[int, int | None] | None = None,
     if masks_dir is not None and infos:
         try:
             keys = _keys([info for info, _ in infos], None)
-            masks, unmatched = _pair_masks(keys, Path(masks_dir), _compile(mask_regex,
+            masks, unmatched = _pair_masks(keys, Path(masks_dir), compile_regex(mask_regex,
                                                                            "mask regex"))
         except UserError as err:
             raise DicomRunError(str(err)) from err
@@ -156,7 +156,7 @@ def plan_runs(paths: list[Path], frames: tuple[int, int | None] | None = None,
         runs.append(DicomRun(info=info, name=name, frames=chosen, rate=rate, rate_source=source,
                              masks=run_masks))
     if problems:
-        raise DicomRunError(_list_problems("DICOM problems (nothing was predicted)", problems))
+        raise DicomRunError(list_problems("DICOM problems (nothing was predicted)", problems))
     return runs, notes
 
 
@@ -179,7 +179,7 @@ def _files(paths: list[Path]) -> list[tuple[Path, str]]:
     problems += [f"{path}: another file also writes to {name}/ (give the folder above both)"
                  for path, name in files if names.count(name) > 1]
     if problems:
-        raise DicomRunError(_list_problems("DICOM problems (nothing was predicted)", problems))
+        raise DicomRunError(list_problems("DICOM problems (nothing was predicted)", problems))
     return files
 
 

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.train.run_dir import recorded_splits
+from pipeline.train.run_files import recorded_splits
 
 PREDICT_FILES = ("predictions.csv", "report.json", "overlays")
 MASK_FILE = re.compile(r"^\d{5}_.+_mask\.png$")

@@ -1,8 +1,12 @@
 """Compare training runs: the settings that differ, the best step and every score.
 
-    python -m pipeline.runs compare runs/*                       # terminal table, best first
-    python -m pipeline.runs compare runs/lr-* --sort LAO/dice --markdown
-    python -m pipeline.runs compare runs/* --csv runs.csv --plot curves.png
+    sam3-vessel runs compare 'runs/*'                          # terminal table, best first
+    sam3-vessel runs compare 'runs/lr-*' --sort LAO/dice --per-view --markdown
+    sam3-vessel runs compare 'runs/*' --csv runs.csv --plot curves.png
+
+The table shows the overall scores (`--per-view` adds each view's) and fits `--width` columns
+(120 by default): long values are cut, settings that do not fit are named under it. The CSV
+holds every column in full. `python -m pipeline.runs` is the same command.
 
 Each run directory is read as `train_head.py` leaves it: settings from `config.json`, the best
 validation (its scores overall and per view) from `report.json`, validation curves from
@@ -23,13 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError, run_command
-from pipeline.train.reporting import MetricsLog
 
 # Settings that name the run rather than describe it.
 NOT_SETTINGS = ("run_dir", "resume")
 # Numbers of a validation record that are not scores (the loss is not in report.json).
 NOT_SCORES = ("n", "epoch", "step", "seconds", "lr", "e2e", "loss")
 VIEW_SEPARATOR = "/"
+WIDTH = 120
+"""Columns the terminal table fits by default (`--width`)."""
+CELL = 28
+"""Longest text cell of the terminal table; a path keeps its end, other text its start."""
+SHORT = {"sensitivity": "sens", "specificity": "spec", "accuracy": "acc", "finished": "done",
+         "best step": "best", "best epoch": "best ep"}
+"""Terminal column names, shorter than the CSV's and Markdown's (named under the table)."""
 
 
 class RunsError(UserError, ValueError):
@@ -103,6 +113,8 @@ def load_run(path: Path) -> Run:
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
                 if k not in NOT_SETTINGS}
     settings["cache"] = (saved.get("cache") or {}).get("id")
+    from pipeline.train.reporting import MetricsLog  # matplotlib: not for --help
+
     curves = [r for r in MetricsLog(path / "metrics.jsonl").read() if r.get("split") == "val"]
     report = path / "report.json"
     saved = json.loads(report.read_text()) if report.is_file() else {}
@@ -131,7 +143,8 @@ def score_names(runs: list[Run]) -> list[str]:
 def comparison(runs: list[Run], sort: str = "dice") -> tuple[list[str], list[list]]:
     """(header, rows): one row per run, best `sort` score first (runs without it last).
 
-    Columns: run, the differing settings, finished, best (step or epoch), every score.
+    Columns: run, the differing settings, finished, best (step or epoch), every score (overall,
+    then per view).
     """
     scores = score_names(runs)
     if runs and sort not in scores:
@@ -149,26 +162,58 @@ def comparison(runs: list[Run], sort: str = "dice") -> tuple[list[str], list[lis
     return header, rows
 
 
-def _cell(value) -> str:
+def overall_only(header: list[str], rows: list[list], keep: str = "") -> tuple[list, list]:
+    """The columns of `comparison` without per-view scores (except `keep`, the sort key)."""
+    chosen = [i for i, name in enumerate(header) if VIEW_SEPARATOR not in name or name == keep]
+    return [header[i] for i in chosen], [[row[i] for i in chosen] for row in rows]
+
+
+def _cell(value, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:.4g}"
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     return str(value)
 
 
-def terminal_table(header: list[str], rows: list[list]) -> str:
-    """Columns aligned with spaces; numbers right-aligned."""
-    cells = [header] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+def _cut(text: str, limit: int = CELL) -> str:
+    """`text` at most `limit` characters: a path keeps its end (the run's or file's name)."""
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1):] if "/" in text else text[: limit - 1] + "…"
+
+
+def terminal_table(header: list[str], rows: list[list], *, width: int | None = WIDTH,
+                   droppable: list[str] = ()) -> str:
+    """Columns aligned with spaces, numbers right-aligned with 3 decimals, short names
+    (`SHORT`). Wider than `width` columns, the `droppable` ones (settings) are left out from
+    the last, and named under the table."""
+    cells = [[SHORT.get(h, h) for h in header]] + [
+        [_cut(_cell(v, 3)) for v in row] for row in rows]
     numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
                for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if n else c.ljust(w)
-                       for c, w, n in zip(row, widths, numeric, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    shown, left_out = list(range(len(header))), []
+
+    def line_width() -> int:
+        return sum(max(len(c[i]) for c in cells) for i in shown) + 2 * (len(shown) - 1)
+
+    for name in reversed(droppable):
+        if width is None or line_width() <= width:
+            break
+        shown.remove(header.index(name))
+        left_out.insert(0, name)
+    widths = {i: max(len(c[i]) for c in cells) for i in shown}
+    lines = ["  ".join(c[i].rjust(widths[i]) if numeric[i] else c[i].ljust(widths[i])
+                       for i in shown).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * widths[i] for i in shown))
+    notes = [f"{short} = {long}" for long, short in SHORT.items() if long in header]
+    if notes:
+        lines.append("(" + ", ".join(notes) + ")")
+    if left_out:
+        lines.append(f"also differ (wider than {width} columns): {', '.join(left_out)}; "
+                     "--csv - shows every column")
     return "\n".join(lines)
 
 
@@ -190,36 +235,47 @@ def csv_text(header: list[str], rows: list[list]) -> str:
 
 
 def plot_curves(runs: list[Run], out_png: Path, scores: list[str] | None = None) -> list[str]:
-    """One panel per overall score (default: every overall score of the runs), one line per run:
-    validation value against step (or epoch). Returns the scores drawn."""
+    """A grid of panels, one per overall score (default: every overall score of the runs), at
+    most three a row, one line per run (validation value against step or epoch), each panel's
+    y axis fitted to its values, one legend of the runs under the grid. Returns the scores
+    drawn."""
     import matplotlib.pyplot as plt  # pipeline.train.reporting has chosen the Agg backend
     from matplotlib.ticker import MaxNLocator
 
     scores = scores or [k for k in score_names(runs) if VIEW_SEPARATOR not in k]
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 4), squeeze=False)
+    cols = min(3, len(scores))
+    rows = -(-len(scores) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     uses_steps = any("step" in r for run in runs for r in run.curves)
-    for ax, score in zip(axes.flat, scores, strict=True):
+    for ax, score in zip(axes.flat, scores, strict=False):
         for i, run in enumerate(runs):
             points = sorted((_step(r), _number(r.get(score))) for r in run.curves
                             if _step(r) is not None and _number(r.get(score)) is not None)
             if points:
                 ax.plot(*zip(*points, strict=True), "-o", ms=3, color=f"C{i % 10}",
                         label=run.path.name)
-        ax.set_title(f"validation {score}")
-        ax.set_xlabel("step" if uses_steps else "epoch")
+        ax.set_title(f"validation {score}", fontsize=10)
+        ax.set_xlabel("step" if uses_steps else "epoch", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    for ax in axes.flat[len(scores):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(handles)),
+                   fontsize=9)
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return scores
 
 
 def compare(patterns: list[str], *, sort: str = "dice", markdown: bool = False,
-            csv_out: str | None = None, plot: Path | None = None) -> str:
-    """What `compare` prints; writes the CSV and the plot when asked."""
+            csv_out: str | None = None, plot: Path | None = None, per_view: bool = False,
+            width: int | None = WIDTH) -> str:
+    """What `compare` prints; writes the CSV (every column) and the plot when asked."""
     paths = expand(patterns)
     runs = [load_run(p) for p in paths]
     header, rows = comparison(runs, sort)
@@ -229,21 +285,30 @@ def compare(patterns: list[str], *, sort: str = "dice", markdown: bool = False,
         Path(csv_out).write_text(csv_text(header, rows))
     if plot:
         plot_curves(runs, plot)
-    return markdown_table(header, rows) if markdown else terminal_table(header, rows)
+    if not per_view:
+        header, rows = overall_only(header, rows, keep=sort)
+    if markdown:
+        return markdown_table(header, rows)
+    return terminal_table(header, rows, width=width, droppable=differing_settings(runs))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.runs", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.runs") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("compare", help="a table of runs: differing settings and scores")
     sub.add_argument("runs", nargs="+", help="run directories or globs (runs/lr-*)")
     sub.add_argument("--sort", default="dice",
                      help="score to sort by, best first: dice, cldice, LAO/dice, ...")
+    sub.add_argument("--per-view", action="store_true",
+                     help="also each view's scores (LAO/dice, ...); the CSV always has them")
+    sub.add_argument("--width", type=int, default=WIDTH,
+                     help=f"columns the terminal table fits (default: {WIDTH}); settings that "
+                     "do not fit are named under it")
     sub.add_argument("--markdown", action="store_true", help="print a Markdown table")
     sub.add_argument("--csv", metavar="OUT", help="also write the table as CSV (- : print it)")
     sub.add_argument("--plot", metavar="OUT.png", type=Path,
-                     help="overlay the runs' validation curves, one panel per score")
+                     help="the runs' validation curves: a grid of panels, one per score")
     args = parser.parse_args(argv)
     return run_command(lambda: _compare(args), resume="run the same command again (it only "
                        "reads the runs)")
@@ -251,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compare(args) -> int:
     text = compare(args.runs, sort=args.sort, markdown=args.markdown, csv_out=args.csv,
-                   plot=args.plot)
+                   plot=args.plot, per_view=args.per_view, width=args.width)
     print(text, end="" if text.endswith("\n") else "\n")
     return 0
 

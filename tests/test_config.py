@@ -1,9 +1,18 @@
 import argparse
 import dataclasses
+import re
 
 import pytest
+from conftest import REPO
 
-from pipeline.config import ExtractConfig, TrainConfig, add_arguments, from_arguments
+from pipeline.config import (
+    ExtractConfig,
+    TrainConfig,
+    _field_docs,
+    add_arguments,
+    describe,
+    from_arguments,
+)
 from pipeline.data.augment import CopyPlan
 
 
@@ -101,3 +110,36 @@ def test_step_budget_flags_are_checked():
         TrainConfig(device="cpu", loss="focal")
     with pytest.raises(ValueError, match="--warmup in"):
         TrainConfig(device="cpu", warmup=1.0)
+
+
+def test_help_shows_defaults_as_they_are_typed():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 1x); comma-separated" in text and "(default: none)" in text
+    assert "('" not in text and "(default: ())" not in text and "(default: None)" not in text
+    assert "default: every visible GPU." in text  # the docstring's own words, not "()"
+
+
+def test_resume_help_and_readme_name_exactly_the_resumable_flags():
+    from pipeline.train.setup import RESUMABLE
+
+    flags = {"--" + name.replace("_", "-") for name in RESUMABLE}
+    help_text = " ".join(_field_docs(TrainConfig)["resume"].split())
+    assert set(re.findall(r"--[a-z-]+", help_text.split("only", 1)[1])) == flags
+    readme = " ".join((REPO / "README.md").read_text().split())
+    sentence = readme.split("A resume keeps the run's own settings;", 1)[1].split(". ")[0]
+    assert set(re.findall(r"--[a-z-]+", sentence)) == flags
+
+
+def test_the_printed_config_is_every_field_in_lines_of_100_columns():
+    for config in (TrainConfig(backbone="tiny", device="cpu", levels=("1x", "4x")),
+                   ExtractConfig(backbone="tiny", device="cpu")):
+        text = describe(config)
+        assert text.startswith("config: data=demo backbone=tiny ")
+        assert max(map(len, text.splitlines())) <= 100
+        pairs = dict(p.split("=", 1) for p in text.removeprefix("config:").split())
+        assert list(pairs) == [f.name for f in dataclasses.fields(config)]
+        assert pairs["checkpoint"] == "-" and pairs["gpus"] == "-"
+    assert pairs["levels"] == "1x" and "levels=1x,4x" in describe(
+        TrainConfig(backbone="tiny", device="cpu", levels=("1x", "4x")))

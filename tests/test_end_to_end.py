@@ -8,6 +8,7 @@ images (DRIVE's are 565 x 584) and a few 16-bit grayscale TIFFs among the RGB on
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -112,6 +113,7 @@ def test_drive_layout_import_check_extract_train_predict(tmp_path, spawn):
                     "--masks", "DRIVE/training/1st_manual", "--image-regex", r"(\d+)_training",
                     "--mask-regex", r"(\d+)_manual1", "--out", "m.csv"], tmp_path, module=True))
     assert "12 rows, 12 with masks" in out
+    assert out.splitlines()[-1] == "next: check every row: sam3-vessel data check m.csv"
     samples = read_manifest(tmp_path / "m.csv")
     assert [s.image.name for s in samples] == [f"{n}_training.tif" for n in NUMBERS]
     assert all(s.mask.name == s.image.name.replace("_training.tif", "_manual1.gif")
@@ -123,15 +125,25 @@ def test_drive_layout_import_check_extract_train_predict(tmp_path, spawn):
     out = _ok(_run([REPO / "extract_features.py", "--data", "m.csv", "--backbone", "tiny",
                     "--device", "cpu"], tmp_path))
     rows = 12 + 4 * (12 - n_val)  # the default: 4 random copies of each training image
-    assert f"extracted {rows}, reused 0, total {rows}" in out
-    cache_id = out.split("cache ", 1)[1].split()[0]
+    assert f"extracted {rows} rows in " in out and f"the manifest needs {rows}: 12 images + " \
+        f"{rows - 12} augmented copies (4 of each training image" in out
+    cache_id = re.search(r"^cache (\S+) at ", out, re.M).group(1)
+    assert out.splitlines()[-1] == (f"next: train on it: sam3-vessel train --data m.csv --cache "
+                                    f"{cache_id} --device cpu")
     assert (tmp_path / "cache" / f"{cache_id}.zarr" / "zarr.json").is_file()
     check_out, _ = check.communicate(timeout=300)
     assert check.returncode == 0 and "12 rows, 0 errors" in check_out, check_out
 
-    out = _ok(_run([REPO / "train_head.py", "--data", "m.csv", "--backbone", "tiny",
+    trained = _run([REPO / "train_head.py", "--data", "m.csv", "--backbone", "tiny",
                     "--epochs", "2", "--device", "cpu", "--run-dir", "run",
-                    "--loader-workers", "0"], tmp_path))
+                    "--loader-workers", "0"], tmp_path)
+    out = _ok(trained)
+    assert "\x1b[A" not in trained.stderr + out  # no nested bar redrawn into a log file
+    assert out.splitlines()[-3:] == [
+        "next: predict new images: sam3-vessel predict --run run --data NEW.csv --out "
+        "run-predictions",
+        "      compare runs:       sam3-vessel runs compare '*'",
+        "      export for SAM 3:   sam3-vessel export --run run --out run.pt"]
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "best.pt", "last.pt", "report.json",
                  "curves.png", "caches.json", "adapter/adapter_config.json",
@@ -151,6 +163,8 @@ def test_drive_layout_import_check_extract_train_predict(tmp_path, spawn):
     out = _ok(_run(["pipeline.predict", "--run", "run", "--data", "m.csv", "--out", "preds"],
                    tmp_path, module=True))
     assert "12 masks in preds (12 from cached features, 0 through the backbone)" in out
+    assert out.splitlines()[-1] == ("next: look at preds/overlays/; export the model for SAM 3: "
+                                    "sam3-vessel export --run run --out run.pt")
     with (tmp_path / "preds" / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["row"]) for r in rows] == list(range(1, 13))

@@ -21,7 +21,9 @@ def test_a_user_error_prints_one_line_and_exits_1(tmp_path):
     out = _run([REPO / "extract_features.py", "--data", tmp_path / "none.csv", "--backbone",
                 "tiny", "--device", "cpu", "--cache-dir", tmp_path / "cache"], tmp_path)
     assert out.returncode == 1
-    assert out.stderr.splitlines() == [f"error: {tmp_path / 'none.csv'}: manifest not found"]
+    assert out.stderr.splitlines() == [
+        f"error: --data {tmp_path / 'none.csv'}: manifest not found; --data takes a manifest CSV "
+        "(`sam3-vessel data import` writes one) or `demo`"]
 
 
 def test_each_cli_applies_the_same_policy(tmp_path):
@@ -65,7 +67,7 @@ def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
-    assert lines == [f"interrupted: continue with `python train_head.py --resume {run}` (from "
+    assert lines == [f"interrupted: continue with `sam3-vessel train --resume {run}` (from "
                      "its last checkpoint, last.pt; a run stopped before its first one starts "
                      "again)"]
 
@@ -95,14 +97,14 @@ def test_sigterm_to_the_job_ends_training_like_ctrl_c_with_a_report(dataset, tmp
     assert process.returncode == 143, stderr
     assert "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
-    assert lines == [f"interrupted by SIGTERM: continue with `python train_head.py --resume "
+    assert lines == [f"interrupted by SIGTERM: continue with `sam3-vessel train --resume "
                      f"{run}` (from its last checkpoint, last.pt; a run stopped before its first "
                      "one starts again)"]
     report = json.loads((run / "report.json").read_text())
     step = saved_step(run / "last.pt")  # whole: a checkpoint being written is finished first
     assert step >= 2 and report["interrupted"] == {
         "by": "SIGTERM", "step": step, "of": 100000,
-        "resume": f"python train_head.py --resume {run}"}
+        "resume": f"sam3-vessel train --resume {run}"}
     assert report["val"]["n"] > 0 and (run / "curves.png").is_file()
     assert not load_run(run).finished
 
@@ -131,7 +133,7 @@ def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
     from pipeline.distributed import WorkerError
     from pipeline.extraction import NonFiniteFeaturesError
     from pipeline.model.lora import AdapterError
-    from pipeline.train.run_dir import RunDirError
+    from pipeline.train.run_files import RunDirError
 
     for cls, base in [(ManifestError, ValueError), (ImageError, ValueError),
                       (CacheError, RuntimeError), (RunDirError, RuntimeError),

@@ -6,11 +6,12 @@ import torch
 from conftest import make_dataset
 from sam3.model_builder import _load_checkpoint
 
+from pipeline.cli import export_main as main
 from pipeline.config import TrainConfig
 from pipeline.data.manifest import read_manifest
 from pipeline.data.native_samples import NativeSampling
 from pipeline.data.samples import SegmentationSamples
-from pipeline.export import ExportError, export, load_exported, main
+from pipeline.export import ExportError, export, load_exported
 from pipeline.model.backbone import (
     PRESETS,
     _build_backbone,

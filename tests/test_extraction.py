@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from pipeline.config import ExtractConfig
 from pipeline.data.images import load_preprocessed
 from pipeline.data.manifest import read_manifest, sample_keys
 from pipeline.extraction import (
+    ExtractSummary,
     NonFiniteFeaturesError,
     cache_signature,
     run_extraction,
@@ -169,7 +171,8 @@ def test_torchrun_ranks_fill_one_cache(tmp_path):
         [torchrun, "--nproc-per-node", "2", *_extract_cmd(manifest, tmp_path / "cache")[1:]],
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("extracted 6, reused 0, total 6") == 1
+    assert result.stdout.count("extracted 6 rows in ") == 1
+    assert "reused 0; the manifest needs 6: 6 images, no augmented copies" in result.stdout
     clean, _ = _run(manifest, tmp_path / "clean")
     path = next((tmp_path / "cache").glob("*.zarr"))
     assert path.name == clean.path.name
@@ -189,3 +192,13 @@ def test_stored_features_flag_each_sample_with_a_non_finite_value():
     for lvl, h in half.items():
         assert h.dtype == torch.float16 and h.is_contiguous()
         assert torch.equal(h[0], out[lvl][0].half())
+
+
+def test_the_summary_counts_images_and_copies_and_a_rerun_has_no_rate():
+    first = ExtractSummary("tiny-x", Path("cache/tiny-x.zarr"), 384, 0, 384, 1.6, 288, 4)
+    assert first.line() == ("extracted 384 rows in 1.6 s (240.0 rows/s), reused 0; the manifest "
+                            "needs 384: 96 images + 288 augmented copies (4 of each training "
+                            "image, --augment-copies)")
+    again = ExtractSummary("tiny-x", Path("cache/tiny-x.zarr"), 0, 96, 96, 0.2)
+    assert again.line() == ("nothing to extract: the cache already holds all 96 rows (96 "
+                            "images, no augmented copies)")

@@ -6,7 +6,6 @@ train/test_setup.py.)
 """
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from PIL import Image
 
 from pipeline.cache.cli import main as cache_cli
 from pipeline.cache.store import CacheError, ChunkFiles, FeatureCache
+from pipeline.cli import extract_main
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.checks import check_manifest
 from pipeline.data.images import load_preprocessed
@@ -159,8 +159,9 @@ def test_a_second_extraction_is_refused_and_wait_queues_behind_the_first(tmp_pat
     assert re.search(rf"cache {re.escape(path.name)} is being written by pid {first.pid} on "
                      r".*--wait", refusal), refusal[-2000:]
     assert "extracted" not in (logs / "second.out").read_text()
-    assert f"extracted {n}, reused 0, total {n}" in (logs / "first.out").read_text()
-    assert f"extracted 0, reused {n}, total {n}" in (logs / "queued.out").read_text()
+    assert f"extracted {n} rows in " in (logs / "first.out").read_text()
+    assert f"nothing to extract: the cache already holds all {n} rows" in (
+        logs / "queued.out").read_text()
     assert f"pid {queued.pid} " in lock.read_text()  # it held the lock after the first
     assert cache_cli(["--cache-dir", str(cache_dir), "verify", path.stem]) == 0
     cache = FeatureCache.open(path)
@@ -239,9 +240,9 @@ def test_a_corrupted_chunk_is_found_repaired_and_redone(tmp_path, capsys):
     with pytest.raises(CacheError) as info:  # training meets the damaged sample
         train(_train_config(manifest, tmp_path))
     assert str(victim.image) in str(info.value) and f"(row {row})" in str(info.value)
-    assert (f"pipeline.cache verify {summary.cache_id} --repair --cache-dir "
+    assert (f"sam3-vessel cache verify {summary.cache_id} --repair --cache-dir "
             f"{summary.path.parent}") in str(info.value)  # the folder too: run as printed
-    printed = re.search(r"`python -m pipeline\.cache (.*?)`", str(info.value)).group(1)
+    printed = re.search(r"`sam3-vessel cache (.*?)`", str(info.value)).group(1)
     capsys.readouterr()
     assert cache_cli(shlex.split(printed.replace(" --repair", ""))) == 1  # today: "0 bad"
     assert "1 bad" in capsys.readouterr().out
@@ -307,14 +308,6 @@ def _saved_adapter(folder):
     return folder
 
 
-def _script(name):
-    """A top-level script of the repository (e.g. extract_features.py) as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_training_with_an_adapter_refuses_the_frozen_cache(tmp_path):
     manifest = make_dataset(tmp_path / "d", 6, size=32)
     cache_dir, run = tmp_path / "cache", tmp_path / "run"
@@ -328,14 +321,14 @@ def test_training_with_an_adapter_refuses_the_frozen_cache(tmp_path):
         env=subprocess_env(), capture_output=True, text=True, timeout=300)
     err = result.stderr
     assert result.returncode == 1, err[-2000:]
-    command = (f"python extract_features.py --data {manifest} --backbone tiny --adapter "
+    command = (f"sam3-vessel extract --data {manifest} --backbone tiny --adapter "
                f"{adapter} --levels 1x --amp off --cache-dir {cache_dir} --device cpu")
     assert "does not exist" in err and f"\n  {command}\n" in err
     assert frozen.cache_id not in err  # the frozen cache is neither offered nor used
     assert not run.exists() or {p.name for p in run.iterdir()} <= {"config.json"}
 
     # The printed command (run here, in-process) makes the cache that training needs.
-    assert _script("extract_features").main(shlex.split(command)[2:]) == 0
+    assert extract_main(shlex.split(command)[2:]) == 0
     samples = read_manifest(manifest)
     config = _train_config(manifest, tmp_path, adapter=str(adapter))
     path, signature = ensure_cache(config, sample_keys(samples), samples)
@@ -499,8 +492,8 @@ def test_cache_rm_refuses_a_cache_a_training_reads(tmp_path):
 
         refused = rm()
         assert refused.returncode == 1 and refused.stderr.splitlines() == [
-            f"error: cache {cache.name} is in use: a running train_head.py reads it (it holds "
-            f"{cache.stem}.readers); let it finish or stop it, then run `cache rm` again"]
+            f"error: cache {cache.name} is in use: a running `sam3-vessel train` reads it (it "
+            f"holds {cache.stem}.readers); let it finish or stop it, then run `cache rm` again"]
         assert (cache / "zarr.json").is_file() and training.poll() is None
     finally:
         os.killpg(training.pid, signal.SIGKILL)

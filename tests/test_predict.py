@@ -7,10 +7,10 @@ import pytest
 from conftest import make_dataset
 from PIL import Image
 
+from pipeline.cli import predict_main
 from pipeline.config import TrainConfig
 from pipeline.data.images import read_mask
 from pipeline.data.manifest import read_manifest, write_manifest
-from pipeline.predict import main as predict_main
 from pipeline.train.launch import train
 from pipeline.train.metrics import SCORES
 

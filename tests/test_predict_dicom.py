@@ -16,12 +16,12 @@ import pytest
 from dicom_files import write_xa
 from PIL import Image
 
+from pipeline.cli import predict_main
 from pipeline.config import TrainConfig
 from pipeline.data.dicom import read_frames
 from pipeline.data.dicom_import import import_dicom
 from pipeline.data.manifest import UNKNOWN_VIEW, read_manifest
 from pipeline.dicom_seg import TOOL
-from pipeline.predict import main as predict_main
 from pipeline.predict_dicom import frame_key
 from pipeline.train.launch import train
 
@@ -199,9 +199,13 @@ def test_problems_are_named_before_any_model_work(cathlab, tmp_path, capsys):
              encapsulated=[b"\x00" * 16])
     (bad / "broken.dcm").write_bytes(b"not dicom at all")
     write_xa(bad / "short.dcm", np.zeros((3, 8, 8), np.uint8))
-    # no run at all: the DICOM problems come first
-    code = predict_main(["--run", str(tmp_path / "no-run"), "--data", str(bad), "--out",
-                         str(tmp_path / "p"), "--device", "cpu", "--frames", "5-9"])
+    # a mistyped run is named first (a path: no reading at all)
+    assert predict_main(["--run", str(tmp_path / "no-run"), "--data", str(bad), "--out",
+                         str(tmp_path / "p"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --run {tmp_path / 'no-run'}: run "
+                                              "directory not found")
+    # then the DICOM problems, every one, before the run is loaded
+    code = _predict(cathlab, tmp_path / "p", "--data", bad, "--frames", "5-9")
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: DICOM problems (nothing was predicted)")
     assert "video.dcm: transfer syntax MPEG-4" in err and "broken.dcm: " in err
@@ -212,6 +216,6 @@ def test_problems_are_named_before_any_model_work(cathlab, tmp_path, capsys):
                     "x") == 1
     assert "--frames 'x': give FIRST-LAST" in capsys.readouterr().err
     # DICOM flags given with a manifest: refused as contradictory arguments (exit 2)
-    assert predict_main(["--run", str(tmp_path / "no-run"), "--data", str(tmp_path / "a.csv"),
-                         "--out", str(tmp_path / "r"), "--frames", "1-2"]) == 2
+    (tmp_path / "a.csv").write_text("image,mask,view,split\n")
+    assert _predict(cathlab, tmp_path / "r", "--data", tmp_path / "a.csv", "--frames", "1-2") == 2
     assert "--frames: for DICOM runs only" in capsys.readouterr().err

@@ -68,12 +68,14 @@ def test_sort_by_a_view_score_and_the_formats(runs, tmp_path, capsys):
                  "--plot", str(tmp_path / "curves.png")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| run | lr | width | finished | best step | dice |")
+    assert "LAO/" not in out[0]  # per view with --per-view only
     assert out[1].startswith("|---|") and len(out) == 5
     assert len(_rows((tmp_path / "t.csv").read_text())) == 3
-    assert Image.open(tmp_path / "curves.png").size[0] > 3 * 400  # a panel per score
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert 1000 <= width <= 1400 and 800 <= height <= 1100  # 3 x 3 panels: a laptop screen
     assert main(["compare", *paths]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:3] == ["run", "lr", "width"] and len(table) == 5
+    assert table[0].split()[:3] == ["run", "lr", "width"] and len(table) == 6
 
 
 def test_a_run_still_training_takes_its_best_from_metrics(runs, tmp_path):
@@ -95,3 +97,22 @@ def test_bad_input_names_what_is_wrong(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "empty")]) == 1
     assert "config.json cannot be read" in capsys.readouterr().err
+
+
+def test_the_table_of_three_runs_fits_120_columns(runs, capsys):
+    assert main(["compare", str(runs / "*")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert max(map(len, table)) <= 120, table
+    assert table[0].split() == ["run", "lr", "width", "done", "best", "dice", "iou", "cldice",
+                                "sens", "spec", "acc", "auc"]
+    assert table[-1] == ("(sens = sensitivity, spec = specificity, acc = accuracy, "
+                         "done = finished, best = best step)")
+    assert all(row.split()[0].startswith("…") for row in table[2:5])  # long paths keep names
+    assert main(["compare", str(runs / "*"), "--per-view", "--width", "400"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert "LAO/dice" in wide[0].split() and "RAO/auc" in wide[0].split()
+    assert main(["compare", str(runs / "*"), "--width", "60"]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert narrow[0].split()[:2] == ["run", "done"]  # the settings made way
+    assert narrow[-1] == ("also differ (wider than 60 columns): lr, width; --csv - shows "
+                          "every column")

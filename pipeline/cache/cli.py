@@ -1,4 +1,5 @@
-"""`python -m pipeline.cache list|info|verify|rm`: look after the feature caches."""
+"""`sam3-vessel cache list|info|verify|rm` (or `python -m pipeline.cache`): look after the
+feature caches. zarr is imported once the flags are parsed."""
 
 from __future__ import annotations
 
@@ -8,16 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from pipeline.cache.lock import removal_lock
-from pipeline.cache.signature import describe
-from pipeline.cache.store import (
-    CacheError,
-    DamagedCacheError,
-    FeatureCache,
-    find_cache,
-    writer_lock,
-)
-from pipeline.cache.verify import repair_index, verify
 from pipeline.errors import run_command
 
 
@@ -29,8 +20,8 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cache", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.cache") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--cache-dir", default="cache", help="where the caches live")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="every cache with its size, N and signature summary")
@@ -50,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _list(cache_dir: str) -> int:
     """One line per cache; a damaged one is named and the others still listed."""
+    from pipeline.cache.signature import describe
+    from pipeline.cache.store import CacheError, FeatureCache
+
     paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if p.is_dir())
     if not paths:
         print(f"no caches under {cache_dir}")
@@ -67,6 +61,9 @@ def _list(cache_dir: str) -> int:
 
 
 def _verify(path: Path, repair: bool) -> int:
+    from pipeline.cache.store import DamagedCacheError, FeatureCache, writer_lock
+    from pipeline.cache.verify import repair_index, verify
+
     cache = FeatureCache.open(path, mode="r+" if repair else "r")
     if repair:
         with writer_lock(path):
@@ -82,12 +79,16 @@ def _verify(path: Path, repair: bool) -> int:
     if problems and repair:
         with writer_lock(path):
             cache.mark_undone([p.row for p in problems])
-        print(f"{len(problems)} sample(s) marked not done; rerun extract_features.py to redo them")
+        print(f"{len(problems)} sample(s) marked not done; run `sam3-vessel extract` again to "
+              "redo them")
     print(f"{int(cache.flagged().sum())} done samples checked, {len(problems)} bad")
     return 1 if problems and not repair else 0
 
 
 def _run(args) -> int:
+    from pipeline.cache.lock import removal_lock
+    from pipeline.cache.store import FeatureCache, find_cache
+
     if args.command == "list":
         return _list(args.cache_dir)
     path = find_cache(args.cache, args.cache_dir, damaged=args.command == "rm")

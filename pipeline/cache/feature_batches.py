@@ -131,5 +131,5 @@ class FeatureBatches:
             raise CacheError(
                 f"{self.cache_path}: features of {self.samples[i].image} (row {row}), manifest "
                 f"row {self.samples[i].row}, are unreadable ({type(err).__name__}: {err}); run "
-                f"`{repair_command(self.cache_path)}`, then extract_features.py again"
+                f"`{repair_command(self.cache_path)}`, then `sam3-vessel extract` again"
             ) from err

@@ -79,7 +79,7 @@ def writer_lock(path: Path, *, wait: bool = False):
             if not wait:
                 raise CacheLockedError(
                     f"cache {path.name} is being written by {holder}; wait for that run to "
-                    "finish (or pass --wait to extract_features.py to queue behind it)"
+                    "finish (or pass --wait to `sam3-vessel extract` to queue behind it)"
                 ) from None
             stop = _report_waiting(handle, path)
             try:
@@ -115,7 +115,7 @@ def hold_for_reading(path: Path):
         fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise CacheError(f"cache {path.name} is being removed (`python -m pipeline.cache rm`); "
+        raise CacheError(f"cache {path.name} is being removed (`sam3-vessel cache rm`); "
                          "extract it again") from None
     return handle
 
@@ -130,7 +130,7 @@ def removal_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CacheInUseError(
-                f"cache {path.name} is in use: a running train_head.py reads it (it holds "
+                f"cache {path.name} is in use: a running `sam3-vessel train` reads it (it holds "
                 f"{readers.name}); let it finish or stop it, then run `cache rm` again") from None
         with writer_lock(path):
             yield

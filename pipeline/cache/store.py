@@ -75,13 +75,13 @@ class DamagedCacheError(CacheError):
 def repair_command(path: Path) -> str:
     """The command that finds and repairs the damage of the cache at `path`."""
     path = Path(path)
-    return f"python -m pipeline.cache verify {path.stem} --repair --cache-dir {path.parent}"
+    return f"sam3-vessel cache verify {path.stem} --repair --cache-dir {path.parent}"
 
 
 def remove_command(path: Path) -> str:
     """The command that deletes the cache at `path`."""
     path = Path(path)
-    return f"python -m pipeline.cache rm {path}"
+    return f"sam3-vessel cache rm {path}"
 
 
 def _missing_metadata(path: Path) -> CacheError:
@@ -89,7 +89,7 @@ def _missing_metadata(path: Path) -> CacheError:
     if not path.exists():
         return CacheError(f"the feature cache {path} no longer exists (removed while in use?); "
                           "extract it again (--extract-missing), then run the command again (a "
-                          "training: `python train_head.py --resume RUN`)")
+                          "training: `sam3-vessel train --resume RUN`)")
     if path.suffix == ".zarr" and path.is_dir():
         return DamagedCacheError(f"{path} is a damaged feature cache: its zarr.json is missing; "
                                  f"delete it (`{remove_command(path)}`) and extract again")
@@ -404,7 +404,7 @@ class UnknownCacheError(CacheError, UsageError):
 def find_cache(id_or_path: str | Path, cache_dir: str | Path, *, damaged: bool = False
                ) -> Path:
     """The folder of the cache `id_or_path` names: a path to a `.zarr` folder, or an id (as
-    `python -m pipeline.cache list` prints it) under `cache_dir`. A `.zarr` folder without its
+    `sam3-vessel cache list` prints it) under `cache_dir`. A `.zarr` folder without its
     zarr.json is a `DamagedCacheError` (returned as found with `damaged`, for `rm`)."""
     name = str(id_or_path)
     path = Path(name)
@@ -415,4 +415,4 @@ def find_cache(id_or_path: str | Path, cache_dir: str | Path, *, damaged: bool =
     if path.is_dir():
         raise _missing_metadata(path)
     where = "" if "/" in name else f" under {cache_dir}"  # a path names its own folder
-    raise UnknownCacheError(f"no cache {name!r}{where} (see `python -m pipeline.cache list`)")
+    raise UnknownCacheError(f"no cache {name!r}{where} (see `sam3-vessel cache list`)")

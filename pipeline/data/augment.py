@@ -26,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:  # torch is imported where a copy is made: configs read this module without it
+    import torch
 
 VERSION = "aug-v1"
 """Names the distribution and the code applying it; part of every random copy's key."""
@@ -128,10 +130,14 @@ class RandomTransform:
         shift = np.array([self.shift_x * width, self.shift_y * height])
         linear = np.linalg.inv(half) @ inverse @ half
         offset = -np.linalg.inv(half) @ inverse @ shift
+        import torch
+
         return torch.from_numpy(np.concatenate([linear, offset[:, None]], axis=1))[None]
 
     def warp(self, x: torch.Tensor) -> torch.Tensor:
         """(C, H, W) float32 -> (C, H, W) float32, bilinear, zero outside the image."""
+        import torch.nn.functional as F
+
         height, width = x.shape[-2:]
         grid = F.affine_grid(self.affine(height, width).float(), [1, x.shape[0], height, width],
                              align_corners=False)
@@ -140,6 +146,8 @@ class RandomTransform:
 
     def image(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 or uint16 -> the transformed image, same shape and dtype."""
+        import torch
+
         top = float(torch.iinfo(image.dtype).max)
         x = self.warp(image.float() / top)
         x = ((x - x.mean()) * self.contrast + x.mean() + self.brightness).clamp(0, 1)
@@ -151,6 +159,8 @@ class RandomTransform:
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) bool -> (H, W) bool: the geometry only (bilinear, then >= 0.5)."""
+        import torch
+
         warped = self.warp(torch.from_numpy(mask.astype(np.float32))[None])[0]
         return (warped >= 0.5).numpy()
 
@@ -163,6 +173,8 @@ def _flip(name: str, x):
                "rot180": lambda a: np.rot90(a, 2, axes=(-2, -1)),
                "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1))}
         return np.ascontiguousarray(ops[name](x))
+    import torch
+
     ops = {"hflip": lambda t: t.flip(-1), "vflip": lambda t: t.flip(-2),
            "rot90": lambda t: torch.rot90(t, 1, (-2, -1)),
            "rot180": lambda t: torch.rot90(t, 2, (-2, -1)),

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.dicom import DicomError, is_dicom, mask_problems, read_info
+from pipeline.data.dicom import DicomError, DicomInfo, is_dicom, read_info
 from pipeline.data.images import ImageError, read_image, read_mask
 from pipeline.data.manifest import UNKNOWN_VIEW, Sample, file_sha256
 from pipeline.errors import UserError
@@ -249,3 +249,24 @@ def _dicom_sources(samples: list[Sample]) -> tuple[list[Problem], list[Problem]]
                 f"no C-arm angles (0018,1510/1511): its {len(rows)} row(s) have no angles and "
                 "no view from them")))
     return errors, warnings
+
+
+def mask_problems(info: DicomInfo, frame: int, mask: Path | None) -> list[tuple[Path, str]]:
+    """(file, problem) for frame `frame` of `info`'s file and its mask: a frame number past the
+    last frame, a mask that does not decode or differs in size from the frames."""
+    if frame < 1:
+        return [(mask or info.path, f"frame {frame}: DICOM frame numbers start at 1 "
+                 f"({info.path} has frames 1-{info.frames})")]
+    if frame > info.frames:
+        return [(mask or info.path, f"frame {frame} is past the last frame of {info.path} "
+                 f"(frames 1-{info.frames})")]
+    if mask is None:
+        return []
+    try:
+        shape = read_mask(mask)[0].shape
+    except ImageError as err:
+        return [(mask, str(err).removeprefix(f"{mask}: "))]
+    if shape != info.size:
+        return [(mask, f"mask is {shape[0]}x{shape[1]} (HxW) but the frames of {info.path} are "
+                 f"{info.size[0]}x{info.size[1]}")]
+    return []

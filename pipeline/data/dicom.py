@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.images import IMAGE_SUFFIXES, ImageError, read_mask
+from pipeline.data.formats import IMAGE_SUFFIXES, ImageError
 from pipeline.data.manifest import PRIMARY_LIMIT, normalise_angles
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -209,29 +209,8 @@ def read_dicom_image(path: str | Path) -> np.ndarray:
     if info.frames > 1:
         raise DicomError(
             f"{path}: multi-frame DICOM ({info.frames} frames); a manifest row takes one frame: "
-            "run `python -m pipeline.data import dicom` to write its frames as PNG")
+            "run `sam3-vessel data import dicom` to write its frames as PNG")
     return read_frames(path)[0]
-
-
-def mask_problems(info: DicomInfo, frame: int, mask: Path | None) -> list[tuple[Path, str]]:
-    """(file, problem) for frame `frame` of `info`'s file and its mask: a frame number past the
-    last frame, a mask that does not decode or differs in size from the frames."""
-    if frame < 1:
-        return [(mask or info.path, f"frame {frame}: DICOM frame numbers start at 1 "
-                 f"({info.path} has frames 1-{info.frames})")]
-    if frame > info.frames:
-        return [(mask or info.path, f"frame {frame} is past the last frame of {info.path} "
-                 f"(frames 1-{info.frames})")]
-    if mask is None:
-        return []
-    try:
-        shape = read_mask(mask)[0].shape
-    except ImageError as err:
-        return [(mask, str(err).removeprefix(f"{mask}: "))]
-    if shape != info.size:
-        return [(mask, f"mask is {shape[0]}x{shape[1]} (HxW) but the frames of {info.path} are "
-                 f"{info.size[0]}x{info.size[1]}")]
-    return []
 
 
 def display_frame(stored: np.ndarray, ds) -> np.ndarray:

@@ -26,25 +26,25 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.data.checks import mask_problems
 from pipeline.data.dicom import (
     DicomError,
     DicomInfo,
     is_dicom,
-    mask_problems,
     read_frames,
     read_info,
     view_label,
 )
-from pipeline.data.images import IMAGE_SUFFIXES
+from pipeline.data.formats import IMAGE_SUFFIXES
 from pipeline.data.importers import (
     DatasetImportError,
-    _check_ratio,
-    _compile,
-    _first_group,
-    _list_problems,
-    _split_by_group,
+    check_ratio,
+    compile_regex,
+    first_group,
+    list_problems,
 )
 from pipeline.data.manifest import write_manifest
+from pipeline.data.splits import split_by_group
 from pipeline.durable import write_atomically
 
 MASK_PATTERN = r"^(?P<key>.+)_(?P<frame>\d+)\.[^.]+$"
@@ -74,7 +74,7 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
     """
     dicom_dir, frames_dir = Path(dicom_dir).resolve(), Path(frames_dir).resolve()
     masks_root = Path(masks_dir).resolve() if masks_dir is not None else None
-    _check_ratio(split_ratio)
+    check_ratio(split_ratio)
     if masks_root is None and not all_frames:
         raise DatasetImportError("give masks (--masks) or import every frame (--all-frames)")
     files = _dicom_files(dicom_dir)
@@ -86,13 +86,13 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
             problems.append(str(err))
     masks: dict[Path, dict[int, Path]] = {}
     if masks_root is not None:  # keys only pair masks: files may share a stem without masks
-        keys = _keys(infos, _compile(image_regex, "image regex"))
-        masks, unmatched = _pair_masks(keys, masks_root, _compile(mask_regex, "mask regex"))
+        keys = _keys(infos, compile_regex(image_regex, "image regex"))
+        masks, unmatched = _pair_masks(keys, masks_root, compile_regex(mask_regex, "mask regex"))
         problems += unmatched
     problems += [f"{info.path}: {info.problem}" for info in infos if info.problem]
     problems += _mask_problems(infos, masks)
     if problems:
-        raise DatasetImportError(_list_problems("DICOM problems (nothing was written)", problems))
+        raise DatasetImportError(list_problems("DICOM problems (nothing was written)", problems))
     result = DicomImport(manifest=Path(out_csv))
     rows, groups, seen = [], [], {}
     for info in infos:
@@ -110,7 +110,7 @@ def import_dicom(dicom_dir: str | Path, out_csv: str | Path, *, frames_dir: str 
         rows += new
         groups += [info.group or str(info.path)] * len(new)
     if not rows:
-        raise DatasetImportError(_list_problems(f"{dicom_dir}: no frame to import", result.notes))
+        raise DatasetImportError(list_problems(f"{dicom_dir}: no frame to import", result.notes))
     _splits(rows, groups, split_ratio, split_column, seed)
     result.manifest = write_manifest(out_csv, rows)
     return result
@@ -132,13 +132,13 @@ def _keys(infos: list[DicomInfo], pattern: re.Pattern | None) -> dict[str, Dicom
     error, since its masks could belong to either file."""
     by_key: dict[str, list[DicomInfo]] = defaultdict(list)
     for info in infos:
-        key = info.path.stem if pattern is None else _first_group(pattern, info.path.name)
+        key = info.path.stem if pattern is None else first_group(pattern, info.path.name)
         if key is not None:
             by_key[key].append(info)
     repeated = [f"key {key!r}: " + ", ".join(str(i.path) for i in group)
                 for key, group in by_key.items() if len(group) > 1]
     if repeated:
-        raise DatasetImportError(_list_problems(
+        raise DatasetImportError(list_problems(
             "DICOM files share a mask key (rename them or pass --image-regex)", repeated))
     return {key: group[0] for key, group in by_key.items()}
 
@@ -242,5 +242,5 @@ def _splits(rows: list[dict], groups: list[str], ratio: float | None, fixed: str
         for row in rows:
             row["split"] = fixed or None
         return
-    for row, split in zip(rows, _split_by_group(groups, ratio, seed), strict=True):
+    for row, split in zip(rows, split_by_group(groups, ratio, seed), strict=True):
         row["split"] = split

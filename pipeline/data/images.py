@@ -21,23 +21,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from pipeline.errors import UserError
+from pipeline.data.dicom import is_dicom, read_dicom_image
+from pipeline.data.formats import IMAGE_SUFFIXES, ImageError  # noqa: F401 - read from here too
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp")
 NORM_MEAN = (0.5, 0.5, 0.5)
 NORM_STD = (0.5, 0.5, 0.5)
-
-
-class ImageError(UserError, ValueError):
-    """An image or mask file that cannot be used; the message names the file."""
 
 
 def is_image_file(path: Path) -> bool:
     """Whether `path` is a file this module reads: an image suffix, or DICOM (`.dicom`)."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return path.is_file()
-    from pipeline.data.dicom import is_dicom
-
     return is_dicom(path)
 
 
@@ -47,8 +41,6 @@ def _read_array(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        from pipeline.data.dicom import is_dicom, read_dicom_image
-
         if is_dicom(path):
             return read_dicom_image(path)
         raise ImageError(f"{path}: unsupported format {suffix!r} (accepted: {IMAGE_SUFFIXES}, "

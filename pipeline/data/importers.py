@@ -1,29 +1,28 @@
-"""Importers that turn a dataset on disk into a manifest CSV (see `pipeline.data.manifest`).
+"""The folder importer, and what every importer shares: keys and views from file names.
 
-Two sources: a folder of images (with an optional folder of masks paired by a key taken from
-the file names) and a COCO annotation file (e.g. ARCADE), whose polygons and RLEs are rendered
-into one binary vessel mask per image. Both fill the `view` column (from a subfolder, a file name
-regex, or C-arm angles in the file name such as `LAO44_CRA29`), the optional angle columns, and
-a seeded train/val split that can keep groups (patients) together.
+`import_folder` turns a folder of images (with an optional folder of masks, and one of
+field-of-view masks, paired by a key taken from the file names) into a manifest CSV (see
+`pipeline.data.manifest`). It fills the `view` column (from a subfolder, a file name regex, or
+C-arm angles in the file name such as `LAO44_CRA29`), the optional angle columns, and a seeded
+train/val split (`pipeline.data.splits`) that can keep groups (patients) together. The COCO
+importer (`pipeline.data.coco`) and the DICOM one (`pipeline.data.dicom_import`) use the
+helpers here for regexes, views and split groups.
 """
 
 from __future__ import annotations
 
-import json
-import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipeline.data.dicom import header_angles, view_label
 from pipeline.data.images import is_image_file
 from pipeline.data.manifest import write_manifest
+from pipeline.data.splits import assign_splits
 from pipeline.errors import UserError
 
-TRAIN, VAL = "train", "val"
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _PRIMARY = re.compile(rf"(?<![A-Za-z])(LAO|RAO)[ _-]?{_NUMBER}", re.IGNORECASE)
 _SECONDARY = re.compile(rf"(?<![A-Za-z])(CRAN?|CAUD?)[ _-]?{_NUMBER}", re.IGNORECASE)
@@ -36,7 +35,7 @@ class DatasetImportError(UserError, ValueError):
 # --- names, keys, views and angles --------------------------------------------------------------
 
 
-def _first_group(pattern: re.Pattern, name: str) -> str | None:
+def first_group(pattern: re.Pattern, name: str) -> str | None:
     """The first capture group of `pattern` searched in `name` (or the whole match), or None."""
     match = pattern.search(name)
     if match is None:
@@ -44,7 +43,7 @@ def _first_group(pattern: re.Pattern, name: str) -> str | None:
     return match.group(1) if pattern.groups else match.group(0)
 
 
-def _compile(pattern: str | None, option: str) -> re.Pattern | None:
+def compile_regex(pattern: str | None, option: str) -> re.Pattern | None:
     if pattern is None:
         return None
     try:
@@ -76,7 +75,7 @@ def _angle_label(name: str) -> str | None:
     return "_".join(parts) or None
 
 
-def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
+def view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
                  from_subfolder: bool) -> dict:
     """The `view` and angle columns of one image (angle columns only when the name has them)."""
     fields: dict = {}
@@ -86,7 +85,7 @@ def _view_fields(path: Path, root: Path, view_regex: re.Pattern | None,
     if from_subfolder:
         fields["view"] = path.parent.name if path.parent != root else None
     elif view_regex is not None:
-        fields["view"] = _first_group(view_regex, path.name)
+        fields["view"] = first_group(view_regex, path.name)
     elif angles is None and header is not None:
         fields["view"] = view_label(*header)
     else:
@@ -121,7 +120,7 @@ def _keyed(files: list[Path], pattern: re.Pattern | None) -> list[tuple[str, Pat
     """(key, file) per file: the stem, or the regex's first group; non-matching files dropped."""
     if pattern is None:
         return [(f.stem, f) for f in files]
-    pairs = [(_first_group(pattern, f.name), f) for f in files]
+    pairs = [(first_group(pattern, f.name), f) for f in files]
     return [(key, f) for key, f in pairs if key is not None]
 
 
@@ -151,76 +150,32 @@ def _pair_masks(images: list[tuple[str, Path]], masks: list[tuple[str, Path]],
     return pairs, problems
 
 
-def _list_problems(title: str, lines: list[str], limit: int = 20) -> str:
+def list_problems(title: str, lines: list[str], limit: int = 20) -> str:
     shown = "\n  ".join(lines[:limit])
     more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
     return f"{title} ({len(lines)}):\n  {shown}{more}"
 
 
-# --- splits -------------------------------------------------------------------------------------
+# --- splits ---------------------------------------------------------------------------------------
 
 
-def _check_ratio(split_ratio: float | None) -> None:
+def check_ratio(split_ratio: float | None) -> None:
     if split_ratio is not None and not 0.0 <= split_ratio <= 1.0:
         raise DatasetImportError(f"split ratio {split_ratio} is outside [0, 1]")
 
 
-def _split_by_ratio(count: int, ratio: float, seed: int) -> list[str]:
-    """A seeded shuffle: round(count * ratio) samples train, the rest val (both kept non-empty
-    when there are two samples or more and 0 < ratio < 1)."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    n_train = round(count * ratio)
-    if count >= 2 and 0.0 < ratio < 1.0:
-        n_train = min(max(n_train, 1), count - 1)
-    splits = [VAL] * count
-    for index in order[:n_train]:
-        splits[index] = TRAIN
-    return splits
-
-
-def _split_by_group(groups: list[str], ratio: float, seed: int) -> list[str]:
-    """Whole groups to train or val (seeded), the train share of samples as close to `ratio` as
-    whole groups allow; both sides non-empty when there are two groups or more."""
-    sizes: dict[str, int] = defaultdict(int)
-    for group in groups:
-        sizes[group] += 1
-    order = sorted(sizes)
-    random.Random(seed).shuffle(order)
-    target, in_train, train = ratio * len(groups), 0, set()
-    for group in order:
-        if abs(in_train + sizes[group] - target) <= abs(in_train - target):
-            train.add(group)
-            in_train += sizes[group]
-    if len(order) >= 2 and 0.0 < ratio < 1.0:
-        if not train:
-            train.add(order[0])
-        elif len(train) == len(order):
-            train.discard(order[-1])
-    return [TRAIN if group in train else VAL for group in groups]
-
-
-def _assign_splits(rows: list[dict], names: list[str], *, split_ratio: float | None,
-                   fixed_split: str | None, group_regex: str | None, seed: int) -> None:
-    """Fill each row's `split`: a fixed value, a grouped split, a ratio split, or nothing."""
-    if fixed_split is not None:
-        for row in rows:
-            row["split"] = fixed_split or None
-        return
-    if split_ratio is None:
-        return
-    pattern = _compile(group_regex, "group regex")
+def split_groups(names: list[str], group_regex: str | None) -> list[str] | None:
+    """The split group of each file name: `group_regex`'s first capture (None without a regex);
+    a name it does not match is an error, listing every such name."""
+    pattern = compile_regex(group_regex, "group regex")
     if pattern is None:
-        splits = _split_by_ratio(len(rows), split_ratio, seed)
-    else:
-        groups = [_first_group(pattern, name) for name in names]
-        missing = [name for name, group in zip(names, groups, strict=True) if group is None]
-        if missing:
-            raise DatasetImportError(_list_problems(
-                f"group regex {group_regex!r} matches no group in these file names", missing))
-        splits = _split_by_group(groups, split_ratio, seed)
-    for row, split in zip(rows, splits, strict=True):
-        row["split"] = split
+        return None
+    groups = [first_group(pattern, name) for name in names]
+    missing = [name for name, group in zip(names, groups, strict=True) if group is None]
+    if missing:
+        raise DatasetImportError(list_problems(
+            f"group regex {group_regex!r} matches no group in these file names", missing))
+    return groups
 
 
 # --- the folder importer ------------------------------------------------------------------------
@@ -248,160 +203,57 @@ def import_folder(images_dir: str | Path, out_csv: str | Path, *,
     """
     images_dir = Path(images_dir).resolve()
     masks_root = Path(masks_dir).resolve() if masks_dir is not None else None
-    _check_ratio(split_ratio)
+    check_ratio(split_ratio)
     if view_regex is not None and view_from_subfolder:
         raise DatasetImportError("give a view regex or view from subfolder, not both")
     exclude = masks_root if masks_root != images_dir else None  # masks may share the folder
-    images = _keyed(_list_images(images_dir, exclude), _compile(image_regex, "image regex"))
+    images = _keyed(_list_images(images_dir, exclude), compile_regex(image_regex, "image regex"))
     if not images:
         raise DatasetImportError(f"{images_dir}: no image files"
                                  + (f" matching {image_regex!r}" if image_regex else ""))
     if view_from_subfolder:
         loose = [str(path) for _, path in images if path.parent == images_dir]
         if loose:
-            raise DatasetImportError(_list_problems(
+            raise DatasetImportError(list_problems(
                 f"{images_dir}: views come from subfolders, but these images sit at the top",
                 loose))
     fov_root = Path(fov_dir).resolve() if fov_dir is not None else None
     if fov_root is not None and fov_root != images_dir:  # FOV masks may sit under the images
         images = [(key, path) for key, path in images if not path.is_relative_to(fov_root)]
-    pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks)
+    pairs = _folder_masks(images, images_dir, masks_root, mask_regex, allow_missing_masks,
+                          remedy="a key is the file stem, or the first group of "
+                          "--image-regex / --mask-regex: give those when the names differ, or "
+                          "--allow-missing-masks to keep these images without a mask")
     fovs = _folder_masks(images, images_dir, fov_root, fov_regex, False,
                          kind="field-of-view mask", remedy="check --fov-regex")
-    view = _compile(view_regex, "view regex")
+    view = compile_regex(view_regex, "view regex")
     rows = [{"image": path, "mask": pairs.get(path), "fov": fovs.get(path),
-             **_view_fields(path, images_dir, view, view_from_subfolder)} for _, path in images]
-    _assign_splits(rows, [path.name for _, path in images], split_ratio=split_ratio,
-                   fixed_split=split_column, group_regex=group_regex, seed=seed)
+             **view_fields(path, images_dir, view, view_from_subfolder)} for _, path in images]
+    groups = None if split_column is not None or split_ratio is None else split_groups(
+        [path.name for _, path in images], group_regex)
+    assign_splits(rows, split_ratio=split_ratio, fixed_split=split_column, groups=groups,
+                  seed=seed)
     return write_manifest(out_csv, rows)
 
 
 def _folder_masks(images: list[tuple[str, Path]], images_dir: Path, masks_dir: Path | None,
-                  mask_regex: str | None, allow_missing: bool, kind: str = "mask",
-                  remedy: str = "allow_missing_masks keeps them") -> dict[Path, Path]:
+                  mask_regex: str | None, allow_missing: bool, *, remedy: str,
+                  kind: str = "mask") -> dict[Path, Path]:
     """The mask (or, `kind` "field-of-view mask", FOV) of each image, none without `masks_dir`;
     errors on ambiguous or (unless `allow_missing`) missing ones."""
     if masks_dir is None:
         return {}
     option = "mask regex" if kind == "mask" else "fov regex"
-    masks = _keyed(_list_images(masks_dir), _compile(mask_regex, option))
+    masks = _keyed(_list_images(masks_dir), compile_regex(mask_regex, option))
     if not masks:
         raise DatasetImportError(f"{masks_dir}: no {kind} files"
                                  + (f" matching {mask_regex!r}" if mask_regex else ""))
     pairs, problems = _pair_masks(images, masks, images_dir, masks_dir)
     if problems:
-        raise DatasetImportError(_list_problems(f"ambiguous {kind}s", problems))
+        raise DatasetImportError(list_problems(f"ambiguous {kind}s", problems))
     missing = [f"{path} (key {key!r})" for key, path in images if path not in pairs]
     if missing and not allow_missing:
-        raise DatasetImportError(_list_problems(
-            f"images without a {kind} in {masks_dir}; {remedy}", missing))
+        keys = ", ".join(repr(key) for key, _ in masks[:3]) + (", ..." if len(masks) > 3 else "")
+        raise DatasetImportError(list_problems(
+            f"images without a {kind} in {masks_dir} (its keys: {keys}); {remedy}", missing))
     return pairs
-
-
-# --- the COCO importer --------------------------------------------------------------------------
-
-
-def import_coco(annotation_json: str | Path, images_dir: str | Path, out_csv: str | Path, *,
-                masks_out_dir: str | Path, categories: list[str] | None = None,
-                view_regex: str | None = None, split_ratio: float | None = 0.8,
-                group_regex: str | None = None, seed: int = 0) -> Path:
-    """Write a manifest for a COCO annotation file, rendering one binary mask per image.
-
-    Polygons and RLEs (compressed or not) of the selected categories (all by default, else those
-    named) are merged into one vessel class and written as PNG 0/255 to `masks_out_dir`, at the
-    image's path relative to `images_dir` with a `.png` suffix. Images without annotations get
-    an empty mask. Views, angles and splits as in `import_folder`.
-    """
-    annotation_json, images_dir = Path(annotation_json), Path(images_dir).resolve()
-    masks_out_dir = Path(masks_out_dir).resolve()
-    _check_ratio(split_ratio)
-    coco = _load_coco(annotation_json)
-    wanted = _category_ids(annotation_json, coco, categories)
-    by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in coco["annotations"]:
-        if ann.get("category_id") in wanted:
-            by_image[ann.get("image_id")].append(ann)
-    entries = sorted(coco["images"], key=lambda e: str(e.get("file_name")))
-    missing = [str(images_dir / e["file_name"]) for e in entries
-               if not (images_dir / e["file_name"]).is_file()]
-    if missing:
-        raise DatasetImportError(_list_problems(f"{annotation_json}: image files not found",
-                                                missing))
-    view, rows = _compile(view_regex, "view regex"), []
-    for entry in entries:
-        image = images_dir / entry["file_name"]
-        mask_path = masks_out_dir / Path(entry["file_name"]).with_suffix(".png")
-        mask = render_mask(by_image.get(entry["id"], []), int(entry["height"]),
-                           int(entry["width"]), source=f"{annotation_json}: {entry['file_name']}")
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
-        rows.append({"image": image, "mask": mask_path,
-                     **_view_fields(image, images_dir, view, False)})
-    _assign_splits(rows, [Path(e["file_name"]).name for e in entries], split_ratio=split_ratio,
-                   fixed_split=None, group_regex=group_regex, seed=seed)
-    return write_manifest(out_csv, rows)
-
-
-def _load_coco(path: Path) -> dict:
-    """The parsed COCO file, with `images`, `annotations` and `categories` checked present."""
-    if not path.is_file():
-        raise DatasetImportError(f"{path}: annotation file not found")
-    try:
-        coco = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetImportError(f"{path}: not a readable JSON file ({err})") from err
-    if not isinstance(coco, dict):
-        raise DatasetImportError(f"{path}: not a COCO annotation file (top level is not an object)")
-    absent = [key for key in ("images", "annotations", "categories") if key not in coco]
-    if absent:
-        raise DatasetImportError(f"{path}: not a COCO annotation file (no {', '.join(absent)})")
-    for entry in coco["images"]:
-        if not all(k in entry for k in ("id", "file_name", "height", "width")):
-            raise DatasetImportError(
-                f"{path}: image entry {entry} lacks one of id, file_name, height, width")
-    return coco
-
-
-def _category_ids(path: Path, coco: dict, names: list[str] | None) -> set:
-    """Ids of the categories named (all categories when `names` is None)."""
-    known = {c["name"]: c["id"] for c in coco["categories"]}
-    if names is None:
-        return set(known.values())
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise DatasetImportError(
-            f"{path}: unknown categories {unknown} (known: {sorted(known)})")
-    return {known[name] for name in names}
-
-
-def render_mask(annotations: list[dict], height: int, width: int, source: str = "") -> np.ndarray:
-    """The union of the annotations' segmentations as an (H, W) bool mask.
-
-    Same rendering as `pycocotools.coco.COCO.annToMask`: polygons merged with `frPyObjects`,
-    uncompressed RLE converted with `frPyObjects`, compressed RLE decoded as is.
-    """
-    from pycocotools import mask as mask_utils
-
-    union = np.zeros((height, width), dtype=bool)
-    for ann in annotations:
-        segm = ann.get("segmentation")
-        try:
-            if isinstance(segm, list):
-                if not segm:
-                    continue
-                rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-            elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-                rle = mask_utils.frPyObjects(segm, height, width)
-            elif isinstance(segm, dict):
-                rle = segm
-            else:
-                raise TypeError(f"unsupported segmentation type {type(segm).__name__}")
-            decoded = mask_utils.decode(rle)
-        except (TypeError, ValueError, KeyError, IndexError) as err:
-            raise DatasetImportError(
-                f"{source}: annotation {ann.get('id')} cannot be rendered ({err})") from err
-        if decoded.shape[:2] != (height, width):
-            raise DatasetImportError(f"{source}: annotation {ann.get('id')} is "
-                                     f"{decoded.shape[:2]}, the image entry {(height, width)}")
-        union |= decoded.astype(bool).reshape(height, width)
-    return union

@@ -53,6 +53,13 @@ class ViewVocabulary:
         if unseen:
             warnings.warn(f"{where}: views {unseen} were not seen in training; they use the "
                           "unknown-view embedding", stacklevel=2)
+        viewless = sum(not s.view for s in samples)
+        learnt = [label for label in self.labels if label != UNKNOWN_VIEW]
+        if viewless and learnt:
+            warnings.warn(f"{where}: {viewless} of {len(samples)} rows have no view, and the "
+                          f"model learnt views {learnt}: those rows use the unknown-view "
+                          "embedding; fill the `view` column for the model's best masks",
+                          stacklevel=2)
 
 
 def split_samples(samples: list[Sample], *, allow_empty_val: bool = False,

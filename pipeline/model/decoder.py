@@ -18,13 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.model.backbone import LEVELS
+from pipeline.model.presets import IMAGE_CHANNELS
 
 FEATURE_CHANNELS = 256
 """Channels of every SAM 3 backbone level."""
 DECODER_LEVELS = tuple(sorted(LEVELS, key=lambda level: int(level[:-1])))
 """The levels a decoder fuses, coarsest first: the backbone's `LEVELS`, the one list."""
-IMAGE_CHANNELS = 32
-"""Default channels of the full-resolution image branch (and of the fusion stage after it)."""
 
 
 def _groups(channels: int) -> int:

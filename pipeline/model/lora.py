@@ -85,7 +85,7 @@ def load_adapter(backbone: nn.Module, adapter_dir: str | Path, *, trainable: boo
     if missing:
         raise AdapterError(
             f"{adapter_dir} is not a LoRA adapter directory: missing {', '.join(missing)} "
-            "(train_head.py writes one to <run-dir>/adapter)"
+            "(`sam3-vessel train` writes one to <run-dir>/adapter)"
         )
     return PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
 

@@ -39,7 +39,7 @@ def from_cache(config: TrainConfig, given: set[str] | dict) -> TrainConfig:
             raise CacheMismatchError(
                 f"{flag} {_shown(getattr(config, name))} disagrees with --cache {config.cache}, "
                 f"whose features were made with {name} {_shown(read[name])}; drop {flag} or "
-                "name a cache made with it (`python -m pipeline.cache list`)")
+                "name a cache made with it (`sam3-vessel cache list`)")
     return replace(config, **read)
 
 

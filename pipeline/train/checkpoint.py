@@ -57,7 +57,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, prepar
     torch.save(payload, buffer)
     run_dir = path.parent
     write_atomically(path, buffer.getvalue(), hint=(
-        f"then continue with `python train_head.py --resume {run_dir}` (last.pt holds the last "
+        f"then continue with `sam3-vessel train --resume {run_dir}` (last.pt holds the last "
         "finished epoch)" if (run_dir / "last.pt").is_file() else
         "then start the run again with the same flags and --overwrite (no epoch was saved)"))
 
@@ -114,7 +114,7 @@ def save_adapter(model, directory: Path) -> None:
         if disk_full(err):
             raise DiskFullError(f"No space left on device while writing {directory}; "
                                 f"free space in {directory.parent}, then continue with "
-                                f"`python train_head.py --resume {directory.parent}`") from err
+                                f"`sam3-vessel train --resume {directory.parent}`") from err
         raise
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():

@@ -9,7 +9,6 @@ rank.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, describe
 from pipeline.distributed import (
     DistributedContext,
     WorkerError,
@@ -49,11 +48,11 @@ def train(config: TrainConfig, given: dict | None = None) -> Path:
     if "WORLD_SIZE" in os.environ:  # torchrun: one process per device, across machines
         context = DistributedContext.from_env(backend=_backend(config))
         if context.is_leader:
-            print("config:", asdict(config), flush=True)
+            print(describe(config), flush=True)
         prepared = prepare(config, context)
         _train_process(prepared, context)
         return prepared.run_dir
-    print("config:", asdict(config), flush=True)
+    print(describe(config), flush=True)
     prepared = prepare(config)
     if config.world_size == 1:
         _train_process(prepared, DistributedContext(local_rank=_gpu(config, 0)))
@@ -86,7 +85,7 @@ def _report_interrupted(prepared: Prepared, by: str) -> None:
     write_json(run_dir / "report.json", {
         "val": state["best"]["val"], "scoring": scoring_note(prepared.val),
         "interrupted": {"by": by, "step": state["step"], "of": total,
-                        "resume": f"python train_head.py --resume {run_dir}"}})
+                        "resume": f"sam3-vessel train --resume {run_dir}"}})
     plot_curves(MetricsLog(run_dir / "metrics.jsonl").read(), run_dir / "curves.png")
 
 

@@ -25,7 +25,7 @@ from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from pipeline.train.divergence import check_loss
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_batch
-from pipeline.train.reporting import MetricsLog, plot_curves, write_json, write_report
+from pipeline.train.reporting import MetricsLog, dice_hint, plot_curves, write_json, write_report
 from pipeline.train.run_data import RunData
 from pipeline.train.scoring import NativeTargets, save_native_overlays, scoring_note
 from pipeline.train.setup import Prepared, ensure_cache, seed_everything
@@ -199,8 +199,10 @@ def train_process(prepared: Prepared, context) -> None:
         vstart = time.perf_counter()
         # The unwrapped model: ranks may hold different numbers of validation batches, and a
         # DDP forward is a collective (it broadcasts buffers).
+        # Its own bar only on a terminal: a log file would get one line per redraw.
         vmeter, vloss, vcount, _, _ = run_epoch(model, data.val_loader(live_val), device,
-                                                prepared.views, live=live_val, show=leader,
+                                                prepared.views, live=live_val,
+                                                show=leader and sys.stderr.isatty(),
                                                 desc="  validation", loss_name=config.loss,
                                                 targets=data.val_targets,
                                                 infer=_whole_image(model, config))
@@ -304,7 +306,7 @@ def _record(log: MetricsLog, train_record: dict, val_record: dict | None, total:
     tqdm.write(f"step {train_record['step']}/{total}: train loss {train_record['loss']:.4f} "
                f"dice {train_record['dice']:.3f} | val dice {v.get('dice', float('nan')):.3f} "
                f"cldice {v.get('cldice', float('nan')):.3f} | {train_record['seconds']:.1f} s"
-               f"{' (end to end)' if train_record['e2e'] else ''}")
+               f"{' (end to end)' if train_record['e2e'] else ''}{dice_hint(v, total)}")
     sys.stdout.flush()  # a log file sees each interval as it ends
 
 

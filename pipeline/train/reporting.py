@@ -26,6 +26,10 @@ from pipeline.errors import DiskFullError
 from pipeline.train.metrics import SCORES, dice  # noqa: E402
 
 E2E_COLOUR = "orange"
+BACKGROUND_SCORES = ("specificity", "accuracy", "auc")
+"""Scores the background decides (most pixels of a vessel image): they sit near 1, so
+curves.png gives them a panel and an axis of their own; every other score of `SCORES` shares
+the vessel panel."""
 TP_RGB, FP_RGB, FN_RGB = (0.1, 0.9, 0.1), (1.0, 0.1, 0.1), (1.0, 0.0, 1.0)
 
 
@@ -63,6 +67,15 @@ def write_report(path: Path, val: dict, scoring: dict | None = None, split: str 
     write_json(path, {split: val, **({"scoring": scoring} if scoring is not None else {})})
 
 
+def dice_hint(val: dict, total_steps: int) -> str:
+    """A hint after a validation line whose Dice is 0: the decoder predicts no vessel pixel
+    yet, as it does at first; "" otherwise."""
+    if val.get("dice") != 0.0:
+        return ""
+    return (f"  (no vessel predicted yet: a decoder starts out predicting background only; if "
+            f"this lasts, {total_steps} steps are too few: give the run more --steps)")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per epoch and split, appended and fsynced line by line.
 
@@ -94,7 +107,7 @@ class MetricsLog:
                 if disk_full(err):
                     raise DiskFullError(f"No space left on device while appending to "
                                         f"{self.path}; free space in {self.path.parent}, then "
-                                        f"continue with `python train_head.py --resume "
+                                        f"continue with `sam3-vessel train --resume "
                                         f"{self.path.parent}`", err.errno) from err
                 raise
 
@@ -146,23 +159,45 @@ def _plot_loss(ax, records: list[dict]) -> None:
     ax.set_ylabel("loss (Dice + BCE)")
 
 
-def _plot_quality(ax, records: list[dict]) -> None:
-    for i, key in enumerate(SCORES):
-        colour = f"C{i}"
+def _fit_unit_range(ax, values: list[float]) -> None:
+    """y limits around `values` (scores in [0, 1]) with a margin, kept inside [0, 1.0x]."""
+    if values:
+        low, high = min(values), max(values)
+        pad = max(0.02, 0.08 * (high - low))
+        ax.set_ylim(max(0.0, low - pad), min(1.0 + pad / 4, high + pad))
+
+
+def _plot_vessel_scores(ax, records: list[dict]) -> None:
+    shown = []
+    for i, key in enumerate(k for k in SCORES if k not in BACKGROUND_SCORES):
         x, y = _series(records, "val", key)
         if x:
-            ax.plot(x, y, "-o", color=colour, ms=4, label=f"val {key}")
+            ax.plot(x, y, "-o", color=f"C{i}", ms=4, label=f"val {key}")
+            shown += y
     x, y = _series(records, "train", "dice")
     if x:
         ax.plot(x, y, "--", color="C0", alpha=0.7, marker=".", label="train dice")
+        shown += y
     x, y = _series(records, "val", "dice")
     if x:
         best = int(np.argmax(y))
         ax.plot(x[best], y[best], "*", color="gold", mec="k", ms=14, zorder=5,
                 label=f"best val dice {y[best]:.3f} ({_axis(records)} {x[best]})")
-    ax.set_ylim(0, 1)
-    ax.set_title("Segmentation quality")
+    _fit_unit_range(ax, shown)
+    ax.set_title("Vessel scores")
     ax.set_ylabel("score")
+
+
+def _plot_background_scores(ax, records: list[dict]) -> None:
+    shown = []
+    for i, key in enumerate(BACKGROUND_SCORES, start=4):
+        x, y = _series(records, "val", key)
+        if x:
+            ax.plot(x, y, "-o", color=f"C{i}", ms=4, label=f"val {key}")
+            shown += y
+    _fit_unit_range(ax, shown)
+    ax.set_title("Scores the background decides")
+    ax.set_ylabel("score (own axis: near 1)")
 
 
 def _plot_drift(ax, records: list[dict]) -> None:
@@ -191,23 +226,37 @@ def _plot_wait(ax, records: list[dict]) -> None:
 
 
 def plot_curves(records: list[dict], out_png: Path) -> None:
-    """curves.png from metrics records: loss, every val score (train Dice dashed) and, when
-    logged, cache drift cosine and data-wait share, against the optimizer step (the epoch for
-    records without one); intervals that ran end to end (e2e) shaded.
+    """curves.png (`curves_figure`) from metrics records, written whole or not at all."""
+    fig = curves_figure(records)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    plt.close(fig)
+    write_atomically(Path(out_png), png.getvalue())
+
+
+def curves_figure(records: list[dict]):
+    """The figure of curves.png: loss, the vessel scores (train Dice dashed), the scores the
+    background decides on an axis of their own and, when logged, cache drift cosine and
+    data-wait share, against the optimizer step (the epoch for records without one); intervals
+    that ran end to end (e2e) shaded. Each panel's legend sits under it, off the curves.
 
     `records` as `MetricsLog.read()` returns them; works for one epoch and without val records.
     """
-    panels = [_plot_loss, _plot_quality]
+    panels = [_plot_loss, _plot_vessel_scores]
+    if any(_series(records, "val", key)[0] for key in BACKGROUND_SCORES):
+        panels.append(_plot_background_scores)
     if _series(records, "train", "drift_cosine")[0]:
         panels.append(_plot_drift)
     if _series(records, "train", "data_wait")[0]:
         panels.append(_plot_wait)
-    rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False,
+                             layout="constrained")
     axis = _axis(records)
     e2e = e2e_spans(records)
     points = sorted({_x(r) for r in records if _x(r) is not None}) or [1]
-    for ax, draw in zip(axes.flat, panels, strict=True):
+    for ax, draw in zip(axes.flat, panels, strict=False):
         for left, right in e2e:
             ax.axvspan(left, right, color=E2E_COLOUR, alpha=0.18, lw=0)
         draw(ax, records)
@@ -224,15 +273,14 @@ def plot_curves(records: list[dict], out_png: Path) -> None:
         if e2e:
             handles.append(Patch(color=E2E_COLOUR, alpha=0.3))
             labels.append(f"end-to-end {'steps' if axis == 'step' else 'epoch'}")
-        if handles:
-            ax.legend(handles, labels, fontsize=8, loc="best")
+        if handles:  # under the axes, never over a curve
+            ax.legend(handles, labels, fontsize=8, loc="upper center", ncol=2,
+                      bbox_to_anchor=(0.5, -0.14), frameon=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     last = points[-1]
     fig.suptitle(f"Training curves ({last} {axis}{'s' if last != 1 else ''})")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=120, format="png")
-    plt.close(fig)
-    write_atomically(Path(out_png), png.getvalue())
+    return fig
 
 
 def e2e_spans(records: list[dict]) -> list[tuple[float, float]]:

@@ -108,7 +108,7 @@ class RunData:
         for rows, done in ((train_rows, train_done), (val_rows, val_done)):
             if not done.all():
                 raise CacheError(f"{cache} lacks features of {int((rows < 0).sum())} images; "
-                                 "extract them first (extract_features.py)")
+                                 "extract them first (`sam3-vessel extract`)")
         self.cache = cache
         self.rows = {"train": train_rows.reshape(len(p.train), -1),
                      "val": val_rows.reshape(len(p.val), 1)}

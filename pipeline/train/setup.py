@@ -29,7 +29,7 @@ from pipeline.extraction import SIGNATURE_FIELDS, cache_signature, run_extractio
 from pipeline.train.cache_choice import check_agrees
 from pipeline.train.checkpoint import saved_step
 from pipeline.train.reporting import write_json
-from pipeline.train.run_dir import (
+from pipeline.train.run_files import (
     RunDirError,
     check_resumable_manifest,
     claim_run_dir,
@@ -100,10 +100,37 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
         state = "does not exist" if cache is None else (
             f"lacks {len(lacking)} of {len(wanted)} images ({', '.join(named)}"
             f"{', ...' if len(lacking) > 3 else ''})")
+        what = "its features" if cache is None else "the missing images"
         raise MissingFeaturesError(
-            f"the feature cache {path} {state}. Extract them first:\n  {command}\n"
-            "or rerun with --extract-missing.")
+            f"the feature cache {path} {state}. Extract {what} first:\n  {command}\n"
+            f"or rerun with --extract-missing.{_other_caches(config.cache_dir, path, signature)}")
     return path, signature
+
+
+def _other_caches(cache_dir: str, wanted: Path, signature: dict, shown: int = 5) -> str:
+    """The caches beside `wanted` that --cache could train on instead (the same checkpoint and
+    adapter, other levels, amp or backbone settings), each a line; "" when there are none."""
+    from pipeline.cache.signature import describe
+
+    lines = []
+    for other in sorted(Path(cache_dir).glob("*.zarr")):
+        if other.resolve() == wanted:
+            continue
+        try:
+            cache = FeatureCache.open(other)
+            if any(cache.signature.get(k) != signature.get(k)
+                   for k in ("checkpoint_sha256", "adapter_sha256")):
+                continue  # another model: --cache would refuse it
+            lines.append(f"  {cache.cache_id}  {int(cache.done().sum())} rows  "
+                         f"{describe(cache.signature)}")
+        except UserError:  # a damaged cache: `cache list` names it
+            continue
+    if not lines:
+        return ""
+    more = f"\n  ... and {len(lines) - shown} more (sam3-vessel cache list)" if (
+        len(lines) > shown) else ""
+    return (f"\nOther caches in {cache_dir}, made with other settings (--cache ID trains on one, "
+            "with its backbone, levels and amp):\n" + "\n".join(lines[:shown]) + more)
 
 
 def _rows_done(cache: FeatureCache, keys: list[str]):
@@ -116,11 +143,11 @@ _WITH_COPIES = {"augment", "augment_seed"}  # mean something only with augmented
 
 
 def _extract_command(extract: ExtractConfig) -> str:
-    """The extract_features.py command that makes `extract`'s cache: every signature field
+    """The `sam3-vessel extract` command that makes `extract`'s cache: every signature field
     (`SIGNATURE_FIELDS`, so a new one cannot be left out), where the keys come from (data, the
     copies) and the device, each only where it differs from its default or is in `_SHOWN`."""
     defaults = {f.name: f.default for f in fields(ExtractConfig)}
-    parts = ["python extract_features.py"]
+    parts = ["sam3-vessel extract"]
     for name in ("data", *SIGNATURE_FIELDS, "cache_dir", "augment_copies", *sorted(_WITH_COPIES),
                  "device"):
         value = getattr(extract, name)
@@ -213,7 +240,7 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
     `RESUMABLE` fields; any other requested field that differs raises `RunDirError`."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
-        raise RunDirError(f"{run_dir}: no config.json, so not a run directory train_head.py "
+        raise RunDirError(f"{run_dir}: no config.json, so not a run directory `sam3-vessel train` "
                           "made; check the path given to --resume")
     if not (run_dir / "last.pt").is_file():
         raise RunDirError(f"{run_dir}/last.pt does not exist: the run stopped before it saved its "

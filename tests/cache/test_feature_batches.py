@@ -99,7 +99,7 @@ def test_a_damaged_chunk_names_the_image_and_the_repair(cached):
     chunk.write_bytes(bytes(data))
     loader = _batches(samples, cache, np.repeat(rows[:, :1], 2, axis=1))  # originals only
     with pytest.raises(CacheError, match=rf"{samples[4].image.name} \(row {rows[4, 0]}\).*"
-                                         r"crc32c.*pipeline.cache verify"):
+                                         r"crc32c.*sam3-vessel cache verify"):
         list(loader)
 
 

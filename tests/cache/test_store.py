@@ -232,6 +232,7 @@ def test_a_damaged_or_missing_zarr_json_is_named_and_rm_still_removes_it(tmp_pat
 
     cache = _cache(tmp_path)
     (cache.path / "zarr.json").write_text("{ not json")
+    (tmp_path / "x.csv").write_text("image,mask,view,split\n")  # paths are checked first
     out = subprocess.run([sys.executable, str(REPO / "train_head.py"), "--data", "x.csv",
                           "--cache", str(cache.path), "--device", "cpu"], cwd=tmp_path,
                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -239,13 +240,13 @@ def test_a_damaged_or_missing_zarr_json_is_named_and_rm_still_removes_it(tmp_pat
     assert out.stderr.splitlines() == [
         f"error: {cache.path / 'zarr.json'} cannot be read (JSONDecodeError: Expecting property "
         "name enclosed in double quotes: line 1 column 3 (char 2)): the cache is damaged; delete "
-        f"it (`python -m pipeline.cache rm {cache.path}`) and extract again"]
+        f"it (`sam3-vessel cache rm {cache.path}`) and extract again"]
     (cache.path / "zarr.json").unlink()
     with pytest.raises(DamagedCacheError) as raised:
         find_cache(str(cache.path), "cache")
     assert str(raised.value) == (
         f"{cache.path} is a damaged feature cache: its zarr.json is missing; delete it "
-        f"(`python -m pipeline.cache rm {cache.path}`) and extract again")
+        f"(`sam3-vessel cache rm {cache.path}`) and extract again")
     with pytest.raises(DamagedCacheError, match="its zarr.json is missing"):
         FeatureCache.find(tmp_path, SIGNATURE)  # not "absent": extraction could not create it
     assert cache_cli(["--cache-dir", str(tmp_path), "list"]) == 1

@@ -1,21 +1,17 @@
-"""Importers: folder pairing, views and angles, splits, COCO rendering (real files, no mocks)."""
+"""The folder importer: pairing, views and angles, splits (real files, no mocks)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from pipeline.data.importers import (
     DatasetImportError,
     encode_angles,
-    import_coco,
     import_folder,
     parse_angles,
 )
@@ -86,8 +82,13 @@ def test_missing_masks_listed_or_allowed(tmp_path):
     _png(tmp_path / "images" / "a.png")
     _png(tmp_path / "images" / "b.png")
     _png(tmp_path / "masks" / "a.png")
-    with pytest.raises(DatasetImportError, match=r"(?s)without a mask.*b\.png"):
+    with pytest.raises(DatasetImportError, match=r"(?s)without a mask.*b\.png") as raised:
         import_folder(tmp_path / "images", tmp_path / "m.csv", masks_dir=tmp_path / "masks")
+    title = str(raised.value).splitlines()[0]  # the flags to type, and the keys masks gave
+    assert title == (f"images without a mask in {tmp_path / 'masks'} (its keys: 'a'); a key is "
+                     "the file stem, or the first group of --image-regex / --mask-regex: give "
+                     "those when the names differ, or --allow-missing-masks to keep these "
+                     "images without a mask (1):")
     out = import_folder(tmp_path / "images", tmp_path / "m.csv", masks_dir=tmp_path / "masks",
                         allow_missing_masks=True)
     masks = {s.image.name: s.mask for s in read_manifest(out)}
@@ -165,79 +166,6 @@ def test_encode_angles():
     code = encode_angles(90.0, -30.0)
     assert code.shape == (4,) and code.dtype == np.float32
     np.testing.assert_allclose(code, [1.0, 0.0, -0.5, np.sqrt(3) / 2], atol=1e-6)
-
-
-def _coco_file(tmp_path: Path) -> Path:
-    """Two images: a polygon on the first; compressed and uncompressed RLEs on the second."""
-    height, width = 24, 32
-    for name in ("1.png", "2.png"):
-        _png(tmp_path / "images" / name, size=(height, width))
-    region = np.zeros((height, width), dtype=np.uint8)
-    region[5:15, 20:28] = 1
-    compressed = mask_utils.encode(np.asfortranarray(region))
-    compressed["counts"] = compressed["counts"].decode()
-    flat, counts, current, run = region.flatten(order="F"), [], 0, 0
-    for value in flat:
-        if value != current:
-            counts.append(run)
-            current, run = value, 0
-        run += 1
-    counts.append(run)
-    shifted = {"size": [height, width],  # uncompressed, two columns to the right
-               "counts": [counts[0] + 2 * height, *counts[1:-1], counts[-1] - 2 * height]}
-    anns = [
-        {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
-         "segmentation": [[2, 2, 12, 2, 12, 10, 2, 10]], "area": 80, "bbox": [2, 2, 10, 8]},
-        {"id": 2, "image_id": 2, "category_id": 2, "iscrowd": 1,
-         "segmentation": compressed, "area": 80, "bbox": [20, 5, 8, 10]},
-        {"id": 3, "image_id": 2, "category_id": 1, "iscrowd": 1,
-         "segmentation": shifted, "area": 80, "bbox": [22, 5, 8, 10]},
-    ]
-    coco = {"images": [{"id": i, "file_name": f"{i}.png", "height": height, "width": width}
-                       for i in (1, 2)],
-            "annotations": anns,
-            "categories": [{"id": 1, "name": "vessel"}, {"id": 2, "name": "stenosis"}]}
-    path = tmp_path / "annotations.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
-def _pycocotools_union(annotation_json: Path, image_id: int, category_ids=None) -> np.ndarray:
-    coco = COCO(str(annotation_json))
-    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=category_ids or []))
-    union = np.zeros((24, 32), dtype=bool)
-    for ann in anns:
-        union |= coco.annToMask(ann).astype(bool)
-    return union
-
-
-def test_coco_masks_equal_pycocotools(tmp_path):
-    annotations = _coco_file(tmp_path)
-    out = import_coco(annotations, tmp_path / "images", tmp_path / "m.csv",
-                      masks_out_dir=tmp_path / "masks")
-    samples = read_manifest(out)
-    assert [s.mask.name for s in samples] == ["1.png", "2.png"]
-    for image_id, sample in enumerate(samples, start=1):
-        written = np.asarray(Image.open(sample.mask))
-        assert set(np.unique(written)) <= {0, 255}
-        expected = _pycocotools_union(annotations, image_id)
-        assert expected.any()
-        np.testing.assert_array_equal(written == 255, expected)
-    out = import_coco(annotations, tmp_path / "images", tmp_path / "v.csv",
-                      masks_out_dir=tmp_path / "vessel", categories=["vessel"])
-    second = np.asarray(Image.open(read_manifest(out)[1].mask)) == 255
-    np.testing.assert_array_equal(second, _pycocotools_union(annotations, 2, [1]))
-
-
-def test_coco_errors_name_the_file(tmp_path):
-    annotations = _coco_file(tmp_path)
-    with pytest.raises(DatasetImportError, match="unknown categories.*'artery'"):
-        import_coco(annotations, tmp_path / "images", tmp_path / "m.csv",
-                    masks_out_dir=tmp_path / "masks", categories=["artery"])
-    (tmp_path / "images" / "2.png").unlink()
-    with pytest.raises(DatasetImportError, match=r"annotations\.json: image files not found"):
-        import_coco(annotations, tmp_path / "images", tmp_path / "m.csv",
-                    masks_out_dir=tmp_path / "masks")
 
 
 def test_dicom_images_in_a_folder_take_their_header_angles(tmp_path):

@@ -1,6 +1,9 @@
+import dataclasses
 import pickle
+import warnings
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_dataset
 from torch.utils.data import DataLoader, default_collate
@@ -94,3 +97,16 @@ def test_epoch_reaches_persistent_workers(tmp_path):
         dataset.epoch = epoch
         expected = [int(np.random.default_rng((0, epoch, i)).integers(4)) for i in range(4)]
         assert next(iter(loader))["copy"].tolist() == expected
+
+
+def test_rows_without_a_view_are_named_when_the_model_learnt_views(tmp_path):
+    samples = read_manifest(make_dataset(tmp_path, 4))  # views LAO, RAO
+    views = ViewVocabulary.from_samples(samples)
+    bare = [dataclasses.replace(s, view=None) for s in samples]
+    with pytest.warns(UserWarning, match=r"new\.csv: 4 of 4 rows have no view, and the model "
+                      r"learnt views \['LAO', 'RAO'\]: those rows use the unknown-view"):
+        views.warn_unseen(bare, "new.csv")
+    single = ViewVocabulary.from_samples(bare)  # trained without views: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        single.warn_unseen(bare, "new.csv")

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,8 @@ from pipeline.train.reporting import (
     FP_RGB,
     TP_RGB,
     MetricsLog,
+    curves_figure,
+    dice_hint,
     error_overlay,
     plot_curves,
     save_overlays,
@@ -123,6 +126,27 @@ def test_plot_curves_several_epochs_with_e2e(tmp_path):
     pixels = np.asarray(image.convert("RGB")).astype(int)
     orange = (pixels[..., 0] > 230) & (np.abs(pixels[..., 1] - 220) < 25) & (pixels[..., 2] < 215)
     assert orange.sum() > 100  # e2e epochs are shaded
+
+
+def test_curves_put_background_scores_on_their_own_axis_and_legends_off_the_data():
+    records = _records(6, e2e_every=3)
+    for record in records:
+        if record["split"] == "val":
+            record.update(specificity=0.97, accuracy=0.96, auc=0.99)
+    fig = curves_figure(records)
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    lines = {line.get_label(): ax for ax in panels for line in ax.get_lines()}
+    assert lines["val dice"] is lines["val iou"] is not lines["val auc"]
+    assert lines["val auc"] is lines["val specificity"] is lines["val accuracy"]
+    low, high = lines["val auc"].get_ylim()
+    assert low > 0.9 and high - low < 0.1  # near 1: an axis fitted to them, not 0-1
+    renderer = fig.canvas.get_renderer()
+    for ax in panels:
+        legend = ax.get_legend()
+        assert legend is not None
+        assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    plt.close(fig)
 
 
 def test_plot_curves_single_epoch_and_no_val(tmp_path):
@@ -247,3 +271,9 @@ def test_curves_shade_exactly_the_end_to_end_epochs(tmp_path):
     assert e2e_spans(records) == [(1.5, 2.5)]  # not every epoch from 2 on
     plot_curves(records, tmp_path / "curves.png")
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_a_validation_dice_of_zero_gets_a_hint():
+    assert dice_hint({"dice": 0.0}, 20).startswith("  (no vessel predicted yet: ")
+    assert "20 steps are too few: give the run more --steps" in dice_hint({"dice": 0.0}, 20)
+    assert dice_hint({"dice": 0.41}, 20) == dice_hint({}, 20) == ""

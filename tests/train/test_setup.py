@@ -42,21 +42,37 @@ def test_missing_cache_gives_the_extraction_command(dataset, tmp_path):
     with pytest.raises(MissingFeaturesError) as info:
         train(_config(dataset, tmp_path))
     text = str(info.value)
-    assert "python extract_features.py --data" in text and "--backbone tiny" in text
-    assert "--extract-missing" in text
+    assert "sam3-vessel extract --data" in text and "--backbone tiny" in text
+    assert "does not exist. Extract its features first:" in text
+    assert "--extract-missing" in text and "Other caches" not in text  # there are none
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_missing_cache_names_the_caches_made_otherwise_and_cache(dataset, tmp_path):
+    """A cache of the same images with other levels exists: the error offers it (--cache)."""
+    other = _extract(dataset, tmp_path / "cache", levels=("1x", "4x"))
+    with pytest.raises(MissingFeaturesError) as info:
+        train(_config(dataset, tmp_path))  # levels 1x
+    lines = str(info.value).splitlines()
+    assert lines[-2] == (f"Other caches in {tmp_path / 'cache'}, made with other settings "
+                         "(--cache ID trains on one, with its backbone, levels and amp):")
+    assert lines[-1].startswith(f"  {other.cache_id}  6 rows  tiny @252px ")
+    assert lines[-1].endswith("levels=1x,4x")
+    _extract(dataset, tmp_path / "cache", levels=("1x",))  # the images, no augmented copy
+    with pytest.raises(MissingFeaturesError, match="Extract the missing images first"):
+        train(_config(dataset, tmp_path, augment_copies=1))
 
 
 def test_the_extraction_command_names_every_signature_flag_that_differs(tmp_path):
     base = dict(data="m.csv", backbone="tiny", cache_dir="c", device="cpu")  # amp: off
     assert _extract_command(ExtractConfig(**base)) == (
-        "python extract_features.py --data m.csv --backbone tiny --levels 1x --amp off "
+        "sam3-vessel extract --data m.csv --backbone tiny --levels 1x --amp off "
         "--cache-dir c --device cpu")
     given = ExtractConfig(**base, checkpoint="w.pt", adapter="a", levels=("1x", "2x"),
                           cache_block=0, augment_copies=2, augment="flips", augment_seed=3,
                           workers=3)
     assert _extract_command(given) == (
-        "python extract_features.py --data m.csv --backbone tiny --checkpoint w.pt --adapter a "
+        "sam3-vessel extract --data m.csv --backbone tiny --checkpoint w.pt --adapter a "
         "--levels 1x,2x --amp off --cache-block 0 --cache-dir c --augment-copies 2 "
         "--augment flips --augment-seed 3 --device cpu")
     # augment settings without copies make no cache of their own

@@ -11,12 +11,12 @@ from conftest import REPO, make_dataset, run_records, sigkill_after_validation, 
 from safetensors.torch import load_file
 
 from pipeline.cache.store import FeatureCache
+from pipeline.cli import predict_main
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.data.images import load_preprocessed
 from pipeline.data.manifest import read_manifest, sample_keys, write_manifest
 from pipeline.extraction import cache_signature, run_extraction
 from pipeline.model.backbone import build_backbone, token_level
-from pipeline.predict import main as predict_main
 from pipeline.train.launch import train
 
 K = 1  # tiny: blocks 0..3, global attention in 1 and 3

@@ -1,4 +1,6 @@
-"""What keeps a run directory to one run: refusing to mix runs, and what `--resume` may change.
+"""The files of a run directory: what keeps it to one run (refusing to mix runs), and what
+`--resume` may change. (`pipeline.train.run_data` is another concern: the run's datasets and
+loaders.)
 
 A new run records the manifest's rows (`manifest.json`: each image's key, split and view, and
 their sha256); a resume compares the manifest as it is now against that record and refuses one
@@ -13,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, check_path
 
 RUN_FILES = ("config.json", "manifest.json", "metrics.jsonl", "last.pt", "best.pt",
              "report.json", "curves.png", "caches.json", "adapter", "adapters", "overlays",
@@ -24,6 +26,22 @@ SHOWN = 3
 
 class RunDirError(UserError, RuntimeError):
     """A run directory that cannot be used as asked; the message says what to do."""
+
+
+def check_run(run_dir: str | Path, *, flag: str, files: tuple[str, ...] = ("best.pt",)) -> Path:
+    """`run_dir` when it is a run directory holding `files`; else `RunDirError` (or
+    `MissingPathError` for a folder that does not exist) naming `flag` and what to do. Reads
+    nothing but the folder's listing: commands call it before any model work."""
+    run_dir = check_path(run_dir, flag=flag, kind="folder", what="run directory")
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"{flag} {run_dir}: not a run directory (no config.json); a run "
+                          "directory is what `sam3-vessel train` writes (its --run-dir)")
+    missing = [name for name in files if not (run_dir / name).exists()]
+    if missing:
+        raise RunDirError(f"{flag} {run_dir}: the run has no {', '.join(missing)} yet: it "
+                          "writes best.pt and adapter/ at its first validation, and "
+                          "report.json when it finishes")
+    return run_dir
 
 
 def claim_run_dir(run_dir: Path, *, overwrite: bool) -> None:

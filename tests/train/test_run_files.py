@@ -10,7 +10,7 @@ from conftest import make_dataset
 from pipeline.config import TrainConfig
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.train.launch import train
-from pipeline.train.run_dir import RunDirError
+from pipeline.train.run_files import RunDirError
 
 
 def _config(manifest, tmp_path, **kw) -> TrainConfig:
