@@ -13,9 +13,9 @@ def test_one_bar_counts_the_runs_steps_and_never_shows_nan(dataset, tmp_path, ca
     steps = re.findall(r"steps \d-\d: +\d+%\|[^|]*\| (\d)/(\d) ", err)
     assert steps and {total for _, total in steps} == {"6"}
     assert [int(done) for done, _ in steps][-1] == 6
-    # The validation bar is drawn (its 0 % frame always; tqdm skips the 100 % frame of a pass
-    # faster than its refresh interval, so that frame depends on the machine's speed).
-    assert re.search(r"validation: +\d+%\|[^|]*\| \d+/\d+ ", err)
+    # Off a terminal (captured here, or a log file) the nested validation bar is not drawn:
+    # its cursor moves would fill a log with escape codes.
+    assert "validation:" not in err
     assert "nan" not in err.lower()
 
 
