@@ -281,8 +281,13 @@ def report(name: str, args, start_load: str, sections: list[str], notes: list[st
         *sections,
         *(["Notes:", "", *[f"- {n}" for n in notes], ""] if notes else []),
     ])
+    publish(text, append=not args.no_append)
+
+
+def publish(text: str, *, append: bool) -> None:
+    """Print a bench's section; append it to BENCHMARKS.md unless told not to."""
     print("\n" + text)
-    if not args.no_append:
+    if append:
         with BENCHMARKS.open("a") as handle:
             handle.write("\n" + text)
         print(f"appended to {BENCHMARKS}")

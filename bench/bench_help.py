@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCHMARKS, REPO, Others, load_average, machine_lines, share, table  # noqa: E402
+from _common import REPO, Others, load_average, machine_lines, publish, share, table  # noqa: E402
 
 # (case, command after, command before); {py} is the interpreter, {m} a manifest that exists.
 CASES = [
@@ -110,11 +110,7 @@ def main() -> None:
         f"--repeat {args.repeat}`", "",
         table("Seconds from spawn to exit", header, rows), "Notes:", "",
         *[f"- {n}" for n in notes], ""])
-    print("\n" + text)
-    if not args.no_append:
-        with BENCHMARKS.open("a") as handle:
-            handle.write("\n" + text)
-        print(f"appended to {BENCHMARKS}")
+    publish(text, append=not args.no_append)
 
 
 if __name__ == "__main__":

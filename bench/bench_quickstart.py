@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCHMARKS, REPO, Others, load_average, machine_lines, share, table  # noqa: E402
+from _common import REPO, Others, load_average, machine_lines, publish, share, table  # noqa: E402
 
 
 def readme_commands(recipe: str) -> list[str]:
@@ -108,11 +108,7 @@ def main() -> None:
         table("Wall time of each command, as the README writes it", ["command", "s"], rows),
         table("What it reaches", ["figure", "value"], result),
         "Notes:", "", *[f"- {n}" for n in notes], ""])
-    print("\n" + text)
-    if not args.no_append:
-        with BENCHMARKS.open("a") as handle:
-            handle.write("\n" + text)
-        print(f"appended to {BENCHMARKS}")
+    publish(text, append=not args.no_append)
 
 
 if __name__ == "__main__":
