@@ -101,6 +101,14 @@ def describe(config, width: int = 100) -> str:
                          subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
 
 
+DECODER_ONLY = {
+    "detail": ("detail", "detail_width", "detail_depth", "features", "crop_size",
+               "detail_max_side", "tile_size", "mirror_tta"),
+    "legacy": ("legacy", "image_branch", "width", "image_channels"),
+}
+"""Per decoder (first entry its name), the TrainConfig fields only it reads: setting one of the
+other decoder's is refused, not ignored."""
+
 LOSSES = ("dice_bce", "dice_bce_cldice")
 """Values of --loss (pipeline.model.losses)."""
 
@@ -418,6 +426,13 @@ class TrainConfig(FeatureSource):
             raise ValueError("--refresh-cache needs end-to-end steps (--e2e-every K > 0)")
         if self.decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {list(DECODERS)}, not {self.decoder!r}")
+        other = DECODER_ONLY["legacy" if self.decoder == "detail" else "detail"]
+        ignored = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(self)
+                   if f.name in other and getattr(self, f.name) != f.default]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: only --decoder {other[0]} reads this, "
+                             f"and --decoder is {self.decoder}; drop it, or pass --decoder "
+                             f"{other[0]}")
         if min(self.detail_width, self.detail_depth) < 1:
             raise ValueError("--detail-width and --detail-depth must be >= 1")
         if self.crop_size < 2**self.detail_depth:

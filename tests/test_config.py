@@ -34,7 +34,8 @@ def test_flags_parse_into_the_config():
     parser = argparse.ArgumentParser()
     add_arguments(parser, TrainConfig)
     args = parser.parse_args(["--backbone", "tiny", "--levels", "4x,1x", "--epochs", "3",
-                              "--no-image-branch", "--device", "cpu", "--lr", "0.002"])
+                              "--no-image-branch", "--decoder", "legacy", "--device", "cpu",
+                              "--lr", "0.002"])
     config = from_arguments(TrainConfig, args)
     assert config.levels == ("1x", "4x") and config.epochs == 3 and config.lr == 0.002
     assert config.image_branch is False and config.amp == "off"  # auto resolves to off on CPU
@@ -63,6 +64,12 @@ def test_stage_specific_checks():
         TrainConfig(device="cpu", refresh_cache=True, e2e_every=0)
     with pytest.raises(ValueError, match="smaller than the 4 processes"):
         TrainConfig(device="cpu", workers=4, batch_size=2)
+    # A setting of the decoder not chosen is refused, not silently ignored.
+    with pytest.raises(ValueError, match="--width: only --decoder legacy reads this, and "
+                                         "--decoder is detail"):
+        TrainConfig(device="cpu", width=32)
+    with pytest.raises(ValueError, match="--crop-size, --mirror-tta: only --decoder detail"):
+        TrainConfig(device="cpu", decoder="legacy", crop_size=128, mirror_tta=True)
 
 
 def test_training_config_names_the_cache_it_needs():

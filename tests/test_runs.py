@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     manifest = make_dataset(root / "data", 6)
     common = dict(data=str(manifest), backbone="tiny", cache_dir=str(root / "cache"), epochs=2,
                   batch_size=4, e2e_every=0, loader_workers=0, overlays=0, extract_missing=True,
-                  tensorboard=False)
+                  tensorboard=False, decoder="legacy")  # "narrow": the legacy --width
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))

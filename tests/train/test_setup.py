@@ -217,8 +217,8 @@ def test_e2e_epochs_log_drift_and_the_adapter_feeds_stage_a(dataset, tmp_path):
 def test_two_experiments_share_one_cache_without_rewriting(dataset, tmp_path):
     first = _extract(dataset, tmp_path / "cache")
     chunks = {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file()}
-    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "a"), width=32))
-    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "b"), image_branch=False))
+    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "a"), detail_width=4))
+    train(_config(dataset, tmp_path, run_dir=str(tmp_path / "b"), crop_size=32))
     assert {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file()} == chunks
     ids = {json.loads((tmp_path / r / "config.json").read_text())["cache"]["id"] for r in "ab"}
     assert ids == {first.cache_id}
