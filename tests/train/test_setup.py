@@ -333,8 +333,9 @@ def test_a_run_from_before_a_field_existed_is_read_with_the_value_it_used(tmp_pa
 
     from pipeline.train.setup import FIELDS_ADDED, resume_config
 
-    config = asdict(TrainConfig(device="cpu", backbone="tiny"))
-    del config["image_channels"]  # config.json of a run made before --image-channels
+    # config.json of a run made before --image-channels (so before the detail decoder too)
+    config = asdict(TrainConfig(device="cpu", backbone="tiny", decoder="legacy"))
+    del config["image_channels"]
     (tmp_path / "config.json").write_text(json.dumps({"config": config}))
     (tmp_path / "last.pt").write_bytes(b"")
     assert resume_config(tmp_path).image_channels == FIELDS_ADDED["image_channels"] == 16
