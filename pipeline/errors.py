@@ -92,6 +92,8 @@ def terminate_like_interrupt() -> Callable | int | None:
     (None outside the main thread, where handlers cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        return None  # ignored by whoever started us (as `nohup` does SIGHUP): stays ignored
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
@@ -105,13 +107,17 @@ def _remember(signum, frame):
 @contextmanager
 def deferred_interrupts():
     """Ctrl-C and SIGTERM wait until the block ends, then are raised (`Terminated` for
-    SIGTERM): what the block writes (a checkpoint and its adapter) is written whole."""
+    SIGTERM): what the block writes (a checkpoint and its adapter) is written whole.
+
+    A signal the process ignores stays ignored, inside the block as outside: a shell starts
+    a background job (`cmd &` in a script) with SIGINT ignored, and such a job goes on."""
     global _pending
     if threading.current_thread() is not threading.main_thread() or _pending is not None:
         yield  # another thread cannot set handlers; an outer block already defers
         return
     _pending = []
-    previous = {s: signal.signal(s, _remember) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _remember) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

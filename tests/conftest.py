@@ -86,6 +86,15 @@ def sigkill_after_validation(command: list, run_dir: Path, step: int, env: dict)
     assert not (run_dir / "report.json").exists(), "the kill should land before the end"
 
 
+def as_typed_at_a_terminal() -> None:
+    """Popen's `preexec_fn` for a child that gets Ctrl-C: SIGINT at its default, as a command
+    typed at a terminal has it. A suite started in the background (`pytest &` in a script, as
+    CI may) has SIGINT ignored, which its children inherit, and Python then ignores Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

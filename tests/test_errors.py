@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, subprocess_env, validated_past
+from conftest import REPO, as_typed_at_a_terminal, subprocess_env, validated_past
 
 from pipeline.errors import DiskFullError, UsageError, UserError
 
@@ -58,7 +58,7 @@ def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):
          str(run), "--steps", "100000", "--val-every", "2", "--batch-size", "2",
          "--loader-workers", "0", "--device", "cpu"],
         env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=as_typed_at_a_terminal)
     deadline = time.time() + 180
     while time.time() < deadline and not validated_past(run, 2) and process.poll() is None:
         time.sleep(0.05)
@@ -124,6 +124,27 @@ def test_a_signal_inside_deferred_interrupts_waits_for_the_block():
         raise AssertionError("SIGTERM was not raised after the block")
     assert finished == [True]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_an_ignored_signal_stays_ignored_inside_deferred_interrupts():
+    """A background job of a shell script starts with SIGINT ignored; a checkpoint's deferred
+    block must not turn a Ctrl-C it was never meant to get into a stop."""
+    from pipeline.errors import deferred_interrupts, terminate_like_interrupt
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert terminate_like_interrupt() is None  # SIGTERM stays ignored too
+        with deferred_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():
