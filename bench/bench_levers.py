@@ -81,7 +81,6 @@ def main() -> None:
     parser = base_parser(__doc__)
     parser.add_argument("--run", required=True)
     parser.add_argument("--data", default=None, help="manifest (default: the run's)")
-    parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     start_load, started = load_average(), time.perf_counter()
     torch.set_grad_enabled(False)
@@ -118,10 +117,7 @@ def main() -> None:
     notes = [f"wall {time.perf_counter() - started:.0f} s",
              "scores as validation gives them: each image at its own size, inside its fov "
              "when the manifest has one"]
-    if args.no_append:
-        print(section)
-    else:
-        report("bench_levers", args, start_load, [section], notes)
+    report("bench_levers", args, start_load, [section], notes)
 
 
 if __name__ == "__main__":
