@@ -364,7 +364,9 @@ class TrainConfig(FeatureSource):
     """Detail decoder: validation and predict run images with a side over this in overlapping,
     blended tiles of this size (0: always whole)."""
     mirror_tta: bool = False
-    """Detail decoder: validation and predict average the four mirrorings (4x the time)."""
+    """Detail decoder: `predict` and the final scoring of the best checkpoint (report.json)
+    average the four mirrorings (4x their time); the periodic validations that choose the
+    best step run unmirrored either way."""
     image_branch: bool = True
     """Legacy decoder: a shallow full-resolution branch on the raw image (thin vessels)."""
     width: int = 64

@@ -89,6 +89,7 @@ def predict(run_dir: Path, data: Path, out: Path, *, device: str = "cpu",
                     else (np.full(len(samples), -1), np.zeros(len(samples), bool)))
     out.mkdir(parents=True, exist_ok=True)
     written, outputs = [], _Outputs(samples, out, overlays)
+    outputs.mirror_tta = bool(model.native and config.mirror_tta)
     outputs.splits = dict(zip((s.row for s in samples), row_splits(run_dir, samples, report.keys),
                               strict=True))
     bar = tqdm(total=len(samples), unit="img", desc="predict", disable=not show)
@@ -175,6 +176,7 @@ class _Outputs:
 
     def __init__(self, samples: list[Sample], out: Path, overlays: int):
         self.out, self.meter, self.scored = out, SegmentationMeter(), []
+        self.mirror_tta = False  # how the logits were made, for report.json's "scoring"
         self.overlay_rows = {sample.row for sample in samples[:max(0, overlays)]}
         self.overlays: dict[int, tuple] = {}
         self._lock = threading.Lock()
@@ -219,7 +221,8 @@ class _Outputs:
             summary = self.meter.summary()
             by_split = {name: meter.summary() for name, meter in sorted(self.by_split.items())}
             write_json(self.out / "report.json", {"predict": summary, "by_split": by_split,
-                                                  "scoring": scoring_note(self.scored)})
+                                                  "scoring": scoring_note(
+                                                      self.scored, mirror_tta=self.mirror_tta)})
             for name, split in by_split.items():
                 seen = " (images the run trained on: not held-out scores)" if (
                     name == "train") else ""

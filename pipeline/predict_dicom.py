@@ -259,7 +259,7 @@ def predict_runs(run_dir: Path, paths: list[Path], out: Path, *, frames: str | N
                   f"features, {summary['live']} through the backbone), {summary['video']} at "
                   f"{float(run.rate):g} fps ({run.rate_source})", flush=True)
     _write_csv(out / "runs.csv", summaries)
-    scores.finish(out)
+    scores.finish(out, mirror_tta=bool(model.native and config.mirror_tta))
     return summaries
 
 
@@ -327,12 +327,12 @@ class _Scores:
         self.scored.append(sample)
         return {k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}
 
-    def finish(self, out: Path) -> None:
+    def finish(self, out: Path, *, mirror_tta: bool = False) -> None:
         if not self.scored:
             return
         summary = self.meter.summary()
         write_json(out / "report.json", {
-            "predict": summary, "scoring": scoring_note(self.scored),
+            "predict": summary, "scoring": scoring_note(self.scored, mirror_tta=mirror_tta),
             "per_run": {run: meter.summary() for run, meter in sorted(self.per_run.items())}})
         print(f"scores of {len(self.scored)} frames with masks (each at its own size):\n"
               + format_summary(summary), flush=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_dataset
+from conftest import make_dataset, run_records
 from PIL import Image
 
 from pipeline.cli import predict_main
@@ -126,6 +126,38 @@ def test_validation_and_predict_score_each_image_at_its_own_size(tmp_path, capsy
     assert not (tmp_path / "b" / "report.json").exists()
     assert len(list((tmp_path / "b" / "overlays").glob("*.png"))) == 1
     assert all(r["dice"] == "" for r in _rows(tmp_path / "b"))
+
+
+def test_the_report_scores_the_best_step_mirrored_and_periodic_validations_do_not(tmp_path):
+    """With --mirror-tta, report.json holds the best checkpoint scored with mirroring (what
+    `predict` of the run gives on the validation rows), metrics.jsonl the unmirrored scores
+    that chose it (what `predict` gives with mirroring off)."""
+    data = _non_square_dataset(tmp_path / "data")
+    run = train(TrainConfig(data=str(data), backbone="tiny", cache_dir=str(tmp_path / "c"),
+                            run_dir=str(tmp_path / "run"), epochs=2, batch_size=4, e2e_every=0,
+                            extract_missing=True, loader_workers=0, overlays=1, device="cpu",
+                            lr=1e-2, mirror_tta=True))
+    report = json.loads((run / "report.json").read_text())
+    val = report["val"]
+    [best_row] = [r for r in run_records(run) if r["split"] == "val" and r["step"] == val["step"]]
+    assert val["mirror_tta"] is True and report["scoring"]["inference"].startswith("mirror TTA")
+    assert val["unmirrored"]["auc"] == best_row["auc"] and val["n"] == 4
+
+    def predicted(mirror: bool, name: str) -> dict:
+        recorded = json.loads((run / "config.json").read_text())
+        recorded["config"]["mirror_tta"] = mirror
+        (run / "config.json").write_text(json.dumps(recorded))
+        assert predict_main(["--run", str(run), "--data", str(data), "--out",
+                             str(tmp_path / name), "--device", "cpu"]) == 0
+        return json.loads((tmp_path / name / "report.json").read_text())
+
+    mirrored, plain = predicted(True, "mirrored"), predicted(False, "plain")
+    for name in ("dice", "auc", "cldice"):
+        assert mirrored["by_split"]["val"][name] == pytest.approx(val[name], abs=1e-6)
+        assert plain["by_split"]["val"][name] == pytest.approx(best_row[name], abs=1e-6)
+    assert val["auc"] != pytest.approx(best_row["auc"], abs=1e-9)  # mirroring did change it
+    assert mirrored["scoring"]["inference"].startswith("mirror TTA")
+    assert plain["scoring"]["inference"] == "one pass, unmirrored"
 
 
 def test_predict_owns_its_folder_and_scores_each_split_of_the_run_apart(dataset, tmp_path,

@@ -205,7 +205,7 @@ def train_process(prepared: Prepared, context) -> None:
                                                 show=leader and sys.stderr.isatty(),
                                                 desc="  validation", loss_name=config.loss,
                                                 targets=data.val_targets,
-                                                infer=_whole_image(model, config))
+                                                infer=_whole_image(model, config, mirror=False))
         val = _gather_meter(vmeter, context).summary()
         val_record = {"step": state["step"], "epoch": train_record["epoch"], "split": "val",
                       "lr": train_record["lr"], "e2e": live_val,
@@ -223,9 +223,39 @@ def train_process(prepared: Prepared, context) -> None:
                 _save(model, optimizer, scheduler, state, prepared, val, live_val)
         context.barrier()
     bar.close()
+    final = _final_validation(model, prepared, data, device, context)
     if leader:
-        _finish(model, prepared, data, device, log, state["caches"], tb)
+        _finish(model, prepared, data, device, log, state["caches"], tb, final)
     data.close()
+
+
+def _final_validation(model, prepared: Prepared, data: RunData, device, context
+                      ) -> dict | None:
+    """The best checkpoint's validation scores with mirror TTA (`--mirror-tta`, the detail
+    decoder), which report.json gives; None without it. Periodic validations only choose the
+    best step, so they run unmirrored at a quarter of the cost, as nnU-Net validates its
+    final model alone with mirroring. Every process runs its share; the model ends holding
+    the best checkpoint's weights."""
+    config = prepared.config
+    if not (config.mirror_tta and config.decoder == "detail" and prepared.val):
+        return None
+    context.barrier()  # best.pt is whole (the leader wrote it)
+    best_state = load_checkpoint(prepared.run_dir / "best.pt", model)
+    best = best_state["best"]
+    live = best["val"]["features"] == "live"
+    if not live:  # the cache the best step was validated on, not a later one
+        data.point_at(Path(best_state["cache"]))
+    model.eval()
+    start = time.perf_counter()
+    meter, _, _, _, _ = run_epoch(model, data.val_loader(live), device, prepared.views,
+                                  live=live, show=context.is_leader and sys.stderr.isatty(),
+                                  desc="  final validation, mirror TTA", loss_name=config.loss,
+                                  targets=data.val_targets,
+                                  infer=_whole_image(model, config, mirror=True))
+    val = _gather_meter(meter, context).summary()
+    return {**val, "step": best["step"], "features": best["val"]["features"],
+            "mirror_tta": True, "seconds": round(time.perf_counter() - start, 1),
+            "unmirrored": {k: best["val"][k] for k in SCORES if k in best["val"]}}
 
 
 def _cache_under(recorded: Path, cache_dir: str) -> Path:
@@ -357,20 +387,20 @@ def _spread_over_views(samples, count: int) -> list[int]:
     return chosen
 
 
-def _whole_image(model, config):
-    """`run_epoch`'s `infer`: whole-image inference with the run's tiles and mirroring."""
+def _whole_image(model, config, *, mirror: bool):
+    """`run_epoch`'s `infer`: whole-image inference with the run's tiles, mirrored or not."""
     return lambda batch, live: model.infer(batch, live, tile_size=config.tile_size,
-                                           mirror=config.mirror_tta)
+                                           mirror=mirror)
 
 
-def _chosen_logits(model, data: RunData, device, chosen: list[int], live: bool
-                   ) -> tuple[list[torch.Tensor], list[dict]]:
+def _chosen_logits(model, data: RunData, device, chosen: list[int], live: bool,
+                   mirror: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
     """Validation samples `chosen` through the model in eval mode, one at a time (whole images
     differ in size): per sample its logits (1, h, w) float32 on the CPU and its item."""
     dataset = data.val_live if live else data.val_cached
     was_training = model.training
     model.eval()
-    infer = _whole_image(model, data.prepared.config)
+    infer = _whole_image(model, data.prepared.config, mirror=mirror)
     logits, items = [], []
     for i in chosen:
         item = dataset[i]
@@ -405,28 +435,32 @@ def _overlay_inputs(model, prepared: Prepared, data: RunData, device, chosen: li
 
 
 def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, caches,
-            tb: TensorBoardLog | None = None) -> None:
-    """report.json, curves.png and overlays/ for the best checkpoint."""
+            tb: TensorBoardLog | None = None, final: dict | None = None) -> None:
+    """report.json, curves.png and overlays/ for the best checkpoint; `final`: its mirrored
+    scores (`_final_validation`), which the report gives instead of the periodic ones."""
     run_dir, config = prepared.run_dir, prepared.config
     best_state = load_checkpoint(run_dir / "best.pt", model)
     best = best_state["best"]
-    write_report(run_dir / "report.json", best["val"], scoring=scoring_note(prepared.val))
+    val = final or best["val"]
+    write_report(run_dir / "report.json", val,
+                 scoring=scoring_note(prepared.val, mirror_tta=final is not None))
     plot_curves(log.read(), run_dir / "curves.png")
     chosen = _spread_over_views(prepared.val, config.overlays)
     if chosen:
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
             data.point_at(Path(best_state["cache"]))
-        logits, _ = _chosen_logits(model, data, device, chosen, live)
+        logits, _ = _chosen_logits(model, data, device, chosen, live, mirror=final is not None)
         save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
                              [data.val_targets.get(i) for i in chosen])
     write_json(run_dir / "caches.json", caches)
     if tb:
-        tb.hparams(best["val"])
+        tb.hparams(val)
         tb.close()
+    mirrored = (f" with mirror TTA ({best['val'].get('dice', float('nan')):.3f} without)"
+                if final else "")
     print(f"run directory: {run_dir}  best step {best['step']}: val dice "
-          f"{best['val'].get('dice', float('nan')):.3f}", flush=True)
-    if best["val"].get("n"):
-        print("validation scores of the best step (each image at its own size):\n"
-              + format_summary(best["val"]), flush=True)
-
+          f"{val.get('dice', float('nan')):.3f}{mirrored}", flush=True)
+    if val.get("n"):
+        print(f"validation scores of the best step (each image at its own size"
+              f"{', mirror TTA' if final else ''}):\n" + format_summary(val), flush=True)

@@ -86,10 +86,12 @@ def _unpack(bits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).view(bool)
 
 
-def scoring_note(samples: list[Sample]) -> dict:
+def scoring_note(samples: list[Sample], *, mirror_tta: bool = False) -> dict:
     """How validation and `predict` scores were computed, for report.json's "scoring"."""
     fovs = sum(sample.fov is not None for sample in samples)
     return {
+        "inference": ("mirror TTA: the mean logits of the four mirrorings" if mirror_tta
+                      else "one pass, unmirrored"),
         "size": "each image's own H x W: logits resized bilinearly, the mask as stored",
         "threshold": "logit 0 (probability 0.5)",
         "fov": f"{fovs} of {len(samples)} images scored inside their field of view",
