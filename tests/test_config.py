@@ -69,7 +69,7 @@ def test_stage_specific_checks():
                                          "--decoder is detail"):
         TrainConfig(device="cpu", width=32)
     with pytest.raises(ValueError, match="--crop-size, --mirror-tta: only --decoder detail"):
-        TrainConfig(device="cpu", decoder="legacy", crop_size=128, mirror_tta=True)
+        TrainConfig(device="cpu", decoder="legacy", crop_size=128, mirror_tta=False)
 
 
 def test_training_config_names_the_cache_it_needs():

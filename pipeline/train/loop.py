@@ -244,7 +244,7 @@ def _final_validation(model, prepared: Prepared, data: RunData, device, context
     best = best_state["best"]
     live = best["val"]["features"] == "live"
     if not live:  # the cache the best step was validated on, not a later one
-        data.point_at(Path(best_state["cache"]))
+        data.point_at(_cache_under(Path(best_state["cache"]), config.cache_dir))
     model.eval()
     start = time.perf_counter()
     meter, _, _, _, _ = run_epoch(model, data.val_loader(live), device, prepared.views,
@@ -449,7 +449,7 @@ def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, c
     if chosen:
         live = best["val"]["features"] == "live"
         if not live:  # the cache the best epoch was validated on, not a later one
-            data.point_at(Path(best_state["cache"]))
+            data.point_at(_cache_under(Path(best_state["cache"]), config.cache_dir))
         logits, _ = _chosen_logits(model, data, device, chosen, live, mirror=final is not None)
         save_native_overlays(run_dir / "overlays", [prepared.val[i] for i in chosen], logits,
                              [data.val_targets.get(i) for i in chosen])

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.cache.store import CacheLockedError, FeatureCache, cache_path
-from pipeline.config import ExtractConfig, TrainConfig
+from pipeline.config import DECODER_ONLY, ExtractConfig, TrainConfig
 from pipeline.data.augment import VERSION, extraction_jobs
 from pipeline.data.checks import check_manifest
 from pipeline.data.demo import data_manifest
@@ -255,6 +255,8 @@ def resume_config(run_dir: str | Path, requested: dict | None = None) -> TrainCo
         saved.setdefault(name, value)
     for name in ("levels", "gpus"):
         saved[name] = tuple(saved[name])
+    for name in DECODER_ONLY["legacy" if saved["decoder"] == "detail" else "detail"][1:]:
+        saved.pop(name, None)  # the other decoder's fields: unread, and defaults change
     changes = resume_changes(run_dir, saved, requested, RESUMABLE)
     for budget, other in (("steps", "epochs"), ("epochs", "steps")):
         if changes.get(budget) and other not in changes:  # a budget in the other unit
