@@ -102,8 +102,8 @@ def describe(config, width: int = 100) -> str:
 
 
 DECODER_ONLY = {
-    "detail": ("detail", "detail_width", "detail_depth", "features", "crop_size",
-               "detail_max_side", "tile_size", "mirror_tta"),
+    "detail": ("detail", "detail_width", "detail_depth", "features", "deep_supervision",
+               "crop_size", "detail_max_side", "tile_size", "mirror_tta"),
     "legacy": ("legacy", "image_branch", "width", "image_channels"),
 }
 """Per decoder (first entry its name), the TrainConfig fields only it reads: setting one of the
@@ -353,6 +353,10 @@ class TrainConfig(FeatureSource):
     """Detail decoder: poolings of its U-Net (bottleneck at 1/2**depth of the side)."""
     features: bool = True
     """Detail decoder: fuse the backbone's features (off: the U-Net alone, an ablation)."""
+    deep_supervision: int = 0
+    """Detail decoder: training also scores the U-Net's next N coarser decoder levels through
+    their own 1x1 heads (nnU-Net's deep supervision; loss weights 1/2, 1/4, ... of the main
+    output's); 0: off. At most --detail-depth - 1."""
     crop_size: int = 256
     """Detail decoder: training crops of this many pixels a side, at the image's own resolution
     (a new random place every epoch; smaller images are padded)."""
@@ -438,6 +442,9 @@ class TrainConfig(FeatureSource):
                              f"{other[0]}")
         if min(self.detail_width, self.detail_depth) < 1:
             raise ValueError("--detail-width and --detail-depth must be >= 1")
+        if not 0 <= self.deep_supervision < self.detail_depth:
+            raise ValueError(f"--deep-supervision must be 0 to --detail-depth - 1 "
+                             f"({self.detail_depth - 1}), got {self.deep_supervision}")
         if self.crop_size < 2**self.detail_depth:
             raise ValueError(f"--crop-size must be at least 2**--detail-depth "
                              f"({2**self.detail_depth}), got {self.crop_size}")

@@ -87,13 +87,16 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def terminate_like_interrupt() -> Callable | int | None:
+def terminate_like_interrupt(*, force: bool = False) -> Callable | int | None:
     """From now on SIGTERM raises `Terminated` in the main thread; returns the old handler
-    (None outside the main thread, where handlers cannot be set)."""
+    (None outside the main thread, where handlers cannot be set).
+
+    A SIGTERM ignored by whoever started us (as `nohup` ignores SIGHUP) stays ignored, unless
+    `force`: a worker process whose parent stops it with SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
-        return None  # ignored by whoever started us (as `nohup` does SIGHUP): stays ignored
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and not force:
+        return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 

@@ -153,7 +153,8 @@ def _head_payload(run_dir: Path, config, checkpoint_sha256: str | None) -> dict:
     payload = read_checkpoint(run_dir / "best.pt")
     return {
         "format": HEAD_FORMAT,
-        "decoder": payload["decoder"],
+        # Deep supervision's auxiliary heads train the decoder; inference does not use them.
+        "decoder": {k: v for k, v in payload["decoder"].items() if not k.startswith("aux_heads.")},
         "decoder_config": {name: (list(getattr(config, name)) if name == "levels"
                                   else getattr(config, name)) for name in DECODER_FIELDS},
         "use_angles": payload["use_angles"],

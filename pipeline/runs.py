@@ -60,6 +60,9 @@ class Run:
     curves: list[dict]
     """metrics.jsonl's validation records, in file order."""
     finished: bool
+    mirrored: bool = False
+    """The scores are with mirror TTA (a finished run's report.json); periodic validations,
+    which a run still training shows, are not."""
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -124,7 +127,8 @@ def load_run(path: Path) -> Run:
         scored = [r for r in curves if _number(r.get("dice")) is not None]
         best = max(scored, key=lambda r: r["dice"]) if scored else {}
     finished = bool(saved) and "interrupted" not in saved  # Ctrl-C / SIGTERM write one too
-    return Run(path, settings, _step(best), best_scores(best), curves, finished)
+    return Run(path, settings, _step(best), best_scores(best), curves, finished,
+               best.get("mirror_tta") is True)
 
 
 def differing_settings(runs: list[Run]) -> list[str]:
@@ -143,8 +147,8 @@ def score_names(runs: list[Run]) -> list[str]:
 def comparison(runs: list[Run], sort: str = "dice") -> tuple[list[str], list[list]]:
     """(header, rows): one row per run, best `sort` score first (runs without it last).
 
-    Columns: run, the differing settings, finished, best (step or epoch), every score (overall,
-    then per view).
+    Columns: run, the differing settings, finished, `tta` where some runs' scores are with
+    mirror TTA and others' not, best (step or epoch), every score (overall, then per view).
     """
     scores = score_names(runs)
     if runs and sort not in scores:
@@ -153,11 +157,13 @@ def comparison(runs: list[Run], sort: str = "dice") -> tuple[list[str], list[lis
     settings = differing_settings(runs)
     best_name = "best step" if any("step" in r for run in runs for r in run.curves) else \
         "best epoch"
-    header = ["run", *settings, "finished", best_name, *scores]
+    tta = ["tta"] if len({run.mirrored for run in runs}) > 1 else []
+    header = ["run", *settings, "finished", *tta, best_name, *scores]
     ordered = sorted(runs, key=lambda run: (run.scores.get(sort) is None,
                                             -(run.scores.get(sort) or 0.0)))
     rows = [[str(run.path), *(run.settings.get(k) for k in settings),
-             "yes" if run.finished else "no", run.best_at,
+             "yes" if run.finished else "no", *(["yes" if run.mirrored else "no"] if tta else []),
+             run.best_at,
              *(run.scores.get(k) for k in scores)] for run in ordered]
     return header, rows
 
@@ -211,6 +217,9 @@ def terminal_table(header: list[str], rows: list[list], *, width: int | None = W
     notes = [f"{short} = {long}" for long, short in SHORT.items() if long in header]
     if notes:
         lines.append("(" + ", ".join(notes) + ")")
+    if "tta" in header:
+        lines.append("tta: scored with mirror TTA (a finished run's report.json) or not (the "
+                     "periodic validations of a run still training): compare like with like")
     if left_out:
         lines.append(f"also differ (wider than {width} columns): {', '.join(left_out)}; "
                      "--csv - shows every column")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, as_typed_at_a_terminal, subprocess_env, validated_past
 
 from pipeline.errors import DiskFullError, UsageError, UserError
@@ -145,6 +147,22 @@ def test_an_ignored_signal_stays_ignored_inside_deferred_interrupts():
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
+
+
+def test_a_worker_obeys_sigterm_even_where_it_was_started_ignoring_it():
+    """Spawned training workers are stopped by their parent with SIGTERM: `force` takes it
+    back from SIG_IGN, and it then raises `Terminated`."""
+    from pipeline.errors import Terminated, terminate_like_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        assert terminate_like_interrupt(force=True) is signal.SIG_IGN
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_every_user_error_is_a_user_error_and_keeps_its_builtin_base():

@@ -54,7 +54,8 @@ def _train(dataset, tmp_path, name, epochs=1, **kw):
 def trained(tmp_path_factory):
     """(folder, run, source state): a tiny run on an official-layout checkpoint whose LoRA moved
     away from its zero start (end-to-end steps at a high rate: two, as the first only moves the
-    detail decoder's fusion convs away from their zero start; one validation, after both)."""
+    detail decoder's fusion convs away from their zero start; one validation, after both),
+    trained with deep supervision, whose auxiliary head the exported head leaves out."""
     root = tmp_path_factory.mktemp("export")
     source = _official_checkpoint(root / "sam3.pt")
     with pytest.MonkeyPatch.context() as patch:
@@ -62,7 +63,7 @@ def trained(tmp_path_factory):
         patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
         run = _train(make_dataset(root / "data", 6), root, "run",
                      checkpoint=str(root / "sam3.pt"), e2e_every=1, epochs=2, val_every=2,
-                     warmup=0.0, lr=1e-2)
+                     warmup=0.0, lr=1e-2, deep_supervision=1)
     return root, run, source
 
 
@@ -110,7 +111,9 @@ def test_the_head_beside_it_gives_the_runs_masks(trained, tmp_path):
     out, head = export(run, tmp_path / "sam3_vessels.pt", root / "sam3.pt")
     assert head == tmp_path / "sam3_vessels_head.pt"
     model, views = load_exported(out, head, amp="off")
+    assert not any(k.startswith("aux_heads.") for k in torch.load(head)["decoder"])
     reference, _, _, run_views = load_run(run, torch.device("cpu"))
+    assert len(reference.decoder.aux_heads) == 1
     assert views == run_views
     samples = SegmentationSamples(read_manifest(root / "data" / "manifest.csv"),
                                   resolution=252, views=views,

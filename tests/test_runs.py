@@ -116,3 +116,22 @@ def test_the_table_of_three_runs_fits_120_columns(runs, capsys):
     assert narrow[0].split()[:2] == ["run", "done"]  # the settings made way
     assert narrow[-1] == ("also differ (wider than 60 columns): lr, width; --csv - shows "
                           "every column")
+
+
+def test_mirrored_and_unmirrored_scores_are_told_apart(runs, tmp_path, capsys):
+    """A finished detail run's report.json is scored with mirror TTA; a run still training
+    shows its periodic, unmirrored validation. Side by side, a `tta` column says which."""
+    mirrored, running = tmp_path / "mirrored", tmp_path / "running"
+    for copy in (mirrored, running):
+        shutil.copytree(runs / "lr-1e-3", copy)
+    report = json.loads((mirrored / "report.json").read_text())
+    report["val"].update(mirror_tta=True, unmirrored={"dice": report["val"]["dice"] - 0.01})
+    (mirrored / "report.json").write_text(json.dumps(report))
+    (running / "report.json").unlink()
+    rows = {r["run"].rsplit("/", 1)[-1]: r for r in _rows(
+        compare([str(mirrored), str(running)], csv_out="-"))}
+    assert (rows["mirrored"]["tta"], rows["running"]["tta"]) == ("yes", "no")
+    assert main(["compare", str(mirrored), str(running)]) == 0
+    table = capsys.readouterr().out
+    assert "tta" in table.splitlines()[0] and "compare like with like" in table
+    assert "tta" not in _rows(compare([str(runs / "*")], csv_out="-"))[0]  # all alike

@@ -16,6 +16,10 @@ and height. A crop samples the matching region of the feature maps, so feature a
 aligned however the crop is cut; a box with x0 > x1 (y0 > y1) samples it mirrored, which is how
 mirror test-time augmentation flips both together (`pipeline.model.inference`).
 
+With `deep_supervision` N, training also returns the next N coarser decoder levels' logits
+through their own 1x1 heads, upsampled to the output's size, as extra channels (the loss weighs
+them, `pipeline.model.losses.training_loss`); in eval mode the output is the main logits alone.
+
 The 1x1 convs that add the features start at zero, so a fresh decoder is the plain U-Net and the
 features contribute what training finds useful in them. With `features=False` the decoder is
 that U-Net alone (the ablation in BENCHMARKS.md), view-conditioned at its bottleneck.
@@ -85,12 +89,14 @@ class DetailFusionDecoder(nn.Module):
     """Vessel logits at the pixels' own resolution from the image, the view and SAM 3's maps.
 
     `width`: channels at full resolution (level l has width * 2**l); `depth`: poolings (the
-    bottleneck is at 1/2**depth); `features`: fuse the backbone's maps (else a plain U-Net).
+    bottleneck is at 1/2**depth); `features`: fuse the backbone's maps (else a plain U-Net);
+    `deep_supervision`: auxiliary heads on decoder levels 1..N (training only).
     """
 
     def __init__(self, *, levels: tuple[str, ...] = ("1x",), num_views: int,
                  use_angles: bool = False, width: int = 16, depth: int = 4,
                  features: bool = True, view_conditioning: bool = True,
+                 deep_supervision: int = 0,
                  in_channels: int = FEATURE_CHANNELS,
                  context_channels: int = CONTEXT_CHANNELS) -> None:
         super().__init__()
@@ -99,6 +105,8 @@ class DetailFusionDecoder(nn.Module):
             raise ValueError(f"levels must hold '1x' and optionally '2x', '4x'; got {levels}")
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be >= 1, got {width} and {depth}")
+        if not 0 <= deep_supervision < depth:
+            raise ValueError(f"deep_supervision must be 0 to depth - 1, got {deep_supervision}")
         self.levels = tuple(lv for lv in DECODER_LEVELS if lv in levels)
         self.num_views, self.use_angles, self.depth = num_views, use_angles, depth
         self.uses_features = features
@@ -111,6 +119,8 @@ class DetailFusionDecoder(nn.Module):
             [DoubleConv(in_channels=channels[i + 1] + channels[i], out_channels=channels[i])
              for i in range(depth)])
         self.head = nn.Conv2d(channels[0], 1, 1)
+        self.aux_heads = nn.ModuleList([nn.Conv2d(channels[level], 1, 1)
+                                        for level in range(1, deep_supervision + 1)])
         conditioning = dict(num_views=num_views, use_angles=use_angles)
         self.conditioning = None
         if features:
@@ -152,7 +162,8 @@ class DetailFusionDecoder(nn.Module):
     def forward(self, features: dict[str, Tensor] | None, view_index: Tensor, image: Tensor,
                 boxes: Tensor | None = None, angles: Tensor | None = None,
                 context: Tensor | None = None) -> Tensor:
-        """Logits (B, 1, h, w) float (module dtype) at the image's own size, unbounded.
+        """Logits (B, 1, h, w) float (module dtype) at the image's own size, unbounded; in
+        training with deep supervision (B, 1 + N, h, w), the auxiliary levels' after the main.
 
         `image`: (B, 3, h, w) float in [-1, 1], any h, w (a crop, a tile or a whole image).
         `features`: as `feature_context` takes them (ignored without features; not needed when
@@ -178,13 +189,22 @@ class DetailFusionDecoder(nn.Module):
                 x = self.conditioning(x, view_index, angles)
             x = self._inject(x, level, context, boxes)
             skips.append(x)
+        aux = []
         for level in reversed(range(self.depth)):
             skip = skips[level]
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = self.up[level](torch.cat([x, skip], dim=1))
             if level:
                 x = self._inject(x, level, context, boxes)
-        return self.head(x)
+            if self.training and 0 < level <= len(self.aux_heads):
+                aux.append(self.aux_heads[level - 1](x))
+        logits = self.head(x)
+        if not aux:
+            return logits
+        size = logits.shape[-2:]
+        return torch.cat([logits, *(F.interpolate(a, size=size, mode="bilinear",
+                                                  align_corners=False)
+                                    for a in reversed(aux))], dim=1)
 
     def _inject(self, x: Tensor, level: int, context: Tensor | None, boxes: Tensor | None
                 ) -> Tensor:

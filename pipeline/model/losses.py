@@ -80,7 +80,13 @@ CLDICE_WEIGHT = 0.5
 
 def training_loss(name: str, logits: Tensor, target: Tensor) -> Tensor:
     """The loss `--loss name`: `dice_bce` (`dice_bce_loss`) or `dice_bce_cldice` (plus
-    CLDICE_WEIGHT times `soft_cldice_loss`). Shapes as `dice_bce_loss`."""
+    CLDICE_WEIGHT times `soft_cldice_loss`). Shapes as `dice_bce_loss`, except that `logits`
+    may have 1 + N channels (deep supervision): the main output, then N auxiliary ones, each
+    with half the weight of the one before, the weights summing to 1 (as nnU-Net)."""
+    if logits.shape[1] > 1:
+        weights = [0.5**i for i in range(logits.shape[1])]
+        return sum(w / sum(weights) * training_loss(name, logits[:, i:i + 1], target)
+                   for i, w in enumerate(weights))
     loss = dice_bce_loss(logits, target)
     if name == "dice_bce_cldice":
         loss = loss + CLDICE_WEIGHT * soft_cldice_loss(logits, target)

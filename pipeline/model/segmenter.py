@@ -155,7 +155,9 @@ def build_decoder(config, *, num_views: int, use_angles: bool
         return DetailFusionDecoder(levels=config.levels, num_views=num_views,
                                    use_angles=use_angles, width=config.detail_width,
                                    depth=config.detail_depth, features=config.features,
-                                   view_conditioning=config.view_conditioning)
+                                   view_conditioning=config.view_conditioning,
+                                   # a head file has none: its heads are for training
+                                   deep_supervision=getattr(config, "deep_supervision", 0))
     return ViewConditionedDecoder(levels=config.levels, num_views=num_views,
                                   use_angles=use_angles, image_branch=config.image_branch,
                                   width=config.width, image_channels=config.image_channels,

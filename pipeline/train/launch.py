@@ -128,7 +128,9 @@ def _spawn(prepared: Prepared) -> None:
 
 def _spawned_main(prepared: Prepared, rank: int, world: int, port: int, parent: int) -> None:
     die_with_parent(parent)
-    terminate_like_interrupt()  # the parent passes SIGTERM on: rank 0 writes the report
+    # The parent stops its workers with SIGTERM, so they obey it even where the parent was
+    # started with SIGTERM ignored; rank 0 then writes the report.
+    terminate_like_interrupt(force=True)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     with spawned_group_env(rank, world, port, local_rank=_gpu(prepared.config, rank)):
         context = DistributedContext.from_env(backend=_backend(prepared.config))

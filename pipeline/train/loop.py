@@ -22,7 +22,9 @@ from pipeline.data.samples import collate_samples, to_device
 from pipeline.errors import deferred_interrupts
 from pipeline.model.losses import training_loss
 from pipeline.model.segmenter import build_segmenter
-from pipeline.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from pipeline.train.checkpoint import (
+    load_checkpoint, read_checkpoint, restore, save_adapter, save_checkpoint,
+)
 from pipeline.train.divergence import check_loss
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_batch
 from pipeline.train.reporting import MetricsLog, dice_hint, plot_curves, write_json, write_report
@@ -95,6 +97,7 @@ def run_epoch(model, loader, device, views, *, optimizer=None, scheduler=None, l
                 logits = (infer(batch, live) if infer is not None and not training
                           else model(batch, live=live))
                 loss = training_loss(loss_name, logits, batch["mask"])
+                logits = logits[:, :1]  # deep supervision's auxiliary outputs are for the loss
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -239,8 +242,7 @@ def _final_validation(model, prepared: Prepared, data: RunData, device, context
     config = prepared.config
     if not (config.mirror_tta and config.decoder == "detail" and prepared.val):
         return None
-    context.barrier()  # best.pt is whole (the leader wrote it)
-    best_state = load_checkpoint(prepared.run_dir / "best.pt", model)
+    best_state = restore(_leaders_best(prepared.run_dir, context), model)
     best = best_state["best"]
     live = best["val"]["features"] == "live"
     if not live:  # the cache the best step was validated on, not a later one
@@ -256,6 +258,18 @@ def _final_validation(model, prepared: Prepared, data: RunData, device, context
     return {**val, "step": best["step"], "features": best["val"]["features"],
             "mirror_tta": True, "seconds": round(time.perf_counter() - start, 1),
             "unmirrored": {k: best["val"][k] for k in SCORES if k in best["val"]}}
+
+
+def _leaders_best(run_dir: Path, context) -> dict:
+    """best.pt's weights and state as the leader reads them, on every process: processes on
+    other machines may have no run directory, so the leader sends them (a few MB: decoder and
+    adapter)."""
+    payload = read_checkpoint(run_dir / "best.pt") if context.is_leader else None
+    if not context.distributed:
+        return payload
+    box = [payload and {k: payload[k] for k in ("decoder", "lora", "state")}]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _cache_under(recorded: Path, cache_dir: str) -> Path:

@@ -99,3 +99,25 @@ def test_without_features_the_decoder_ignores_them_and_still_depends_on_the_view
     out = decoder(None, torch.tensor([0]), image)
     assert not torch.allclose(out, decoder(None, torch.tensor([1]), image))
     assert not any("projection" in name for name, _ in decoder.named_parameters())
+
+
+def test_deep_supervision_adds_the_coarser_levels_in_training_only():
+    """In training, each auxiliary head's logits come after the main ones at the output's size
+    and train their head; in eval the output is the main logits alone, unchanged by them."""
+    torch.manual_seed(0)
+    decoder = DetailFusionDecoder(num_views=1, width=4, depth=3, deep_supervision=2)
+    image, view = torch.randn(2, 3, 40, 36), torch.zeros(2, dtype=torch.long)
+    features = {"1x": torch.randn(2, 256, 4, 4)}
+    out = decoder(features, view, image)
+    assert out.shape == (2, 3, 40, 36)
+    out[:, 1:].sum().backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in decoder.aux_heads)
+    main = decoder.head.weight.grad  # the main head is not behind the extra channels
+    assert main is None or not main.any()
+    decoder.eval()
+    plain = DetailFusionDecoder(num_views=1, width=4, depth=3).eval()
+    plain.load_state_dict({k: v for k, v in decoder.state_dict().items()
+                           if not k.startswith("aux_heads.")})
+    torch.testing.assert_close(decoder(features, view, image), plain(features, view, image))
+    with pytest.raises(ValueError, match="deep_supervision must be 0 to depth - 1"):
+        DetailFusionDecoder(num_views=1, depth=3, deep_supervision=3)

@@ -90,3 +90,14 @@ def test_soft_cldice_rewards_connected_centrelines():
     assert training_loss("dice_bce", logits, target).item() == dice_bce_loss(logits, target).item()
     with pytest.raises(ValueError, match="unknown loss"):
         training_loss("focal", logits, target)
+
+
+@pytest.mark.parametrize("name", ["dice_bce", "dice_bce_cldice"])
+def test_deep_supervision_weighs_each_output_half_the_one_before(name):
+    from pipeline.model.losses import training_loss
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).float()
+    parts = [training_loss(name, logits[:, i:i + 1], target) for i in range(3)]
+    expected = (4 * parts[0] + 2 * parts[1] + parts[2]) / 7
+    torch.testing.assert_close(training_loss(name, logits, target), expected)

@@ -47,3 +47,50 @@ def test_a_diverged_run_stops_at_its_step_and_saves_nothing_of_it(dataset, tmp_p
     with pytest.raises(DivergedError, match="diverged at step 1: the validation loss is nan"):
         train(_diverging(dataset, tmp_path, steps=4, val_every=1, overwrite=True))  # detail
     assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists()
+
+
+_BEST_ON_EACH_RANK = '''
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.distributed import DistributedContext
+from pipeline.train.loop import _leaders_best
+
+context = DistributedContext.from_env(backend="gloo")
+run_dir = Path(sys.argv[1] if context.is_leader else sys.argv[2])
+torch.save(_leaders_best(run_dir, context), Path(sys.argv[3]) / f"rank{context.rank}.pt")
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_every_process_scores_the_leaders_best_checkpoint_without_a_run_directory(tmp_path):
+    """The final mirrored validation runs on every process; on other machines the run
+    directory may not exist, so best.pt reaches them from the leader (two real processes)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import subprocess_env
+
+    leader_run = tmp_path / "run"
+    leader_run.mkdir()
+    best = {"decoder": {"head.weight": torch.arange(6.0).reshape(2, 3)},
+            "lora": {"a": torch.ones(2)}, "state": {"step": 7, "best": {"step": 5}},
+            "optimizer": {"state": {}}, "config": {}}
+    torch.save(best, leader_run / "best.pt")
+    script = tmp_path / "best_on_each_rank.py"
+    script.write_text(_BEST_ON_EACH_RANK)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", str(script), str(leader_run),
+         str(tmp_path / "not-on-this-machine"), str(tmp_path)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert torch.equal(got["decoder"]["head.weight"], best["decoder"]["head.weight"])
+        assert torch.equal(got["lora"]["a"], best["lora"]["a"])
+        assert got["state"] == best["state"]

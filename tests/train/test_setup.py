@@ -344,3 +344,23 @@ def test_a_run_from_before_a_field_existed_is_read_with_the_value_it_used(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps({"config": config}))
     assert resume_config(tmp_path).decoder == FIELDS_ADDED["decoder"] == "legacy"
     assert TrainConfig(device="cpu").decoder == "detail"
+
+
+def test_a_legacy_run_resumes_whatever_it_recorded_for_the_detail_decoders_fields(tmp_path):
+    """A legacy-decoder run recorded the detail decoder's fields at their defaults of the day;
+    a changed default (mirror_tta was off when it was added) must not make it unresumable."""
+    from dataclasses import asdict
+
+    from pipeline.train.setup import resume_config
+
+    config = asdict(TrainConfig(device="cpu", backbone="tiny", decoder="legacy"))
+    config.update(mirror_tta=False, crop_size=192, tile_size=1024)
+    (tmp_path / "config.json").write_text(json.dumps({"config": config}))
+    (tmp_path / "last.pt").write_bytes(b"")
+    resumed = resume_config(tmp_path)
+    assert resumed.decoder == "legacy"
+    assert (resumed.mirror_tta, resumed.crop_size) == (TrainConfig.mirror_tta,
+                                                       TrainConfig.crop_size)
+    with pytest.raises(ValueError, match="--mirror-tta.*only --decoder detail reads"):
+        TrainConfig(**{**config, "levels": tuple(config["levels"]),
+                       "gpus": tuple(config["gpus"])})
