@@ -37,6 +37,7 @@ def main() -> None:
     parser = C.base_parser(__doc__)
     parser.add_argument("--image-side", type=int, default=256)
     args = C.finish_args(parser.parse_args())
+    args.batch_size = 1  # every command below runs at batch 1 (the report's title says so)
     start_load = C.load_average()
     manifest = C.make_images(args.work_dir / f"images-4-{args.image_side}", 4, args.image_side)
     common = ["--data", str(manifest), "--backbone", args.backbone, "--device", args.device,
