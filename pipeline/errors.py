@@ -17,6 +17,7 @@ import errno
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,12 +134,29 @@ def deferred_interrupts():
             raise KeyboardInterrupt()
 
 
+class Notice(UserWarning):
+    """A warning for the user about their input: shown by the commands as one `warning: ...`
+    line, without Python's source file and code line."""
+
+
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """A `Notice` as one `warning: ...` line; other warnings as Python shows them."""
+    if issubclass(category, Notice):
+        return f"warning: {message}\n"
+    return _DEFAULT_FORMAT(message, category, filename, lineno, line)
+
+
+_DEFAULT_FORMAT = warnings.formatwarning
+
+
 def run_command(main: Callable[[], int], *, resume: str | Callable[[], str]) -> int:
     """Run `main()` under the error policy (module docstring); its exit status.
 
     `resume` is the `interrupted:` line's advice (or a function that returns it, asked only
     after Ctrl-C or SIGTERM, when it may know more: the run directory, say)."""
     previous = terminate_like_interrupt()
+    formatter = warnings.formatwarning
+    warnings.formatwarning = _plain_warning
     try:
         return main()
     except UserError as err:
@@ -150,5 +168,6 @@ def run_command(main: Callable[[], int], *, resume: str | Callable[[], str]) -> 
         print(f"\ninterrupted{by}: {advice}", file=sys.stderr, flush=True)
         return 143 if by else 130
     finally:
+        warnings.formatwarning = formatter
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -26,9 +26,20 @@ class PredictionFolderError(UserError, RuntimeError):
     """An --out folder that holds an earlier prediction."""
 
 
+RUN_MARKS = ("config.json", "metrics.jsonl", "best.pt", "last.pt")
+"""Files of a training run directory: an --out folder holding any is refused, --overwrite or not
+(its report.json and overlays are the run's, not a prediction's)."""
+
+
 def claim_prediction_folder(out: Path, *, overwrite: bool) -> None:
-    """Make `out` ready for one prediction: refuse one holding predict's files unless
-    `overwrite`, which removes them (other files stay)."""
+    """Make `out` ready for one prediction: refuse a training run's directory always, and one
+    holding predict's files unless `overwrite`, which removes them (other files stay)."""
+    marks = [name for name in RUN_MARKS if (out / name).exists()]
+    if marks:
+        raise PredictionFolderError(
+            f"{out} is a training run's directory ({', '.join(marks)}): predict would replace "
+            "its report.json and overlays; choose another --out, e.g. "
+            f"{out.parent / (out.name + '-predictions')}")
     held = [out / name for name in PREDICT_FILES if (out / name).exists()]
     if out.is_dir():
         held += sorted(p for p in out.iterdir() if MASK_FILE.match(p.name))

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, as_typed_at_a_terminal, subprocess_env, validated_past
 
 from pipeline.errors import DiskFullError, UsageError, UserError
@@ -50,6 +49,24 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     assert "Traceback (most recent call last)" in out.stderr
     assert out.stderr.rstrip().endswith("KeyError: 'missing'")
     assert "error: " not in out.stderr
+
+
+def test_a_warning_of_the_package_is_one_line_and_others_keep_their_origin(tmp_path):
+    code = ("import sys, warnings\nfrom pipeline.errors import run_command\n"
+            "from pipeline.data.samples import ViewVocabulary\n"
+            "from pipeline.data.manifest import Sample\n"
+            "def main():\n"
+            "    ViewVocabulary(('LAO', 'RAO')).warn_unseen([Sample(1, 'a.png', None, "
+            "'RA0', None)], 'new.csv')\n"
+            "    warnings.warn('not ours')\n    return 0\n"
+            "sys.exit(run_command(main, resume='again'))\n")
+    out = _run(["-c", code], tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == ("warning: new.csv: views ['RA0'] were not seen in training (it learnt "
+                        "['LAO', 'RAO']); they use the unknown-view embedding ('RA0': did you "
+                        "mean 'RAO'?)")
+    assert lines[1].endswith("UserWarning: not ours")
 
 
 def test_ctrl_c_ends_training_with_the_resume_line(dataset, tmp_path):

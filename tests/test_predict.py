@@ -197,6 +197,17 @@ def test_predict_owns_its_folder_and_scores_each_split_of_the_run_apart(dataset,
     assert (f"scores of {counts['train']} train rows with masks (images the run trained on: "
             "not held-out scores)") in printed
     assert f"scores of {counts['val']} val rows with masks (each image" in printed
+    # A training run's directory is never a prediction folder, --overwrite or not: its
+    # report.json and overlays stay the run's.
+    kept = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        assert predict_main(["--run", str(run), "--data", str(dataset), "--out", str(run),
+                             "--device", "cpu", "--loader-workers", "0", *extra]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"error: {run} is a training run's directory (config.json, metrics.jsonl, best.pt, "
+            "last.pt): predict would replace its report.json and overlays; choose another "
+            f"--out, e.g. {run}-predictions")
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == kept
 
 
 DETAIL_FIELDS = ("decoder", "detail_width", "detail_depth", "features", "crop_size",

@@ -10,6 +10,7 @@ transform (the mask its geometry only). Cached feature maps are never transforme
 
 from __future__ import annotations
 
+import difflib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pipeline.data.images import read_image, read_mask, sam3_resize
 from pipeline.data.importers import encode_angles
 from pipeline.data.manifest import UNKNOWN_VIEW, ManifestError, Sample
 from pipeline.data.native_samples import NativeSampling, native_item, native_mask, native_pixels
+from pipeline.errors import Notice
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,18 @@ class ViewVocabulary:
     def warn_unseen(self, samples: list[Sample], where: str) -> None:
         unseen = sorted({s.view for s in samples if s.view and s.view not in self.labels})
         if unseen:
-            warnings.warn(f"{where}: views {unseen} were not seen in training; they use the "
-                          "unknown-view embedding", stacklevel=2)
+            near = {v: difflib.get_close_matches(v, self.labels, n=1, cutoff=0.5) for v in unseen}
+            hints = "; ".join(f"{v!r}: did you mean {m[0]!r}?" for v, m in near.items() if m)
+            warnings.warn(f"{where}: views {unseen} were not seen in training (it learnt "
+                          f"{list(self.labels)}); they use the unknown-view embedding"
+                          + (f" ({hints})" if hints else ""), Notice, stacklevel=2)
         viewless = sum(not s.view for s in samples)
         learnt = [label for label in self.labels if label != UNKNOWN_VIEW]
         if viewless and learnt:
             warnings.warn(f"{where}: {viewless} of {len(samples)} rows have no view, and the "
                           f"model learnt views {learnt}: those rows use the unknown-view "
                           "embedding; fill the `view` column for the model's best masks",
-                          stacklevel=2)
+                          Notice, stacklevel=2)
 
 
 def split_samples(samples: list[Sample], *, allow_empty_val: bool = False,

@@ -23,7 +23,11 @@ from pipeline.errors import deferred_interrupts
 from pipeline.model.losses import training_loss
 from pipeline.model.segmenter import build_segmenter
 from pipeline.train.checkpoint import (
-    load_checkpoint, read_checkpoint, restore, save_adapter, save_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    restore,
+    save_adapter,
+    save_checkpoint,
 )
 from pipeline.train.divergence import check_loss
 from pipeline.train.metrics import SCORES, SegmentationMeter, format_summary, score_batch

@@ -106,6 +106,11 @@ def test_rows_without_a_view_are_named_when_the_model_learnt_views(tmp_path):
     with pytest.warns(UserWarning, match=r"new\.csv: 4 of 4 rows have no view, and the model "
                       r"learnt views \['LAO', 'RAO'\]: those rows use the unknown-view"):
         views.warn_unseen(bare, "new.csv")
+    typo = [dataclasses.replace(s, view="LOA") for s in samples]
+    with pytest.warns(UserWarning, match=r"new\.csv: views \['LOA'\] were not seen in training "
+                      r"\(it learnt \['LAO', 'RAO'\]\); they use the unknown-view embedding "
+                      r"\('LOA': did you mean 'LAO'\?\)"):
+        views.warn_unseen(typo, "new.csv")
     single = ViewVocabulary.from_samples(bare)  # trained without views: nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error")
