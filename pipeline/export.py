@@ -10,9 +10,9 @@ detector and the tracker included, is kept as it was, under the same names and t
 holds the run's view-conditioned decoder (view embedding included) and the views; `load_exported`
 puts both together again for vessel masks without the run directory:
 
-    from pipeline.export import load_exported
+    from pipeline.export import load_exported, segment
     model, views = load_exported("sam3_vessels.pt", "sam3_vessels_head.pt")
-    logits = model({"image": images, "view": views_tensor}, live=True)  # (B, 1, R, R)
+    mask, probability = segment(model, views, "angio.png", view="LAO")  # (H, W) each
 
 The tiny preset works too: without --checkpoint a tiny run's seeded weights are written in the
 official layout first.
@@ -26,12 +26,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from pipeline.cache.signature import checkpoint_digest
-from pipeline.data.samples import ViewVocabulary
+from pipeline.data.images import read_image
+from pipeline.data.manifest import Sample
+from pipeline.data.native_samples import NativeSampling
+from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.durable import write_atomically
 from pipeline.errors import UserError
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
@@ -40,6 +44,7 @@ from pipeline.model.lora import load_adapter
 from pipeline.model.segmenter import VesselSegmenter, build_decoder
 from pipeline.train.checkpoint import read_checkpoint
 from pipeline.train.run_files import RUN_FILES
+from pipeline.train.scoring import native_logits
 from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 2
@@ -203,7 +208,36 @@ def load_exported(checkpoint: str | Path, head: str | Path, *, amp: str | None =
     decoder, views, meta = load_head(head)
     backbone = build_backbone(meta["backbone"], checkpoint)
     model = VesselSegmenter(backbone=backbone, decoder=decoder, amp=amp or meta["amp"])
+    settings = meta.get("decoder_config", {})
+    # How the run validated and predicts whole images (read by `segment`).
+    model.inference = SimpleNamespace(
+        tile_size=settings.get("tile_size", 0), mirror=bool(settings.get("mirror_tta", False)),
+        native=(NativeSampling(crop=None, max_side=settings.get("detail_max_side", 0))
+                if model.native else None))
     return model.eval(), views
+
+
+def segment(model: VesselSegmenter, views: ViewVocabulary, image: str | Path, *,
+            view: str | None = None, angles: tuple[float, float] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (H, W) bool, probability (H, W) float32 in [0, 1]) of one image file at its own
+    size, as `predict` computes it: the same resizing, whole-image or tiled inference, mirror
+    TTA and threshold (probability 0.5). `model`, `views` from `load_exported`; `view` a label
+    the run learnt (None or another: the unknown-view embedding); `angles` (primary, secondary)
+    degrees, for a run trained with them."""
+    sample = Sample(row=1, image=Path(image), mask=None, view=view, split=None, angles=angles)
+    views.warn_unseen([sample], str(image))
+    inference = model.inference
+    dataset = SegmentationSamples([sample], resolution=model.resolution, views=views,
+                                  with_masks=False, with_image=True, native=inference.native)
+    batch = collate_samples([dataset[0]])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model.infer(to_device(batch, device), live=True,
+                             tile_size=inference.tile_size, mirror=inference.mirror)
+    size = tuple(read_image(sample.image).shape[-2:])
+    full = native_logits(logits[0].cpu(), size)  # (H, W)
+    return (full > 0).numpy(), torch.sigmoid(full).numpy()
 
 
 if __name__ == "__main__":  # `python -m pipeline.export`, as `sam3-vessel export`

@@ -1,14 +1,19 @@
 import contextlib
 import io
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
-from conftest import make_dataset
+from conftest import REPO, make_dataset
+from PIL import Image
 from sam3.model_builder import _load_checkpoint
 
 from pipeline.cli import export_main as main
+from pipeline.cli import predict_main
 from pipeline.config import TrainConfig
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.native_samples import NativeSampling
 from pipeline.data.samples import SegmentationSamples
 from pipeline.export import ExportError, export, load_exported
@@ -158,3 +163,38 @@ def test_export_never_writes_over_what_it_reads_and_asks_before_replacing(traine
     assert out.read_bytes() == b"mine"
     assert main(["--run", str(run), *checkpoint, "--out", str(out), "--overwrite"]) == 0
     assert list(torch.load(out, weights_only=True)) == ["model"]
+
+
+def test_the_readmes_segment_block_runs_as_written_and_matches_predict(trained, tmp_path,
+                                                                        monkeypatch):
+    root, run, _ = trained
+    export(run, tmp_path / "sam3_vessels.pt", root / "sam3.pt")
+    image = root / "data" / "img" / "000.png"  # view LAO, 64 x 64
+    shutil.copy(image, tmp_path / "angio.png")
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```python\n(from pipeline\.export import load_exported, segment\n.*?)```",
+                      readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(block, scope)  # noqa: S102 - the README's own example
+    mask, probability = scope["mask"], scope["probability"]
+    assert mask.shape == probability.shape == (64, 64) and mask.dtype == bool
+    assert np.array_equal(mask, probability > 0.5)
+    # The probabilities the run's own model gives, as predict runs it (mirror TTA included).
+    reference, _, config, views = load_run(run, torch.device("cpu"))
+    assert config.mirror_tta
+    dataset = SegmentationSamples(read_manifest(root / "data" / "manifest.csv")[:1],
+                                  resolution=252, views=views, native=config.native_whole)
+    batch = {key: torch.stack([torch.as_tensor(dataset[0][key])])
+             for key in ("image", "pixels", "box", "view")}
+    with torch.no_grad():
+        logits = reference.infer(batch, live=True, tile_size=config.tile_size, mirror=True)
+    unmirrored = torch.sigmoid(reference.infer(batch, live=True)[0, 0])
+    expected = torch.sigmoid(logits[0, 0])
+    assert not torch.allclose(expected, unmirrored, atol=1e-4)  # mirroring shows
+    torch.testing.assert_close(torch.from_numpy(probability), expected, rtol=1e-4, atol=1e-4)
+    manifest = write_manifest(tmp_path / "one.csv", [{"image": image, "view": "LAO"}])
+    assert predict_main(["--run", str(run), "--data", str(manifest), "--out",
+                         str(tmp_path / "pred"), "--device", "cpu", "--loader-workers", "0"]) == 0
+    predicted = np.asarray(Image.open(next((tmp_path / "pred").glob("*_mask.png")))) > 0
+    assert np.array_equal(mask, predicted)
