@@ -462,7 +462,7 @@ def _finish(model, prepared: Prepared, data: RunData, device, log: MetricsLog, c
     val = final or best["val"]
     write_report(run_dir / "report.json", val,
                  scoring=scoring_note(prepared.val, mirror_tta=final is not None))
-    plot_curves(log.read(), run_dir / "curves.png")
+    plot_curves(log.read(), run_dir / "curves.png", final)
     chosen = _spread_over_views(prepared.val, config.overlays)
     if chosen:
         live = best["val"]["features"] == "live"

@@ -167,7 +167,7 @@ def _fit_unit_range(ax, values: list[float]) -> None:
         ax.set_ylim(max(0.0, low - pad), min(1.0 + pad / 4, high + pad))
 
 
-def _plot_vessel_scores(ax, records: list[dict]) -> None:
+def _plot_vessel_scores(ax, records: list[dict], final: dict | None = None) -> None:
     shown = []
     for i, key in enumerate(k for k in SCORES if k not in BACKGROUND_SCORES):
         x, y = _series(records, "val", key)
@@ -182,7 +182,12 @@ def _plot_vessel_scores(ax, records: list[dict]) -> None:
     if x:
         best = int(np.argmax(y))
         ax.plot(x[best], y[best], "*", color="gold", mec="k", ms=14, zorder=5,
-                label=f"best val dice {y[best]:.3f} ({_axis(records)} {x[best]})")
+                label=f"best val dice {y[best]:.3f} ({_axis(records)} {x[best]}, unmirrored)")
+        if final and final.get("dice") is not None:
+            # The report's score of that step: the same checkpoint with mirror TTA.
+            ax.plot(x[best], final["dice"], "D", color="gold", mec="k", ms=8, zorder=5,
+                    label=f"report.json: {final['dice']:.3f} (mirror TTA)")
+            shown.append(final["dice"])
     _fit_unit_range(ax, shown)
     ax.set_title("Vessel scores")
     ax.set_ylabel("score")
@@ -225,22 +230,24 @@ def _plot_wait(ax, records: list[dict]) -> None:
     ax.set_ylabel("% of training time")
 
 
-def plot_curves(records: list[dict], out_png: Path) -> None:
+def plot_curves(records: list[dict], out_png: Path, final: dict | None = None) -> None:
     """curves.png (`curves_figure`) from metrics records, written whole or not at all."""
-    fig = curves_figure(records)
+    fig = curves_figure(records, final)
     png = io.BytesIO()
     fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
     write_atomically(Path(out_png), png.getvalue())
 
 
-def curves_figure(records: list[dict]):
+def curves_figure(records: list[dict], final: dict | None = None):
     """The figure of curves.png: loss, the vessel scores (train Dice dashed), the scores the
     background decides on an axis of their own and, when logged, cache drift cosine and
     data-wait share, against the optimizer step (the epoch for records without one); intervals
     that ran end to end (e2e) shaded. Each panel's legend sits under it, off the curves.
 
     `records` as `MetricsLog.read()` returns them; works for one epoch and without val records.
+    `final`: the best step's scores with mirror TTA (report.json's), marked beside its
+    unmirrored periodic score.
     """
     panels = [_plot_loss, _plot_vessel_scores]
     if any(_series(records, "val", key)[0] for key in BACKGROUND_SCORES):
@@ -259,7 +266,7 @@ def curves_figure(records: list[dict]):
     for ax, draw in zip(axes.flat, panels, strict=False):
         for left, right in e2e:
             ax.axvspan(left, right, color=E2E_COLOUR, alpha=0.18, lw=0)
-        draw(ax, records)
+        draw(ax, records, final) if draw is _plot_vessel_scores else draw(ax, records)
         pad = max(0.6, 0.03 * (points[-1] - points[0]))
         ax.set_xlim(min(points[0], *(left for left, _ in e2e or [(points[0], 0)])) - pad,
                     points[-1] + pad)

@@ -149,6 +149,20 @@ def test_curves_put_background_scores_on_their_own_axis_and_legends_off_the_data
     plt.close(fig)
 
 
+def test_curves_say_the_best_periodic_score_is_unmirrored_and_show_the_reports():
+    records = _records(6)
+    best = max((r for r in records if r["split"] == "val"), key=lambda r: r["dice"])
+    fig = curves_figure(records, final={"dice": best["dice"] + 0.01})
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    step = best["epoch"]
+    assert f"best val dice {best['dice']:.3f} (epoch {step}, unmirrored)" in labels
+    assert f"report.json: {best['dice'] + 0.01:.3f} (mirror TTA)" in labels
+    plt.close(fig)
+    plain = [line.get_label() for ax in curves_figure(records).axes for line in ax.get_lines()]
+    assert not any(label.startswith("report.json") for label in plain)
+    plt.close("all")
+
+
 def test_plot_curves_single_epoch_and_no_val(tmp_path):
     plot_curves(_records(1), tmp_path / "one.png")
     plot_curves(_records(3, val=False), tmp_path / "train_only.png")
