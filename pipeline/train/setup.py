@@ -84,7 +84,8 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
         check_agrees(config, signature)
     path = cache_path(config.cache_dir, signature).resolve()  # runs may move; the cache does not
     cache = FeatureCache.find(config.cache_dir, signature)
-    wanted = list(extraction_jobs(samples, keys, config.copy_plan))
+    jobs = extraction_jobs(samples, keys, config.copy_plan)
+    wanted = list(jobs)
     lacking = wanted if cache is None else [
         k for k, (r, d) in zip(wanted, _rows_done(cache, wanted), strict=True) if r < 0 or not d]
     if lacking and config.extract_missing:
@@ -95,16 +96,33 @@ def ensure_cache(config: TrainConfig, keys: list[str], samples: list[Sample],
                                    "run this command again") from None
     elif lacking:
         command = _extract_command(extract)
-        image_of = {k: str(s.image) for s, k in zip(samples, keys, strict=True)}
-        named = [image_of.get(k.split(":")[0], k) for k in lacking[:3]]
-        state = "does not exist" if cache is None else (
-            f"lacks {len(lacking)} of {len(wanted)} images ({', '.join(named)}"
-            f"{', ...' if len(lacking) > 3 else ''})")
+        state = "does not exist" if cache is None else _lacking(lacking, jobs)
         what = "its features" if cache is None else "the missing images"
+        copies_only = cache is not None and all(jobs[k][1] for k in lacking)
+        advice = (f"\nIt holds the images but not the {config.augment_copies} augmented copies "
+                  "of each training image this run asks for (--augment-copies): pass "
+                  "--augment-copies 0 to train without them (as the cache was extracted), or "
+                  "extract them:" if copies_only else f" Extract {what} first:")
         raise MissingFeaturesError(
-            f"the feature cache {path} {state}. Extract {what} first:\n  {command}\n"
+            f"the feature cache {path} {state}.{advice}\n  {command}\n"
             f"or rerun with --extract-missing.{_other_caches(config.cache_dir, path, signature)}")
     return path, signature
+
+
+def _lacking(lacking: list[str], jobs: dict[str, tuple[str, str | None]], shown: int = 3) -> str:
+    """"lacks N of M images (first few named)", images and augmented copies counted apart."""
+    def name(key: str) -> str:
+        image, copy = jobs[key]
+        return image if copy is None else f"{image} (copy {copy})"
+
+    named = ", ".join(map(name, lacking[:shown])) + (", ..." if len(lacking) > shown else "")
+    copies = sum(1 for k in jobs if jobs[k][1])
+    if not copies:
+        return f"lacks {len(lacking)} of {len(jobs)} images ({named})"
+    lacking_copies = sum(1 for k in lacking if jobs[k][1])
+    return (f"lacks {len(lacking)} of {len(jobs)} rows: {len(lacking) - lacking_copies} of "
+            f"{len(jobs) - copies} images and {lacking_copies} of {copies} augmented copies "
+            f"({named})")
 
 
 def _other_caches(cache_dir: str, wanted: Path, signature: dict, shown: int = 5) -> str:

@@ -59,8 +59,19 @@ def test_a_missing_cache_names_the_caches_made_otherwise_and_cache(dataset, tmp_
     assert lines[-1].startswith(f"  {other.cache_id}  6 rows  tiny @252px ")
     assert lines[-1].endswith("levels=1x,4x")
     _extract(dataset, tmp_path / "cache", levels=("1x",))  # the images, no augmented copy
-    with pytest.raises(MissingFeaturesError, match="Extract the missing images first"):
+    with pytest.raises(MissingFeaturesError) as info:
         train(_config(dataset, tmp_path, augment_copies=1))
+    samples = read_manifest(dataset)
+    first = next(s for s in samples if s.is_train)
+    train_rows = sum(s.is_train for s in samples)
+    text = str(info.value)
+    # Copies are counted apart from the images and named as copies, not as their image again.
+    assert (f"lacks {train_rows} of {6 + train_rows} rows: 0 of 6 images and {train_rows} of "
+            f"{train_rows} augmented copies ({first.image} (copy ") in text
+    assert ("It holds the images but not the 1 augmented copies of each training image this "
+            "run asks for (--augment-copies): pass --augment-copies 0 to train without "
+            "them") in text
+    assert "--augment-copies 1" in text  # the extraction command makes them
 
 
 def test_the_extraction_command_names_every_signature_flag_that_differs(tmp_path):
