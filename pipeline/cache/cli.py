@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.cache") 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--cache-dir", default="cache", help="where the caches live")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="every cache with its size, N and signature summary")
+    listing = commands.add_parser("list", help="every cache with its size, N and signature "
+                                  "summary")
+    listing.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                         help="where the caches live (also accepted before the command)")
     for name, text in (("info", "one cache in full"), ("rm", "delete a cache"),
                        ("verify", "re-read every done sample")):
         sub = commands.add_parser(name, help=text)
@@ -46,7 +49,7 @@ def _list(cache_dir: str) -> int:
 
     paths = sorted(p for p in Path(cache_dir).glob("*.zarr") if p.is_dir())
     if not paths:
-        print(f"no caches under {cache_dir}")
+        print(f"no caches under {Path(cache_dir).resolve()}")
     damaged = 0
     for path in paths:
         try:

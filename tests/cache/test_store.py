@@ -215,6 +215,10 @@ def test_cli_list_info_rm(tmp_path, capsys):
     assert cache_cli(["--cache-dir", str(tmp_path), "list"]) == 0
     out = capsys.readouterr().out
     assert cache.cache_id in out and "1/1 done" in out and "tiny @252px" in out
+    assert cache_cli(["list", "--cache-dir", str(tmp_path)]) == 0  # after it, as info takes it
+    assert capsys.readouterr().out == out
+    assert cache_cli(["list", "--cache-dir", str(tmp_path / "none")]) == 0
+    assert capsys.readouterr().out == f"no caches under {(tmp_path / 'none').resolve()}\n"
     assert cache_cli(["--cache-dir", str(tmp_path), "info", cache.cache_id]) == 0
     assert '"samples": 1' in capsys.readouterr().out
     assert cache_cli(["--cache-dir", str(tmp_path), "rm", cache.cache_id]) == 0
