@@ -140,9 +140,9 @@ def _extract(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = config.with_copies_for(samples)
     print(describe(config), flush=True)
     report = check_manifest(samples, require_masks=False)
-    if not report.ok:
-        print(report.format(), file=sys.stderr)
-        return 1
+    if report.warnings and report.ok:
+        print(report.format(), flush=True)
+    report.raise_if_errors()  # `error: manifest check: ...` with every problem, once
     summary = run_extraction(config, samples, report.keys)
     if _leader():
         print(f"cache {summary.cache_id} at {summary.path}")

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import REPO, as_typed_at_a_terminal, subprocess_env, validated_past
+from PIL import Image
 
 from pipeline.errors import DiskFullError, UsageError, UserError
 
@@ -37,6 +39,23 @@ def test_each_cli_applies_the_same_policy(tmp_path):
         assert out.returncode == code, (args, out.stderr)
         lines = out.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+
+
+def test_a_manifest_with_errors_is_one_error_listing_each_problem_once(tmp_path):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(tmp_path / "m.png")
+    (tmp_path / "bad.csv").write_text("image,mask,view,split\nmissing.png,m.png,LAO,train\n"
+                                      "a.png,m.png,LAO,val\n")
+    for script in ("extract_features.py", "train_head.py"):
+        out = _run([REPO / script, "--data", "bad.csv", "--backbone", "tiny", "--device", "cpu"],
+                   tmp_path)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith("error: manifest check: 2 rows, 2 errors"), out.stderr
+        both = out.stdout + out.stderr
+        assert both.count("manifest check:") == 1, both
+        assert both.count(f"row 1: {tmp_path / 'missing.png'}: file not found") == 1
+        assert both.count("mask is 16x16 (HxW) but its image a.png is 32x32 (HxW)") == 1
+        assert not (tmp_path / "cache").exists()  # nothing made before the check
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):

@@ -192,9 +192,9 @@ def prepare(config: TrainConfig, context: DistributedContext | None = None) -> P
     samples = read_manifest(manifest)
     config = config.with_copies_for(samples)
     report = check_manifest(samples, require_masks=True)
-    if report.warnings and context.is_leader:
+    if report.warnings and report.ok and context.is_leader:
         print(report.format(), flush=True)
-    report.raise_if_errors()
+    report.raise_if_errors()  # `error: manifest check: ...` with every problem, once
     record = manifest_record(samples, report.keys)
     if config.resume:
         check_resumable_manifest(Path(config.resume), manifest, record)
