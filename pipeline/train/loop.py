@@ -186,6 +186,15 @@ def train_process(prepared: Prepared, context) -> None:
         per_epoch = data.stream.sampler.batches()
         print(f"training {total} steps ({total / per_epoch:.1f} epochs of {len(prepared.train)} "
               f"images), validating every {interval}", flush=True)
+        if config.resume:
+            best = state.get("best") or {}
+            dice = (best.get("val") or {}).get("dice")
+            left = (f"{total - state['step']} steps left" if state["step"] < total else
+                    "every step is done: only the final scoring and the report are redone")
+            so_far = (f"; best val Dice so far {dice:.3f} (step {best.get('step')})"
+                      if dice is not None else "")
+            print(f"resuming {run_dir} at step {state['step']} of {total}: {left}{so_far}",
+                  flush=True)
     tb = TensorBoardLog(run_dir, asdict(config), purge_step=state["step"] + 1) if (
         leader and config.tensorboard) else None
     # One bar over every optimizer step of the run; time left at the run's average pace.

@@ -118,13 +118,20 @@ def test_resume_without_last_pt_says_what_to_do(finished, tmp_path):
         train(TrainConfig(resume=str(run)))
 
 
-def test_resume_stretches_the_schedule_and_records_the_new_budget(finished, tmp_path):
+def test_resume_stretches_the_schedule_and_records_the_new_budget(finished, tmp_path, capsys):
     from pipeline.runs import load_run
     from pipeline.train.steps import lr_factor, warmup_steps
 
     run, _ = _copy(finished, tmp_path)
     assert _records(run)[-1]["step"] == 2  # one epoch of 5 images at batch 4
+    best = max(r["dice"] for r in _records(run) if r["split"] == "val")  # periodic, unmirrored
+    capsys.readouterr()
     train(TrainConfig(resume=str(run), steps=4), given={"steps": 4})
+    assert (f"resuming {run} at step 2 of 4: 2 steps left; best val Dice so far {best:.3f} "
+            "(step 2)") in capsys.readouterr().out
+    train(TrainConfig(resume=str(run)), given={})  # a finished run: says what a resume redoes
+    assert (f"resuming {run} at step 4 of 4: every step is done: only the final scoring and the "
+            "report are redone") in capsys.readouterr().out
     config = TrainConfig()
     resumed = [r for r in _records(run) if r["split"] == "train" and r["step"] == 3]
     # The first resumed step at the stretched schedule's rate, not the old one's end (0.0)
