@@ -63,6 +63,8 @@ class Run:
     mirrored: bool = False
     """The scores are with mirror TTA (a finished run's report.json); periodic validations,
     which a run still training shows, are not."""
+    stopped: bool = False
+    """Ended by Ctrl-C or SIGTERM (its report.json says so): `--resume` continues it."""
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -128,7 +130,7 @@ def load_run(path: Path) -> Run:
         best = max(scored, key=lambda r: r["dice"]) if scored else {}
     finished = bool(saved) and "interrupted" not in saved  # Ctrl-C / SIGTERM write one too
     return Run(path, settings, _step(best), best_scores(best), curves, finished,
-               best.get("mirror_tta") is True)
+               best.get("mirror_tta") is True, stopped="interrupted" in saved)
 
 
 def differing_settings(runs: list[Run]) -> list[str]:
@@ -162,7 +164,8 @@ def comparison(runs: list[Run], sort: str = "dice") -> tuple[list[str], list[lis
     ordered = sorted(runs, key=lambda run: (run.scores.get(sort) is None,
                                             -(run.scores.get(sort) or 0.0)))
     rows = [[str(run.path), *(run.settings.get(k) for k in settings),
-             "yes" if run.finished else "no", *(["yes" if run.mirrored else "no"] if tta else []),
+             "yes" if run.finished else "stopped" if run.stopped else "no",
+             *(["yes" if run.mirrored else "no"] if tta else []),
              run.best_at,
              *(run.scores.get(k) for k in scores)] for run in ordered]
     return header, rows
@@ -172,6 +175,24 @@ def overall_only(header: list[str], rows: list[list], keep: str = "") -> tuple[l
     """The columns of `comparison` without per-view scores (except `keep`, the sort key)."""
     chosen = [i for i, name in enumerate(header) if VIEW_SEPARATOR not in name or name == keep]
     return [header[i] for i in chosen], [[row[i] for i in chosen] for row in rows]
+
+
+def by_view(header: list[str], rows: list[list]) -> tuple[list, list]:
+    """The per-view columns of `comparison` in long form: (["run", "view", score, ...], one row
+    per run and view, in the runs' order), so that any number of views fits a terminal."""
+    views = list(dict.fromkeys(h.split(VIEW_SEPARATOR)[0] for h in header
+                               if VIEW_SEPARATOR in h))
+    scores = list(dict.fromkeys(h.split(VIEW_SEPARATOR, 1)[1] for h in header
+                                if VIEW_SEPARATOR in h))
+    column = {name: i for i, name in enumerate(header)}
+    long = []
+    for row in rows:
+        for view in views:
+            values = [row[column[f"{view}{VIEW_SEPARATOR}{k}"]]
+                      if f"{view}{VIEW_SEPARATOR}{k}" in column else None for k in scores]
+            if any(v is not None for v in values):
+                long.append([row[0], view, *values])
+    return ["run", "view", *scores], long
 
 
 def _cell(value, digits: int = 4) -> str:
@@ -219,7 +240,11 @@ def terminal_table(header: list[str], rows: list[list], *, width: int | None = W
         lines.append("(" + ", ".join(notes) + ")")
     if "tta" in header:
         lines.append("tta: scored with mirror TTA (a finished run's report.json) or not (the "
-                     "periodic validations of a run still training): compare like with like")
+                     "periodic validations of a run not finished): compare like with like")
+    if "finished" in header and any(c[header.index("finished")] == "stopped"
+                                    for c in cells[1:]):
+        lines.append("stopped: ended by Ctrl-C or SIGTERM; `sam3-vessel train --resume RUN` "
+                     "continues it")
     if left_out:
         lines.append(f"also differ (wider than {width} columns): {', '.join(left_out)}; "
                      "--csv - shows every column")
@@ -294,11 +319,15 @@ def compare(patterns: list[str], *, sort: str = "dice", markdown: bool = False,
         Path(csv_out).write_text(csv_text(header, rows))
     if plot:
         plot_curves(runs, plot)
-    if not per_view:
-        header, rows = overall_only(header, rows, keep=sort)
+    views = by_view(header, rows) if per_view else None
+    header, rows = overall_only(header, rows, keep=sort)
     if markdown:
-        return markdown_table(header, rows)
-    return terminal_table(header, rows, width=width, droppable=differing_settings(runs))
+        tables = [markdown_table(header, rows), *([markdown_table(*views)] if views else [])]
+    else:
+        tables = [terminal_table(header, rows, width=width,
+                                 droppable=differing_settings(runs)),
+                  *([terminal_table(*views, width=width)] if views else [])]
+    return "\n\n".join(t.rstrip("\n") for t in tables)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipeline.runs") -> int:
@@ -310,7 +339,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.runs") -
     sub.add_argument("--sort", default="dice",
                      help="score to sort by, best first: dice, cldice, LAO/dice, ...")
     sub.add_argument("--per-view", action="store_true",
-                     help="also each view's scores (LAO/dice, ...); the CSV always has them")
+                     help="also each view's scores, a second table with one row per run and "
+                     "view; the CSV always has them (LAO/dice, ...)")
     sub.add_argument("--width", type=int, default=WIDTH,
                      help=f"columns the terminal table fits (default: {WIDTH}); settings that "
                      "do not fit are named under it")

@@ -89,6 +89,22 @@ def test_a_run_still_training_takes_its_best_from_metrics(runs, tmp_path):
     assert "lr" not in row  # one run: no setting differs
 
 
+def test_a_stopped_run_is_told_apart_from_one_still_training(runs, tmp_path, capsys):
+    stopped, running = tmp_path / "stopped", tmp_path / "running"
+    for copy in (stopped, running):
+        shutil.copytree(runs / "lr-1e-3", copy)
+    (running / "report.json").unlink()
+    report = json.loads((stopped / "report.json").read_text())
+    report["interrupted"] = {"by": "SIGTERM", "step": 2, "of": 4}  # as a SIGTERM writes it
+    (stopped / "report.json").write_text(json.dumps(report))
+    rows = {r["run"].rsplit("/", 1)[-1]: r["finished"]
+            for r in _rows(compare([str(stopped), str(running)], csv_out="-"))}
+    assert rows == {"stopped": "stopped", "running": "no"}
+    assert main(["compare", str(stopped), str(running)]) == 0
+    assert ("stopped: ended by Ctrl-C or SIGTERM; `sam3-vessel train --resume RUN` continues it"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_bad_input_names_what_is_wrong(runs, tmp_path, capsys):
     with pytest.raises(RunsError, match="not a score of these runs; choose one of dice"):
         compare([str(runs / "*")], sort="hausdorff")
@@ -108,9 +124,16 @@ def test_the_table_of_three_runs_fits_120_columns(runs, capsys):
     assert table[-1] == ("(sens = sensitivity, spec = specificity, acc = accuracy, "
                          "done = finished, best = best step)")
     assert all(row.split()[0].startswith("…") for row in table[2:5])  # long paths keep names
-    assert main(["compare", str(runs / "*"), "--per-view", "--width", "400"]) == 0
-    wide = capsys.readouterr().out.splitlines()
-    assert "LAO/dice" in wide[0].split() and "RAO/auc" in wide[0].split()
+    assert main(["compare", str(runs / "*"), "--per-view"]) == 0
+    both = capsys.readouterr().out
+    assert both.startswith("\n".join(table) + "\n\n")  # the overall table, then per view
+    views = both.split("\n\n", 1)[1].splitlines()
+    assert max(map(len, views)) <= 120, views
+    assert views[0].split() == ["run", "view", "dice", "iou", "cldice", "sens", "spec", "acc",
+                                "auc"]
+    assert [row.split()[1] for row in views[2:8]] == ["LAO", "RAO"] * 3  # per run, each view
+    best_run = _rows(compare([str(runs / "*")], csv_out="-"))[0]
+    assert views[2].split()[2] == f"{float(best_run['LAO/dice']):.3f}"
     assert main(["compare", str(runs / "*"), "--width", "60"]) == 0
     narrow = capsys.readouterr().out.splitlines()
     assert narrow[0].split()[:2] == ["run", "done"]  # the settings made way
