@@ -33,7 +33,7 @@ PROG = "sam3-vessel"
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name.ljust(width)}  {text}" for name, (_, _, text) in COMMANDS.items()]
-    return (f"usage: {PROG} COMMAND [--help | flags]\n\n"
+    return (f"usage: {PROG} COMMAND [--help | flags] | --version\n\n"
             "Fine-tune SAM 3 for vessel segmentation from a reusable feature cache.\n\n"
             "commands:\n" + "\n".join(lines) + f"\n\n`{PROG} COMMAND --help` lists a command's "
             "flags.")
@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"{PROG} {version('sam3-vessel-cache')}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         import difflib

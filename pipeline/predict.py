@@ -207,7 +207,8 @@ class _Outputs:
             if overlay:
                 self.overlays[sample.row] = (signed_image(image), mask, pred, sample.image.name,
                                              sample.view or UNKNOWN_VIEW, scores)
-        return {"row": sample.row, "image": str(sample.image), "mask": str(path),
+        # Absolute, as "image" is: the CSV reads the same from any folder.
+        return {"row": sample.row, "image": str(sample.image), "mask": str(path.resolve()),
                 "view": sample.view or "", "split": self.splits.get(sample.row, NEW),
                 "features": "cached" if cached else "live",
                 **{k: f"{v:.6f}" if not np.isnan(v) else "" for k, v in scores.items()}}

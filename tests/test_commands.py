@@ -36,6 +36,8 @@ def test_help_lists_the_commands_and_each_names_itself(capsys):
     assert stop.value.code == 0
     assert capsys.readouterr().out.startswith("usage: sam3-vessel runs compare")
     assert main([]) == 2 and "usage: sam3-vessel COMMAND" in capsys.readouterr().err
+    assert main(["--version"]) == 0
+    assert re.fullmatch(r"sam3-vessel \d+\.\d+\.\d+\n", capsys.readouterr().out)
 
 
 def _installed() -> str | None:

@@ -20,16 +20,20 @@ def _rows(out):
         return list(csv.DictReader(handle))
 
 
-def test_new_images_go_through_the_backbone_and_masks_keep_their_size(dataset, tmp_path):
+def test_new_images_go_through_the_backbone_and_masks_keep_their_size(dataset, tmp_path,
+                                                                      monkeypatch):
     run = train(TrainConfig(data=str(dataset), backbone="tiny", cache_dir=str(tmp_path / "c"),
                             run_dir=str(tmp_path / "run"), epochs=1, batch_size=4, e2e_every=0,
                             extract_missing=True, loader_workers=0, overlays=0, device="cpu"))
     fresh = make_dataset(tmp_path / "new", 2, seed=7, size=80, start=50)
     out = tmp_path / "pred"
-    assert predict_main(["--run", str(run), "--data", str(fresh), "--out", str(out),
+    monkeypatch.chdir(tmp_path)
+    assert predict_main(["--run", str(run), "--data", str(fresh), "--out", "pred",
                          "--device", "cpu"]) == 0
     rows = _rows(out)
     assert [r["features"] for r in rows] == ["live", "live"]
+    # Absolute, as the images are: the CSV reads the same from any folder.
+    assert [Path(r["mask"]).parent for r in rows] == [out, out]
     for row in rows:
         mask = np.asarray(Image.open(row["mask"]))
         assert mask.shape == (80, 80) and set(np.unique(mask)) <= {0, 255}
