@@ -42,9 +42,9 @@ from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_c
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
 from pipeline.model.segmenter import VesselSegmenter, build_decoder
+from pipeline.predict import native_prediction
 from pipeline.train.checkpoint import read_checkpoint
 from pipeline.train.run_files import RUN_FILES
-from pipeline.train.scoring import native_logits
 from pipeline.train.setup import resume_config
 
 HEAD_FORMAT = 2
@@ -235,9 +235,7 @@ def segment(model: VesselSegmenter, views: ViewVocabulary, image: str | Path, *,
     with torch.no_grad():
         logits = model.infer(to_device(batch, device), live=True,
                              tile_size=inference.tile_size, mirror=inference.mirror)
-    size = tuple(read_image(sample.image).shape[-2:])
-    full = native_logits(logits[0].cpu(), size)  # (H, W)
-    return (full > 0).numpy(), torch.sigmoid(full).numpy()
+    return native_prediction(logits[0], tuple(read_image(sample.image).shape[-2:]))
 
 
 if __name__ == "__main__":  # `python -m pipeline.export`, as `sam3-vessel export`

@@ -7,6 +7,7 @@ metrics.jsonl) are written to a temporary file beside the target and renamed ove
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -249,7 +250,7 @@ def curves_figure(records: list[dict], final: dict | None = None):
     `final`: the best step's scores with mirror TTA (report.json's), marked beside its
     unmirrored periodic score.
     """
-    panels = [_plot_loss, _plot_vessel_scores]
+    panels = [_plot_loss, functools.partial(_plot_vessel_scores, final=final)]
     if any(_series(records, "val", key)[0] for key in BACKGROUND_SCORES):
         panels.append(_plot_background_scores)
     if _series(records, "train", "drift_cosine")[0]:
@@ -266,7 +267,7 @@ def curves_figure(records: list[dict], final: dict | None = None):
     for ax, draw in zip(axes.flat, panels, strict=False):
         for left, right in e2e:
             ax.axvspan(left, right, color=E2E_COLOUR, alpha=0.18, lw=0)
-        draw(ax, records, final) if draw is _plot_vessel_scores else draw(ax, records)
+        draw(ax, records)
         pad = max(0.6, 0.03 * (points[-1] - points[0]))
         ax.set_xlim(min(points[0], *(left for left, _ in e2e or [(points[0], 0)])) - pad,
                     points[-1] + pad)
