@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +38,7 @@ from pipeline.data.manifest import Sample
 from pipeline.data.native_samples import NativeSampling
 from pipeline.data.samples import SegmentationSamples, ViewVocabulary, collate_samples, to_device
 from pipeline.durable import write_atomically
-from pipeline.errors import UserError
+from pipeline.errors import Notice, UserError
 from pipeline.model.backbone import CHECKPOINT_PREFIX, build_backbone, resolve_checkpoint
 from pipeline.model.decoder import ViewConditionedDecoder
 from pipeline.model.lora import load_adapter
@@ -227,6 +228,11 @@ def segment(model: VesselSegmenter, views: ViewVocabulary, image: str | Path, *,
     degrees, for a run trained with them."""
     sample = Sample(row=1, image=Path(image), mask=None, view=view, split=None, angles=angles)
     views.warn_unseen([sample], str(image))
+    if (angles is None) == model.decoder.use_angles:
+        warnings.warn(f"{image}: " + ("the run learnt C-arm angles and none were given: zeros "
+                                      "are used" if angles is None else
+                                      "the run learnt no C-arm angles: `angles` is ignored"),
+                      Notice, stacklevel=2)
     inference = model.inference
     dataset = SegmentationSamples([sample], resolution=model.resolution, views=views,
                                   with_masks=False, with_image=True, native=inference.native)

@@ -178,6 +178,9 @@ def test_the_readmes_segment_block_runs_as_written_and_matches_predict(trained, 
     scope = {}
     exec(block, scope)  # noqa: S102 - the README's own example
     mask, probability = scope["mask"], scope["probability"]
+    with pytest.warns(UserWarning, match="the run learnt no C-arm angles: `angles` is ignored"):
+        scope["segment"](scope["model"], scope["views"], "angio.png", view="LAO",
+                         angles=(30.0, 20.0))
     assert mask.shape == probability.shape == (64, 64) and mask.dtype == bool
     assert np.array_equal(mask, probability > 0.5)
     # The probabilities the run's own model gives, as predict runs it (mirror TTA included).
